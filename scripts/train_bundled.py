@@ -1,0 +1,169 @@
+"""Reproduce the bundled models from ../shared/data (resumable).
+
+Usage::
+
+    python scripts/train_bundled.py mito-2d --minutes 90 [--threads 1] [--resume]
+    python scripts/train_bundled.py mito-2d --evaluate      # held-back metrics
+    python scripts/train_bundled.py mito-2d --install       # copy into the package
+
+Held back for validation (never trained on): the last 15 % of the Lucchi++
+slices (z 140–164) and the last 5 ISBI 2012 slices (z 25–29).
+Checkpoints go to ``runs/<name>/<name>.pt`` (+ .csv log, .png chart,
+.resume.pt); ``--install`` copies the best one, with its evaluation, to
+``src/napari_emseg/models/weights/<name>.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+WEIGHTS = REPO / "src" / "napari_emseg" / "models" / "weights"
+
+RECIPES = {
+    "mito-2d": dict(
+        data=("lucchi_pp_train_image.tif", "lucchi_pp_train_mask.tif"), holdout=0.15,
+        config=dict(dims=2, context=1, depth=4, width=16, residual=True, norm="batch",
+                    patch=(256, 256), batch_size=8, lr=2e-3, val_every=200, val_slices=6,
+                    steps=20000),
+        classes=["background", "mitochondria"],
+        description="2.5D residual U-Net (3 adjacent slices in), mitochondria in FIB-SEM/EM",
+    ),
+    "mito-3d": dict(
+        data=("lucchi_pp_train_image.tif", "lucchi_pp_train_mask.tif"), holdout=0.15,
+        config=dict(dims=3, depth=4, width=12, residual=True, norm="batch",
+                    anisotropic_levels=1, patch=(16, 128, 128), batch_size=4, lr=2e-3,
+                    val_every=100, val_slices=4, steps=20000),
+        classes=["background", "mitochondria"],
+        description="anisotropic 3D residual U-Net, mitochondria in FIB-SEM/EM",
+    ),
+    "membrane-2d": dict(
+        data=("isbi2012_train_image.tif", "isbi2012_train_membrane.tif"), holdout=5,
+        config=dict(dims=2, context=0, depth=4, width=16, residual=True, norm="batch",
+                    patch=(256, 256), batch_size=8, lr=2e-3, val_every=100, val_slices=5,
+                    steps=20000, label_bias=0.0),
+        classes=["background", "membrane"],
+        description="2D residual U-Net, neuronal membranes in ssTEM",
+    ),
+}
+
+
+def split(name: str):
+    """(train_image, train_mask, val_image, val_mask) for a recipe."""
+    recipe = RECIPES[name]
+    img = tifffile.imread(DATA / recipe["data"][0])
+    mask = tifffile.imread(DATA / recipe["data"][1])
+    hold = recipe["holdout"]
+    n_val = hold if isinstance(hold, int) else int(round(img.shape[0] * hold))
+    cut = img.shape[0] - n_val
+    return img[:cut], mask[:cut], img[cut:], mask[cut:], cut
+
+
+def run_dir(name: str) -> Path:
+    return REPO / "runs" / name
+
+
+def train(name: str, minutes: float, threads: int | None, resume: bool) -> None:
+    from napari_emseg.train import TrainConfig, fit
+
+    recipe = RECIPES[name]
+    ti, tm, vi, vm, cut = split(name)
+    cfg = TrainConfig(**recipe["config"], minutes=minutes, threads=threads,
+                      class_names=recipe["classes"])
+    out = run_dir(name)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"name": name, "description": recipe["description"],
+            "training_data": {"files": list(recipe["data"]), "train_slices": [0, cut],
+                              "val_slices": [cut, cut + vi.shape[0]]}}
+    t0 = time.time()
+
+    def log(rec):
+        print(json.dumps(rec), flush=True)
+
+    res = fit(ti, tm, cfg, val_images=vi, val_labels=vm, checkpoint=out / f"{name}.pt",
+              meta=meta, resume=resume, on_log=log)
+    print(f"{name}: {res.steps} steps, best val IoU {res.best_iou:.4f}, "
+          f"{(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+def evaluate(name: str, checkpoint: Path | None = None, tta: bool = True) -> dict:
+    """Held-back metrics; threshold and z-filter chosen on training slices."""
+    from napari_emseg.metrics import dice_iou_binary
+    from napari_emseg.models.zoo import load_model
+    from napari_emseg.postprocess import zfilter
+    from napari_emseg.predict import predict_volume
+
+    ckpt = checkpoint or run_dir(name) / f"{name}.pt"
+    model = load_model(ckpt)
+    ti, tm, vi, vm, cut = split(name)
+    # choose the threshold on a slab of training slices (never on the held-back ones)
+    slab = slice(max(0, cut - 20), cut)
+    p_train = predict_volume(ti[slab], model, tta=tta)
+    best_t, best_score = 0.5, -1.0
+    for t in np.arange(0.3, 0.75, 0.05):
+        s = dice_iou_binary(p_train > t, tm[slab] > 0)["iou"]
+        if s > best_score:
+            best_t, best_score = float(t), s
+    p_val = predict_volume(vi, model, tta=tta)
+    res = {"threshold": round(best_t, 2), "tta": tta}
+    res["val_iou"] = round(dice_iou_binary(p_val > best_t, vm > 0)["iou"], 4)
+    res["val_dice_f1"] = round(dice_iou_binary(p_val > best_t, vm > 0)["dice"], 4)
+    zf = zfilter(p_val, size=3, mode="z")
+    res["val_iou_zmedian"] = round(dice_iou_binary(zf > best_t, vm > 0)["iou"], 4)
+    res["val_dice_f1_zmedian"] = round(dice_iou_binary(zf > best_t, vm > 0)["dice"], 4)
+    print(json.dumps({name: res}), flush=True)
+    return res
+
+
+def install(name: str) -> Path:
+    """Evaluate the best run checkpoint and copy it (with metrics) into the package."""
+    import torch
+
+    from napari_emseg.models.zoo import load_model, save_checkpoint
+
+    src = run_dir(name) / f"{name}.pt"
+    metrics = evaluate(name, src)
+    model = load_model(src)
+    meta = dict(model.meta)
+    meta["metrics"] = {**meta.get("metrics", {}), "held_back": metrics}
+    meta["threshold"] = metrics["threshold"]
+    meta["torch"] = torch.__version__
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    dst = save_checkpoint(model, WEIGHTS / f"{name}.pt", meta)
+    csv = src.with_suffix(".csv")
+    if csv.exists():
+        shutil.copy(csv, REPO / "benchmarks" / "results" / f"train_{name}.csv")
+    print(f"installed {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
+    return dst
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("name", choices=sorted(RECIPES))
+    ap.add_argument("--minutes", type=float, default=60)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--evaluate", action="store_true")
+    ap.add_argument("--install", action="store_true")
+    ap.add_argument("--no-tta", action="store_true")
+    args = ap.parse_args(argv)
+    if args.install:
+        install(args.name)
+    elif args.evaluate:
+        evaluate(args.name, tta=not args.no_tta)
+    else:
+        train(args.name, args.minutes, args.threads, args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Patch sampling and augmentation for training (numpy only, no torch).
+
+Arrays inside a sample are channels-first: ``(C, Y, X)`` for 2D / 2.5D and
+``(C, Z, Y, X)`` for 3D; targets are ``(Y, X)`` / ``(Z, Y, X)`` int64 with
+``-1`` = ignore.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+def crop_reflect(volume: np.ndarray, start: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
+    """Crop ``volume[start:start+size]`` mirror-padding what lies outside.
+
+    Parameters
+    ----------
+    volume : ndarray, (Z, Y, X)
+    start, size : tuple of int, one per axis (start may be negative).
+    """
+    src, pads = [], []
+    for s, n, dim in zip(start, size, volume.shape, strict=True):
+        lo, hi = max(s, 0), min(s + n, dim)
+        src.append(slice(lo, max(hi, lo)))
+        pads.append((lo - s, s + n - max(hi, lo)))
+    out = volume[tuple(src)]
+    if any(p != (0, 0) for p in pads):
+        mode = "reflect" if all(d > 1 for d in out.shape) else "edge"
+        if out.size == 0:
+            raise ValueError("crop lies entirely outside the volume")
+        out = _pad_repeated(out, pads, mode)
+    return out
+
+
+def _pad_repeated(arr: np.ndarray, pads: list[tuple[int, int]], mode: str) -> np.ndarray:
+    """``np.pad`` that also works when a pad exceeds the axis length (reflect)."""
+    while any(p[0] > 0 or p[1] > 0 for p in pads):
+        step = []
+        for (a, b), dim in zip(pads, arr.shape, strict=True):
+            lim = dim - 1 if mode == "reflect" else max(a, b)
+            step.append((min(a, max(lim, 0)), min(b, max(lim, 0))))
+        if all(s == (0, 0) for s in step):
+            step = pads
+            mode = "edge"
+        arr = np.pad(arr, step, mode=mode)
+        pads = [(a - s0, b - s1) for (a, b), (s0, s1) in zip(pads, step, strict=True)]
+    return arr
+
+
+def sample_patch(
+    image: np.ndarray,
+    target: np.ndarray,
+    centre: tuple[int, int, int],
+    patch: tuple[int, ...],
+    dims: int,
+    context: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop an input patch and its target around ``centre`` (z, y, x).
+
+    Returns ``(x, t)``: ``x`` (2c+1, Y, X) for 2D or (1, Z, Y, X) for 3D,
+    ``t`` (Y, X) or (Z, Y, X).
+    """
+    z, y, x = centre
+    if dims == 2:
+        py, px = patch
+        start = (z - context, y - py // 2, x - px // 2)
+        xs = crop_reflect(image, start, (2 * context + 1, py, px))
+        ts = crop_reflect(target, (z, start[1], start[2]), (1, py, px))[0]
+        return xs, ts
+    pz, py, px = patch
+    start = (z - pz // 2, y - py // 2, x - px // 2)
+    return crop_reflect(image, start, patch)[None], crop_reflect(target, start, patch)
+
+
+def flip_rotate(x: np.ndarray, t: np.ndarray, rng: np.random.Generator, dims: int):
+    """Random flips of every spatial axis and a random rot90 in YX."""
+    nsp = t.ndim
+    for ax in range(nsp):
+        if rng.random() < 0.5:
+            x = np.flip(x, axis=ax + 1)
+            t = np.flip(t, axis=ax)
+    k = int(rng.integers(4))
+    if k and x.shape[-1] == x.shape[-2]:
+        x = np.rot90(x, k, axes=(-2, -1))
+        t = np.rot90(t, k, axes=(-2, -1))
+    return x, t
+
+
+def intensity(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast, gamma, Gaussian and uniform noise (x in ~[0, 1])."""
+    x = x.astype(np.float32, copy=True)
+    if rng.random() < 0.8:
+        x = x * rng.uniform(0.75, 1.25) + rng.uniform(-0.15, 0.15)
+    if rng.random() < 0.3:
+        g = rng.uniform(0.7, 1.5)
+        x = np.clip(x, 0, None) ** g
+    if rng.random() < 0.3:
+        x = x + rng.normal(0, rng.uniform(0.01, 0.08), x.shape).astype(np.float32)
+    if rng.random() < 0.1:
+        x = x + rng.uniform(-0.05, 0.05, x.shape).astype(np.float32)
+    return x
+
+
+def elastic(x: np.ndarray, t: np.ndarray, rng: np.random.Generator, alpha: float = 12.0,
+            grid: int = 32):
+    """Smooth random elastic deformation in YX (same field for every slice)."""
+    ny, nx = t.shape[-2:]
+    gy, gx = max(2, ny // grid), max(2, nx // grid)
+    coarse = rng.normal(0, alpha, (2, gy, gx)).astype(np.float32)
+    field = [ndi.zoom(c, (ny / gy, nx / gx), order=3)[:ny, :nx] for c in coarse]
+    yy, xx = np.meshgrid(np.arange(ny, dtype=np.float32), np.arange(nx, dtype=np.float32),
+                         indexing="ij")
+    coords = [yy + field[0], xx + field[1]]
+
+    def warp(img: np.ndarray, order: int) -> np.ndarray:
+        flat = img.reshape(-1, ny, nx)
+        out = [ndi.map_coordinates(s, coords, order=order, mode="mirror") for s in flat]
+        return np.stack(out).reshape(img.shape)
+
+    return warp(x, 1), warp(t, 0)
+
+
+def augment(x: np.ndarray, t: np.ndarray, rng: np.random.Generator, dims: int,
+            elastic_p: float = 0.25):
+    """The full training augmentation for one sample (returns new arrays)."""
+    x, t = flip_rotate(x, t, rng, dims)
+    if elastic_p and rng.random() < elastic_p:
+        x, t = elastic(np.ascontiguousarray(x), np.ascontiguousarray(t), rng)
+    x = intensity(x, rng)
+    return np.ascontiguousarray(x), np.ascontiguousarray(t)

@@ -1,0 +1,301 @@
+"""``emseg segment`` and ``emseg evaluate`` sub-commands.
+
+``emseg segment PROB OUT`` turns a probability volume into instance labels
+(see :func:`napari_emseg.postprocess.segment`); with ``--model`` the input
+is a raw EM volume that is first run through the model.  ``emseg evaluate
+PRED GT`` prints a table of metrics and optionally writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``segment`` and ``evaluate`` sub-commands to ``emseg``."""
+    seg = subparsers.add_parser(
+        "segment",
+        help="probabilities (or raw EM with --model) -> instance labels",
+        description=(
+            "Threshold a probability volume and split it into objects with a seeded "
+            "watershed or connected components, optionally linking 2D instances "
+            "across slices. With --model, INPUT is a raw EM volume that is "
+            "predicted first."
+        ),
+    )
+    seg.add_argument("input", metavar="PROB", help="probability volume (or raw EM with --model)")
+    seg.add_argument("output", metavar="OUT", help="label volume to write (.tif or .zarr)")
+    seg.add_argument("--model", metavar="NAME|PATH", help="predict INPUT with this model first")
+    seg.add_argument("--method", choices=["watershed", "components"], default="watershed")
+    seg.add_argument("--dims", type=int, choices=[2, 3], default=2)
+    seg.add_argument(
+        "--threshold", default="0.5", help="foreground threshold in [0, 1] or 'otsu' (0.5)"
+    )
+    seg.add_argument(
+        "--zfilter", type=int, default=0, metavar="N", help="median window along z (0 = off)"
+    )
+    seg.add_argument("--zfilter-mode", choices=["z", "yz"], default="z")
+    seg.add_argument("--opening", type=int, default=0, metavar="R", help="opening radius")
+    seg.add_argument("--closing", type=int, default=0, metavar="R", help="closing radius")
+    seg.add_argument("--fill-holes", action="store_true", help="fill holes in the mask")
+    seg.add_argument(
+        "--min-size", type=int, default=0, metavar="VOXELS", help="remove smaller objects"
+    )
+    seg.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="voxel size, used for 3D distances",
+    )
+    seg.add_argument(
+        "--seed-method", choices=["hmaxima", "peaks", "distance"], default="hmaxima"
+    )
+    seg.add_argument("--h", type=float, default=2.0, help="h-maxima height (distance units)")
+    seg.add_argument("--min-distance", type=int, default=5, help="peak distance (pixels)")
+    seg.add_argument("--seed-threshold", type=float, default=None, help="distance seed level")
+    seg.add_argument("--track", action="store_true", help="link 2D instances across z")
+    seg.add_argument("--iou", type=float, default=0.3, help="tracking IoU threshold (0.3)")
+    seg.add_argument("--max-gap", type=int, default=1, help="slices an object may skip (1)")
+    seg.add_argument("--min-slices", type=int, default=1, help="drop shorter objects (1)")
+    seg.add_argument("--channel", type=int, default=None, help="class channel of a multi-class map")
+    seg.add_argument("--device", default=None, help="device for --model (cuda, mps, cpu)")
+    seg.add_argument("--quiet", action="store_true", help="no progress output")
+    seg.set_defaults(func=run_segment)
+
+    ev = subparsers.add_parser(
+        "evaluate",
+        help="score instance labels against ground truth",
+        description="Foreground IoU/Dice, instance AP (Hungarian matching), VOI and "
+        "adapted Rand error of PRED against GT.",
+    )
+    ev.add_argument("pred", metavar="PRED", help="predicted labels")
+    ev.add_argument("gt", metavar="GT", help="ground-truth labels")
+    ev.add_argument("--json", metavar="OUT", help="also write the metrics to this JSON file")
+    ev.add_argument(
+        "--thresholds", type=float, nargs="+", default=[0.5, 0.75], help="AP IoU thresholds"
+    )
+    ev.add_argument("--per-slice", action="store_true", help="also score every z-slice")
+    ev.add_argument(
+        "--semantic", action="store_true", help="values are classes: per-class IoU/Dice"
+    )
+    ev.set_defaults(func=run_evaluate)
+
+
+def _parse_threshold(text: str) -> float | str:
+    if str(text).lower() == "otsu":
+        return "otsu"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--threshold must be a number in [0, 1] or 'otsu'; got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"--threshold must be in [0, 1]; got {value}")
+    return value
+
+
+def _progress_printer(label: str, quiet: bool):
+    if quiet:
+        return None
+    state = {"last": -1}
+
+    def cb(done: int, total: int) -> None:
+        pct = int(100 * done / total) if total else 100
+        if pct != state["last"] and (pct % 10 == 0 or pct == 100):
+            state["last"] = pct
+            print(f"\r{label}: {pct:3d}%", end="\n" if pct >= 100 else "", file=sys.stderr)
+
+    return cb
+
+
+def _as_probabilities(vol, channel: int | None):
+    """A probability volume as float32 in [0, 1] (ZYX), picking a class channel."""
+    import numpy as np
+
+    arr = np.asarray(vol)
+    if arr.ndim == 4:
+        if channel is None:
+            if arr.shape[0] == 1:
+                channel = 0
+            else:
+                raise ValueError(
+                    f"multi-class probabilities of shape {arr.shape}: choose a class with --channel"
+                )
+        if not 0 <= channel < arr.shape[0]:
+            raise ValueError(f"--channel {channel} out of range for {arr.shape[0]} channels")
+        arr = arr[channel]
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.integer):
+        top = int(arr.max()) if arr.size else 0
+        if top <= 1:
+            return arr.astype(np.float32)
+        if top <= 255:
+            return arr.astype(np.float32) / np.float32(255.0)
+        raise ValueError(
+            f"integer probability map with values up to {top}: expected 0-1, 0-255 or float"
+        )
+    arr = arr.astype(np.float32, copy=False)
+    if arr.size and (float(np.nanmin(arr)) < -1e-6 or float(np.nanmax(arr)) > 1 + 1e-6):
+        raise ValueError(
+            "probabilities must lie in [0, 1]; is INPUT a raw EM volume? (then add --model)"
+        )
+    return arr
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """``emseg segment``: probabilities (or raw EM + --model) → instance labels."""
+    import numpy as np
+
+    from .io import read_volume, write_labels
+    from .postprocess import segment
+
+    threshold = _parse_threshold(args.threshold)
+    if args.track and args.dims != 2:
+        raise ValueError("--track links 2D instances across slices: use it with --dims 2")
+    if not Path(args.input).exists():
+        raise FileNotFoundError(f"no such file or folder: {args.input}")
+    t0 = time.perf_counter()
+    volume = read_volume(args.input)
+    if args.model:
+        from .predict import predict_volume
+
+        print(f"predicting {tuple(volume.shape)} with {args.model} ...", file=sys.stderr)
+        prob = predict_volume(
+            volume,
+            args.model,
+            device=args.device,
+            progress=_progress_printer("predict", args.quiet),
+        )
+        if prob.ndim == volume.ndim + 1:
+            # multi-class output (C, ...): first foreground class unless told otherwise
+            ch = 0 if args.channel is None else args.channel
+            if not 0 <= ch < prob.shape[0]:
+                raise ValueError(f"--channel {ch} out of range for {prob.shape[0]} classes")
+            prob = prob[ch]
+        prob = _as_probabilities(prob, None)
+    else:
+        prob = _as_probabilities(volume, args.channel)
+    labels = segment(
+        prob,
+        method=args.method,
+        dims=args.dims,
+        threshold=threshold,
+        zfilter=args.zfilter,
+        zfilter_mode=args.zfilter_mode,
+        opening=args.opening,
+        closing=args.closing,
+        fill=args.fill_holes,
+        min_size=args.min_size,
+        spacing=tuple(args.spacing) if args.spacing else None,
+        seed_method=args.seed_method,
+        min_distance=args.min_distance,
+        h=args.h,
+        seed_threshold=args.seed_threshold,
+        track=args.track,
+        iou_threshold=args.iou,
+        max_gap=args.max_gap,
+        min_slices=args.min_slices,
+        progress=_progress_printer("segment", args.quiet),
+    )
+    path = write_labels(args.output, labels)
+    n = int(labels.max()) if labels.size else 0
+    print(
+        f"{n} objects, shape {tuple(np.shape(labels))}, written to {path} "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
+    return 0
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.4f}"
+    return str(x)
+
+
+def format_table(result: dict) -> str:
+    """Plain-text table of an :func:`napari_emseg.metrics.evaluate` result."""
+    lines = [f"shape: {' x '.join(map(str, result['shape']))}"]
+    if "classes" in result:
+        lines.append(f"{'class':>8} {'IoU':>8} {'Dice':>8} {'pred vox':>12} {'gt vox':>12}")
+        for c, s in result["classes"].items():
+            lines.append(
+                f"{c:>8} {_fmt(s['iou']):>8} {_fmt(s['dice']):>8} "
+                f"{s['pred_voxels']:>12} {s['gt_voxels']:>12}"
+            )
+    else:
+        inst = result["instances"]
+        fg = result["foreground"]
+        lines.append(f"objects: pred {inst['n_pred']}, gt {inst['n_gt']}")
+        lines.append(f"foreground IoU {_fmt(fg['iou'])}, Dice {_fmt(fg['dice'])}")
+        lines.append(
+            f"{'IoU thr':>8} {'TP':>6} {'FP':>6} {'FN':>6} {'prec':>8} {'recall':>8} "
+            f"{'F1':>8} {'AP':>8}"
+        )
+        for t, s in inst["thresholds"].items():
+            lines.append(
+                f"{t:>8} {s['tp']:>6} {s['fp']:>6} {s['fn']:>6} {_fmt(s['precision']):>8} "
+                f"{_fmt(s['recall']):>8} {_fmt(s['f1']):>8} {_fmt(s['ap']):>8}"
+            )
+        v, r = result["voi"], result["adapted_rand"]
+        lines.append(
+            f"VOI split {_fmt(v['split'])}, merge {_fmt(v['merge'])}, total {_fmt(v['total'])} (bits)"
+        )
+        lines.append(
+            f"adapted Rand error {_fmt(r['error'])} "
+            f"(precision {_fmt(r['precision'])}, recall {_fmt(r['recall'])})"
+        )
+    if result.get("per_slice"):
+        keys = [k for k in result["per_slice"][0] if k != "z"]
+        lines.append("per slice:")
+        lines.append(f"{'z':>5} " + " ".join(f"{k:>10}" for k in keys))
+        for row in result["per_slice"]:
+            lines.append(f"{row['z']:>5} " + " ".join(f"{_fmt(row[k]):>10}" for k in keys))
+    return "\n".join(lines)
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if hasattr(obj, "item"):  # numpy scalars
+        return _json_safe(obj.item())
+    return obj
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``emseg evaluate``: print a metrics table and optionally write JSON."""
+    import numpy as np
+
+    from .io import read_volume
+    from .metrics import evaluate
+
+    for p in (args.pred, args.gt):
+        if not Path(p).exists():
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    pred = np.asarray(read_volume(args.pred))
+    gt = np.asarray(read_volume(args.gt))
+    result = evaluate(
+        pred, gt, thresholds=args.thresholds, per_slice=args.per_slice, semantic=args.semantic
+    )
+    result = _json_safe({"pred": str(args.pred), "gt": str(args.gt), **result})
+    print(format_table(result))
+    if args.json:
+        from ._atomic import atomic_path
+
+        target = Path(args.json)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"metrics written to {target}")
+    return 0

@@ -1,0 +1,65 @@
+"""Intensity normalisation shared by training, prediction and blockwise runs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAX_SAMPLE = 4_000_000
+
+
+def _sample(volume) -> np.ndarray:
+    """A strided subsample of ``volume`` (numpy, dask or zarr) of at most ~4 M voxels."""
+    shape = volume.shape
+    step = 1
+    while np.prod([max(1, s // step) for s in shape]) > MAX_SAMPLE:
+        step += 1
+    # stride z and y more than x would bias nothing for EM; keep it simple
+    sl = tuple(slice(None, None, step) for _ in shape)
+    sample = volume[sl]
+    if hasattr(sample, "compute"):
+        sample = sample.compute()
+    return np.asarray(sample)
+
+
+def normalization_range(volume, spec: dict | None) -> tuple[float, float]:
+    """Low and high grey values that map to 0 and 1.
+
+    Parameters
+    ----------
+    volume : array-like, (Z, Y, X) or (Y, X)
+        Raw grey values (numpy, dask or zarr).
+    spec : dict
+        ``{"mode": "percentile", "low": 1, "high": 99.8}`` (default),
+        ``{"mode": "minmax"}``, ``{"mode": "fixed", "low": 0, "high": 255}`` or
+        ``{"mode": "none"}``.
+    """
+    spec = spec or {"mode": "percentile", "low": 1.0, "high": 99.8}
+    mode = spec.get("mode", "percentile")
+    if mode == "none":
+        return 0.0, 1.0
+    if mode == "fixed":
+        return float(spec["low"]), float(spec["high"])
+    sample = _sample(volume).astype(np.float32, copy=False)
+    if mode == "minmax":
+        lo, hi = float(sample.min()), float(sample.max())
+    elif mode == "percentile":
+        lo, hi = (float(v) for v in np.percentile(sample, [spec.get("low", 1.0),
+                                                             spec.get("high", 99.8)]))
+    else:
+        raise ValueError(f"unknown normalization mode {mode!r}")
+    if hi <= lo:
+        hi = lo + 1.0
+    return lo, hi
+
+
+def apply_normalization(block, lo: float, hi: float) -> np.ndarray:
+    """``(block - lo) / (hi - lo)`` as float32 (a new array)."""
+    out = np.asarray(block, dtype=np.float32) - np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
+    return out
+
+
+def normalize(volume, spec: dict | None) -> np.ndarray:
+    """Normalise a whole (in-memory) volume with :func:`normalization_range`."""
+    lo, hi = normalization_range(volume, spec)
+    return apply_normalization(volume, lo, hi)

@@ -1,0 +1,442 @@
+"""Helpers shared by the dock widgets.
+
+* :class:`Job` runs ``fn(progress, cancel, log)`` in a napari worker thread,
+  maps ``progress`` to a napari progress bar, sets a ``threading.Event`` on
+  cancel, and turns errors into notifications (never a traceback dialog).
+* :func:`set_layer` adds a result layer or updates the one of that name in
+  place, keeping the source layer's scale and translate.
+* :class:`ModelRegistry` / :func:`model_registry`: per-viewer list of
+  checkpoints (what Train produced, what the user browsed to), so the widgets
+  share models without a global singleton.
+* :func:`layer_picker`: a combo box of the viewer's layers of one type that
+  refreshes when layers are added, removed or renamed.
+
+No torch import here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import ComboBox, Label
+from napari.layers import Image, Labels, Layer
+from napari.qt.threading import create_worker
+from napari.utils import cancelable_progress
+from napari.utils.notifications import show_error, show_info, show_warning
+from psygnal import Signal as PSignal
+from qtpy.QtCore import QObject, Signal
+
+from .._progress import Cancelled
+
+log = logging.getLogger(__name__)
+
+#: Where Train writes checkpoints unless the user picks another folder.
+DEFAULT_MODEL_DIR = "~/.napari-emseg/models"
+
+#: Tests may set this to True to run jobs on the calling (GUI) thread.
+SYNCHRONOUS = False
+
+#: Progress callbacks from a worker reach the GUI at most this often (seconds).
+PROGRESS_INTERVAL = 0.05
+
+Work = Callable[[Callable[[int, int], None], Callable[[], bool], Callable[[dict], None]], Any]
+
+
+# ------------------------------------------------------------------ notifications
+def error(message: str) -> None:
+    """Show ``message`` as a napari error notification (looked up at call time)."""
+    log.info("napari-emseg error: %s", message)
+    show_error(message)
+
+
+def info(message: str) -> None:
+    """Show ``message`` as a napari info notification."""
+    show_info(message)
+
+
+def warning(message: str) -> None:
+    """Show ``message`` as a napari warning notification."""
+    show_warning(message)
+
+
+# ------------------------------------------------------------------------ jobs
+class _Bridge(QObject):
+    """Lives in the GUI thread; worker-thread emits arrive queued, in order."""
+
+    progressed = Signal(int, int)
+    logged = Signal(object)
+
+
+class _JobProgress(cancelable_progress):
+    """A napari progress bar whose cancel button (activity dock) stops the job."""
+
+    def cancel(self) -> None:
+        super().cancel()
+        if self.cancel_callback is not None:
+            self.cancel_callback()
+
+
+class Job:
+    """One run of ``fn(progress, cancel, log)`` in a napari worker thread.
+
+    Parameters
+    ----------
+    fn : callable
+        Runs in the worker thread. ``progress(done, total)`` and ``log(record)``
+        are forwarded to the GUI thread; ``cancel()`` is True once
+        :meth:`cancel` was called. Raise to fail; the result is passed to
+        ``on_returned`` on the GUI thread.
+    description : str
+        Progress bar text and prefix of notifications.
+    on_returned, on_log, on_finished : callables run on the GUI thread
+        ``on_finished(job)`` runs last, after success, failure or cancel.
+    synchronous : bool, optional
+        Run on the calling thread (default: module-level ``SYNCHRONOUS``).
+
+    Attributes
+    ----------
+    done, cancelled : bool
+    result : the value ``fn`` returned (None on failure)
+    exception : the exception ``fn`` raised (None on success)
+    worker : the napari ``FunctionWorker`` (None when synchronous)
+    """
+
+    def __init__(
+        self,
+        fn: Work,
+        *,
+        description: str,
+        on_returned: Callable[[Any], None] | None = None,
+        on_log: Callable[[dict], None] | None = None,
+        on_finished: Callable[[Job], None] | None = None,
+        synchronous: bool | None = None,
+    ) -> None:
+        self.description = description
+        self.done = False
+        self.cancelled = False
+        self.result: Any = None
+        self.exception: BaseException | None = None
+        self.worker = None
+        self._fn = fn
+        self._event = threading.Event()
+        self._on_returned = on_returned
+        self._on_log = on_log
+        self._on_finished = on_finished
+        self._last_emit = 0.0
+        self._bridge = _Bridge()
+        self._bridge.progressed.connect(self._show_progress)
+        self._bridge.logged.connect(self._forward_log)
+        self._pbar = _JobProgress(total=0, desc=description, cancel_callback=self.cancel)
+        sync = SYNCHRONOUS if synchronous is None else synchronous
+        if sync:
+            self._run_synchronously()
+        else:
+            self.worker = create_worker(
+                self._work,
+                _connect={
+                    "returned": self._returned,
+                    "errored": self._errored,
+                    "finished": self._finished,
+                },
+                _start_thread=True,
+            )
+
+    # -- public
+    def cancel(self) -> None:
+        """Ask the job to stop at its next cancel check."""
+        self._event.set()
+
+    def is_cancelled(self) -> bool:
+        """True once :meth:`cancel` was called (thread-safe)."""
+        return self._event.is_set()
+
+    # -- worker thread
+    def _progress(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done < total and now - self._last_emit < PROGRESS_INTERVAL:
+            return
+        self._last_emit = now
+        self._bridge.progressed.emit(int(done), int(total))
+
+    def _log(self, record: dict) -> None:
+        self._bridge.logged.emit(dict(record))
+
+    def _work(self) -> Any:
+        return self._fn(self._progress, self._event.is_set, self._log)
+
+    # -- GUI thread
+    def _run_synchronously(self) -> None:
+        try:
+            value = self._work()
+        except Exception as exc:  # reported as a notification, like the threaded path
+            self._errored(exc)
+        else:
+            self._returned(value)
+        self._finished()
+
+    def _show_progress(self, done: int, total: int) -> None:
+        if self.done:
+            return
+        try:
+            if self._pbar.total != total:
+                self._pbar.total = total
+            self._pbar.update(done - self._pbar.n)
+        except Exception:  # a progress bar must never break the job
+            log.debug("progress update failed", exc_info=True)
+
+    def _forward_log(self, record: dict) -> None:
+        if self._on_log is not None and not self.done:
+            try:
+                self._on_log(record)
+            except Exception:
+                log.exception("log callback failed")
+
+    def _returned(self, value: Any) -> None:
+        self.result = value
+        if self._on_returned is None:
+            return
+        try:
+            self._on_returned(value)
+        except Exception as exc:
+            log.exception("%s: showing the result failed", self.description)
+            self.exception = exc
+            error(f"{self.description}: could not show the result: {exc}")
+
+    def _errored(self, exc: BaseException) -> None:
+        self.exception = exc
+        if isinstance(exc, Cancelled):
+            self.cancelled = True
+            info(f"{self.description}: cancelled")
+            return
+        log.error("%s failed", self.description, exc_info=exc)
+        error(f"{self.description} failed: {exc}")
+
+    def _finished(self) -> None:
+        self.done = True
+        self.cancelled = self.cancelled or (self._event.is_set() and self.exception is not None)
+        try:
+            self._pbar.close()
+        except Exception:
+            log.debug("closing the progress bar failed", exc_info=True)
+        if self._on_finished is not None:
+            try:
+                self._on_finished(self)
+            except Exception:
+                log.exception("finish callback failed")
+
+
+# ---------------------------------------------------------------------- layers
+def _geometry(source: Layer | None, ndim: int) -> dict:
+    """scale/translate of ``source`` for a layer of ``ndim`` dims (leading axes 1/0)."""
+    if source is None:
+        return {}
+    scale = list(np.asarray(source.scale, float))
+    translate = list(np.asarray(source.translate, float))
+    extra = ndim - len(scale)
+    if extra > 0:
+        scale, translate = [1.0] * extra + scale, [0.0] * extra + translate
+    elif extra < 0:
+        scale, translate = scale[-extra:], translate[-extra:]
+    return {"scale": scale, "translate": translate}
+
+
+def find_layer(viewer, name: str, kind: type[Layer] | None = None) -> Layer | None:
+    """The layer called ``name`` (of type ``kind`` if given), else None."""
+    for layer in viewer.layers:
+        if layer.name == name and (kind is None or isinstance(layer, kind)):
+            return layer
+    return None
+
+
+def set_layer(
+    viewer,
+    name: str,
+    data: np.ndarray,
+    kind: str,
+    *,
+    source: Layer | None = None,
+    **kwargs: Any,
+) -> Layer:
+    """Add a layer or update the one called ``name`` in place.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+    name : str
+    data : ndarray
+    kind : "image" or "labels"
+    source : Layer, optional
+        Its scale and translate are copied (leading axes padded for extra dims).
+    **kwargs
+        Display options (colormap, blending, contrast_limits, opacity, ...),
+        applied when adding and re-applied on update.
+    """
+    cls = {"image": Image, "labels": Labels}[kind]
+    geometry = _geometry(source, data.ndim)
+    layer = find_layer(viewer, name)
+    if layer is not None and (not isinstance(layer, cls) or layer.ndim != data.ndim):
+        index = viewer.layers.index(layer)
+        viewer.layers.remove(layer)
+        new = cls(data, name=name, **geometry, **kwargs)
+        viewer.layers.insert(index, new)
+        return new
+    if layer is None:
+        add = viewer.add_image if kind == "image" else viewer.add_labels
+        return add(data, name=name, **geometry, **kwargs)
+    layer.data = data
+    for key, value in {**geometry, **kwargs}.items():
+        setattr(layer, key, value)
+    layer.refresh()
+    return layer
+
+
+def base_name(layer_name: str) -> str:
+    """``"cells probabilities"`` → ``"cells"`` (strips the suffixes we add)."""
+    for suffix in (" probabilities", " instances", " objects 3D", " annotations"):
+        if layer_name.endswith(suffix):
+            return layer_name[: -len(suffix)]
+    return layer_name
+
+
+def layer_array(layer: Layer) -> Any:
+    """The full-resolution data of a layer (level 0 of a multiscale)."""
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]
+    return data
+
+
+def current_index(viewer, layer: Layer, axis: int = 0) -> int:
+    """Data index of the slice the viewer shows along ``axis`` of ``layer``."""
+    shape = layer_array(layer).shape
+    try:
+        pos = layer.world_to_data(viewer.dims.point)
+        value = int(round(float(pos[axis])))
+    except Exception:
+        step = viewer.dims.current_step
+        value = int(step[len(step) - layer.ndim + axis])
+    return int(np.clip(value, 0, shape[axis] - 1))
+
+
+def watch_layers(viewer, callback: Callable[[], None]) -> None:
+    """Call ``callback()`` when layers are added, removed, moved or renamed.
+
+    ``callback`` is held weakly when it is a bound method, so a closed widget
+    is not kept alive by the viewer's events.
+    """
+    ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else (lambda: callback)
+
+    def fire(_event=None) -> None:
+        fn = ref()
+        if fn is None:
+            return
+        try:
+            fn()
+        except RuntimeError:  # the Qt widget was already deleted
+            pass
+
+    def changed(event=None) -> None:
+        layer = getattr(event, "value", None)
+        if isinstance(layer, Layer) and event.type == "inserted":
+            layer.events.name.connect(fire)
+        fire()
+
+    for name in ("inserted", "removed", "moved"):
+        getattr(viewer.layers.events, name).connect(changed)
+    for layer in viewer.layers:
+        layer.events.name.connect(fire)
+
+
+def layer_picker(viewer, kind: type[Layer], label: str, tooltip: str = "") -> ComboBox:
+    """A combo box of the viewer's layers of type ``kind`` (value: the layer).
+
+    The choices are recomputed by ``reset_choices()`` (call it from a
+    :func:`watch_layers` callback); the newest matching layer is selected when
+    the current one disappears.
+    """
+    ref = weakref.ref(viewer)
+
+    def choices(_widget=None) -> list[tuple[str, Layer]]:
+        v = ref()
+        if v is None:
+            return []
+        return [(layer.name, layer) for layer in v.layers if isinstance(layer, kind)]
+
+    return ComboBox(label=label, choices=choices, nullable=False, tooltip=tooltip)
+
+
+def reason_label() -> Label:
+    """A label that says why a widget is disabled (empty when all is ready)."""
+    label = Label(value="")
+    label.native.setWordWrap(True)
+    label.native.setStyleSheet("color: #e0a040;")
+    return label
+
+
+# ------------------------------------------------------------- model registry
+class ModelRegistry:
+    """Checkpoints known to one viewer's widgets, newest last.
+
+    ``current`` is the model last used or produced (bundled name or path), so
+    Train can start from what Predict used and Save can write what Train made.
+    """
+
+    changed = PSignal()
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+        self.current: str | None = None
+
+    def add(self, path: str | Path, *, make_current: bool = True) -> str:
+        """Register a checkpoint file; returns its key (the path as a string)."""
+        path = Path(path).expanduser().resolve()
+        if path not in self.paths:
+            self.paths.append(path)
+        if make_current:
+            self.current = str(path)
+        self.changed.emit()
+        return str(path)
+
+    def set_current(self, key: str) -> None:
+        """Remember ``key`` (bundled name or path) as the current model."""
+        if key != self.current:
+            self.current = key
+            self.changed.emit()
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(label, key) pairs: bundled models, then registered checkpoint files."""
+        from ..models.zoo import list_models
+
+        items = [(f"{name} (bundled)", name) for name in list_models()]
+        seen = set()
+        for path in reversed(self.paths):  # newest first
+            if path in seen:
+                continue
+            seen.add(path)
+            items.append((f"{path.name} — {path.parent}", str(path)))
+        return items
+
+
+_REGISTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_registry(viewer) -> ModelRegistry:
+    """The :class:`ModelRegistry` of ``viewer`` (created on first use)."""
+    registry = _REGISTRIES.get(viewer)
+    if registry is None:
+        registry = _REGISTRIES[viewer] = ModelRegistry()
+    return registry
+
+
+def model_label(key: str | None) -> str:
+    """Short display name of a model key (bundled name or checkpoint path)."""
+    if not key:
+        return "none"
+    return Path(key).name if ("/" in key or "\\" in key) else key

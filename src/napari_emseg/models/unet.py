@@ -1,0 +1,180 @@
+"""One U-Net for 2D and 3D EM segmentation.
+
+A plain or residual (Res-U-Net) encoder/decoder with skip connections. For
+anisotropic EM (thick sections) the 3D variant can skip pooling along z in
+its first levels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _conv(dims: int):
+    return nn.Conv2d if dims == 2 else nn.Conv3d
+
+
+def _norm(kind: str, dims: int, channels: int) -> nn.Module:
+    if kind == "batch":
+        return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(channels)
+    if kind == "instance":
+        return (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be 'batch', 'group', 'instance' or 'none', got {kind!r}")
+
+
+class ConvBlock(nn.Module):
+    """Two 3×3(×3) convolutions with norm and ReLU; optionally residual."""
+
+    def __init__(
+        self,
+        dims: int,
+        cin: int,
+        cout: int,
+        norm: str,
+        residual: bool,
+        dropout: float,
+        kernel: Sequence[int],
+    ) -> None:
+        super().__init__()
+        conv = _conv(dims)
+        pad = tuple(k // 2 for k in kernel)
+        self.conv1 = conv(cin, cout, tuple(kernel), padding=pad, bias=norm == "none")
+        self.norm1 = _norm(norm, dims, cout)
+        self.conv2 = conv(cout, cout, tuple(kernel), padding=pad, bias=norm == "none")
+        self.norm2 = _norm(norm, dims, cout)
+        self.act = nn.ReLU(inplace=True)
+        drop = nn.Dropout2d if dims == 2 else nn.Dropout3d
+        self.drop = drop(dropout) if dropout > 0 else nn.Identity()
+        self.skip = None
+        if residual:
+            self.skip = conv(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.norm1(self.conv1(x)))
+        y = self.drop(y)
+        y = self.norm2(self.conv2(y))
+        if self.skip is not None:
+            y = y + self.skip(x)
+        return self.act(y)
+
+
+class UNet(nn.Module):
+    """U-Net for ``dims=2`` (NCYX) or ``dims=3`` (NCZYX) inputs.
+
+    Parameters
+    ----------
+    dims : int
+        2 or 3.
+    in_channels, out_channels : int
+        Input channels (e.g. 1, or 3 for a 2.5D model) and output logits.
+    depth : int
+        Number of resolution levels (``depth - 1`` poolings).
+    width : int
+        Channels of the first level; doubled at each level.
+    norm : str
+        ``"batch"``, ``"group"``, ``"instance"`` or ``"none"``.
+    residual : bool
+        Residual conv blocks (Res-U-Net).
+    dropout : float
+        Dropout in the two deepest levels.
+    anisotropic_levels : int
+        3D only: the first ``anisotropic_levels`` levels use 1×3×3 kernels and
+        pool only in y/x (for thick sections).
+
+    Input spatial sizes must be divisible by :meth:`divisor`.
+    """
+
+    def __init__(
+        self,
+        dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        depth: int = 4,
+        width: int = 16,
+        norm: str = "batch",
+        residual: bool = False,
+        dropout: float = 0.0,
+        anisotropic_levels: int = 0,
+    ) -> None:
+        super().__init__()
+        if dims not in (2, 3):
+            raise ValueError(f"dims must be 2 or 3, got {dims!r}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if dims == 2 and anisotropic_levels:
+            raise ValueError("anisotropic_levels applies to 3D models only")
+        self.config = dict(
+            dims=dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            depth=depth,
+            width=width,
+            norm=norm,
+            residual=residual,
+            dropout=dropout,
+            anisotropic_levels=anisotropic_levels,
+        )
+        self.dims = dims
+        chans = [width * 2**i for i in range(depth)]
+        self.pools = [self._pool_size(i) for i in range(depth - 1)]
+        self.down = nn.ModuleList()
+        self.pool_layers = nn.ModuleList()
+        cin = in_channels
+        for level, c in enumerate(chans):
+            drop = dropout if level >= depth - 2 else 0.0
+            self.down.append(
+                ConvBlock(dims, cin, c, norm, residual, drop, self._kernel(level))
+            )
+            cin = c
+        maxpool = nn.MaxPool2d if dims == 2 else nn.MaxPool3d
+        for p in self.pools:
+            self.pool_layers.append(maxpool(p, p))
+        convt = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
+        self.ups = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        for level in range(depth - 2, -1, -1):
+            p = self.pools[level]
+            self.ups.append(convt(chans[level + 1], chans[level], p, stride=p))
+            self.up_blocks.append(
+                ConvBlock(dims, 2 * chans[level], chans[level], norm, residual, 0.0,
+                          self._kernel(level))
+            )
+        self.head = _conv(dims)(chans[0], out_channels, 1)
+
+    def _pool_size(self, level: int) -> tuple[int, ...]:
+        if self.dims == 2:
+            return (2, 2)
+        z = 1 if level < self.config["anisotropic_levels"] else 2
+        return (z, 2, 2)
+
+    def _kernel(self, level: int) -> tuple[int, ...]:
+        if self.dims == 2:
+            return (3, 3)
+        z = 1 if level < self.config["anisotropic_levels"] else 3
+        return (z, 3, 3)
+
+    def divisor(self) -> tuple[int, ...]:
+        """Spatial size factors (per axis) that inputs must be divisible by."""
+        div = [1] * self.dims
+        for p in self.pools:
+            div = [d * s for d, s in zip(div, p, strict=True)]
+        return tuple(div)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, block in enumerate(self.down):
+            x = block(x)
+            if level < len(self.pool_layers):
+                skips.append(x)
+                x = self.pool_layers[level](x)
+        for up, block in zip(self.ups, self.up_blocks, strict=True):
+            x = up(x)
+            x = block(torch.cat([x, skips.pop()], dim=1))
+        return self.head(x)

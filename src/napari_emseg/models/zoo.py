@@ -1,0 +1,187 @@
+"""Checkpoints: one file with the state dict and its metadata; bundled models.
+
+A checkpoint is a ``torch.save`` of a plain dict::
+
+    {"format": "napari-emseg", "version": 1,
+     "config": {...UNet arguments...},
+     "meta": {"name", "dims", "context", "classes", "activation",
+              "normalization", "patch", "training", "metrics", ...},
+     "state_dict": {...}}
+
+It is read with ``torch.load(weights_only=True)``: no pickle is executed.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .._atomic import atomic_path
+
+FORMAT = "napari-emseg"
+VERSION = 1
+WEIGHTS_DIR = "weights"
+
+DEFAULT_META: dict[str, Any] = {
+    "context": 0,
+    "classes": ["background", "foreground"],
+    "activation": "sigmoid",
+    "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8},
+    "patch": None,
+    "training": {},
+    "metrics": {},
+}
+
+
+class CheckpointError(ValueError):
+    """A file is not a usable napari-emseg checkpoint."""
+
+
+def _weights_root() -> Path:
+    return Path(str(resources.files("napari_emseg.models") / WEIGHTS_DIR))
+
+
+def list_models() -> list[str]:
+    """Names of the bundled checkpoints, e.g. ``["membrane-2d", "mito-2d"]``."""
+    root = _weights_root()
+    return sorted(p.stem for p in root.glob("*.pt")) if root.is_dir() else []
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """Path of a bundled model name or of a checkpoint file."""
+    text = str(name_or_path)
+    bundled = _weights_root() / f"{text}.pt"
+    if bundled.is_file():
+        return bundled
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    names = ", ".join(list_models()) or "none"
+    raise FileNotFoundError(
+        f"no bundled model or checkpoint file named {text!r} (bundled: {names})"
+    )
+
+
+def read_checkpoint(name_or_path: str | os.PathLike) -> dict:
+    """Load and validate the raw checkpoint dict (weights stay on the CPU)."""
+    import torch
+
+    path = resolve(name_or_path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle with code, not torch at all
+        raise CheckpointError(f"{path} is not a readable checkpoint: {exc}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a napari-emseg checkpoint (no 'format': {FORMAT!r} entry)"
+        )
+    if int(ckpt.get("version", 0)) > VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint version {ckpt['version']}; this napari-emseg reads "
+            f"up to version {VERSION}. Upgrade napari-emseg."
+        )
+    for key in ("config", "meta", "state_dict"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path} lacks the {key!r} entry")
+    return ckpt
+
+
+def model_info(name_or_path: str | os.PathLike) -> dict:
+    """Metadata of a checkpoint (architecture under ``"config"``), no model built."""
+    ckpt = read_checkpoint(name_or_path)
+    return {**DEFAULT_META, **ckpt["meta"], "config": dict(ckpt["config"])}
+
+
+def build_model(config: dict, meta: dict | None = None):
+    """A fresh :class:`UNet` from its config, with ``.meta`` attached."""
+    from .unet import UNet
+
+    try:
+        model = UNet(**config)
+    except TypeError as exc:
+        raise CheckpointError(f"unknown U-Net arguments in checkpoint config: {exc}") from None
+    model.meta = {**DEFAULT_META, **(meta or {}), "dims": model.dims}
+    return model
+
+
+def _check_state(model, state: dict, path: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[0]})")
+        raise CheckpointError(f"checkpoint {path} does not fit its architecture: "
+                              + "; ".join(parts))
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | None = None):
+    """Load a bundled model (by name) or a checkpoint file.
+
+    Returns
+    -------
+    torch.nn.Module
+        A :class:`~napari_emseg.models.unet.UNet` in eval mode with a ``.meta``
+        dict (dims, context, classes, normalization, patch, training, ...).
+    """
+    ckpt = read_checkpoint(name_or_path)
+    model = build_model(ckpt["config"], ckpt["meta"])
+    _check_state(model, ckpt["state_dict"], str(name_or_path))
+    model.load_state_dict(ckpt["state_dict"])
+    model.meta["source"] = str(resolve(name_or_path))
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def save_checkpoint(model, path: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Write ``model`` (a UNet with ``.config``) and its metadata atomically."""
+    import torch
+
+    if not hasattr(model, "config"):
+        raise TypeError("save_checkpoint needs a napari_emseg UNet (with a .config dict)")
+    full_meta = {**DEFAULT_META, **getattr(model, "meta", {}), **(meta or {})}
+    full_meta.pop("source", None)
+    full_meta["dims"] = model.config["dims"]
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    ckpt = {"format": FORMAT, "version": VERSION, "config": dict(model.config),
+            "meta": full_meta, "state_dict": state}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return path
+
+
+def export_torchscript(model, path: str | os.PathLike) -> Path:
+    """Save a TorchScript (traced) copy of ``model`` for use outside napari-emseg."""
+    import torch
+
+    dims = model.config["dims"]
+    div = model.divisor()
+    shape = (1, model.config["in_channels"], *[max(d, 16) * 2 for d in div])
+    if dims == 3:
+        shape = (1, model.config["in_channels"], div[0] * 2, 64, 64)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(model.cpu(), torch.zeros(shape))
+    finally:
+        model.train(was_training)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        traced.save(str(tmp))
+    return path

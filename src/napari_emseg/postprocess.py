@@ -1,0 +1,804 @@
+"""From probability maps to instance labels.
+
+Thresholding (fixed or Otsu), binary opening/closing, hole filling,
+small-object removal (in voxels or physical units), bilateral smoothing,
+z / yz median filtering of probabilities, connected components and a
+distance-transform seeded watershed (2D per slice or 3D with anisotropic
+spacing), plus :func:`segment`, the one call the widget and the CLI use.
+
+Conventions: arrays are ZYX (a 2D YX array is treated as one slice),
+probabilities are float32 in [0, 1] (``uint8`` 0-255 and ``bool`` are
+accepted and converted; a ``uint8`` array holding only 0 and 1 is read as a
+mask), labels are ``uint32`` with 0 = background.  No
+function mutates its input; empty inputs give empty outputs.
+
+Speed: the watershed works one connected component of the foreground at a
+time, inside the component's bounding box.  Seeds of one component can never
+flood another one (the flood is restricted to the foreground and uses the
+same face connectivity), so this gives the same result as a whole-volume
+watershed while touching only foreground voxels — and components holding
+at most one seed skip the flood entirely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ._progress import CancelCheck, ProgressCallback, check_cancel, report
+
+__all__ = [
+    "connected_components",
+    "fill_holes",
+    "open_close",
+    "otsu_threshold",
+    "relabel_sequential",
+    "remove_small_objects",
+    "seeded_watershed",
+    "segment",
+    "smooth_bilateral",
+    "threshold",
+    "zfilter",
+]
+
+SeedMethod = Literal["hmaxima", "peaks", "distance"]
+_CHUNK = 16  # z-slices processed at once by the streaming filters
+
+
+# ----------------------------------------------------------------- helpers
+def _as_prob(prob, name: str = "prob") -> np.ndarray:
+    """``prob`` as float32 in [0, 1]: uint8 is divided by 255 (unless it only holds 0/1)."""
+    arr = np.asarray(prob)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if arr.dtype == np.uint8:
+        # a uint8 array holding only 0 and 1 is a mask, not 0-255 probabilities
+        if arr.size and int(arr.max()) <= 1:
+            return arr.astype(np.float32)
+        return arr.astype(np.float32) / np.float32(255.0)
+    if np.issubdtype(arr.dtype, np.floating):
+        return arr.astype(np.float32, copy=False)
+    raise ValueError(
+        f"{name} must be float probabilities in [0, 1], uint8 0-255 or bool; got dtype {arr.dtype}"
+    )
+
+
+def _check_ndim(arr: np.ndarray, name: str) -> None:
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"{name} must be 2D (YX) or 3D (ZYX); got shape {arr.shape}")
+
+
+def _check_dims(dims: int) -> None:
+    if dims not in (2, 3):
+        raise ValueError(f"dims must be 2 or 3; got {dims!r}")
+
+
+def _as_zyx(arr: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Add a z axis to a 2D array; the flag says whether to squeeze it again."""
+    return (arr[None], True) if arr.ndim == 2 else (arr, False)
+
+
+def _structure(dims: int, connectivity: int) -> np.ndarray:
+    """3D structuring element; for ``dims=2`` it only links pixels within a slice."""
+    if dims == 3:
+        if connectivity not in (1, 2, 3):
+            raise ValueError(f"connectivity must be 1, 2 or 3 for dims=3; got {connectivity}")
+        return ndi.generate_binary_structure(3, connectivity)
+    if connectivity not in (1, 2):
+        raise ValueError(f"connectivity must be 1 or 2 for dims=2; got {connectivity}")
+    st = np.zeros((3, 3, 3), dtype=bool)
+    st[1] = ndi.generate_binary_structure(2, connectivity)
+    return st
+
+
+def _spacing(spacing: Sequence[float] | None, dims: int) -> tuple[float, ...]:
+    """Per-axis spacing used inside one object: (y, x) for dims=2, (z, y, x) for 3."""
+    if spacing is None:
+        return (1.0,) * dims
+    sp = tuple(float(s) for s in spacing)
+    if len(sp) == 3 and dims == 2:
+        sp = sp[1:]
+    if len(sp) != dims or any(not np.isfinite(s) or s <= 0 for s in sp):
+        raise ValueError(f"spacing must be {dims} (or 3) positive numbers (z, y, x); got {spacing}")
+    return sp
+
+
+def _disk(radius: int, dims: int) -> np.ndarray:
+    """Disk (dims=2, as a 1-thick 3D element) or ball of ``radius`` voxels."""
+    r = int(radius)
+    if dims == 2:
+        yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+        return (yy**2 + xx**2 <= r * r)[None]
+    zz, yy, xx = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1]
+    return zz**2 + yy**2 + xx**2 <= r * r
+
+
+def relabel_sequential(labels: np.ndarray) -> np.ndarray:
+    """Renumber ids to 1..N keeping their order; 0 stays background.
+
+    Parameters
+    ----------
+    labels : ndarray of int, any shape
+
+    Returns
+    -------
+    ndarray of uint32, same shape
+    """
+    lab = np.asarray(labels)
+    if not np.issubdtype(lab.dtype, np.integer) and lab.dtype != np.bool_:
+        raise ValueError(f"labels must be an integer array; got dtype {lab.dtype}")
+    if lab.size == 0:
+        return np.zeros(lab.shape, dtype=np.uint32)
+    if lab.min() < 0:
+        raise ValueError("labels must not contain negative ids")
+    top = int(lab.max())
+    if top <= 4 * lab.size + 1_000_000:
+        present = np.bincount(lab.ravel(), minlength=top + 1) > 0
+        present[0] = False
+        lut = np.zeros(top + 1, dtype=np.uint32)
+        lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.uint32)
+        return lut[lab]
+    ids, inv = np.unique(lab, return_inverse=True)
+    offset = 1 if ids[0] != 0 else 0
+    return (inv.reshape(lab.shape) + offset).astype(np.uint32)
+
+
+def _sizes(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, voxel counts) of the nonzero ids of ``lab``."""
+    top = int(lab.max()) if lab.size else 0
+    if top <= 4 * lab.size + 1_000_000:
+        counts = np.bincount(lab.ravel(), minlength=top + 1)
+        ids = np.flatnonzero(counts)
+        ids = ids[ids > 0]
+        return ids, counts[ids]
+    ids, counts = np.unique(lab[lab > 0], return_counts=True)
+    return ids, counts
+
+
+# ------------------------------------------------------------ thresholding
+def otsu_threshold(prob: np.ndarray) -> float:
+    """Otsu threshold of a probability map (computed on the [0, 1] scale).
+
+    Parameters
+    ----------
+    prob : ndarray, (Z, Y, X) or (Y, X)
+
+    Returns
+    -------
+    float
+        The threshold; 0.5 when the map is constant or empty.
+    """
+    from skimage.filters import threshold_otsu
+
+    p = _as_prob(prob)
+    if p.size == 0 or float(p.min()) == float(p.max()):
+        return 0.5
+    sample = p if p.size <= 20_000_000 else p.ravel()[:: int(np.ceil(p.size / 20_000_000))]
+    return float(threshold_otsu(sample))
+
+
+def threshold(prob: np.ndarray, value: float | str = 0.5) -> np.ndarray:
+    """Foreground mask ``prob > value``.
+
+    Parameters
+    ----------
+    prob : ndarray, (Z, Y, X) or (Y, X)
+        float in [0, 1], uint8 0-255 (scaled) or bool.
+    value : float in [0, 1] or ``"otsu"``
+
+    Returns
+    -------
+    ndarray of bool, same shape
+    """
+    p = _as_prob(prob)
+    if isinstance(value, str):
+        if value.lower() != "otsu":
+            raise ValueError(f"threshold must be a number in [0, 1] or 'otsu'; got {value!r}")
+        value = otsu_threshold(p)
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1]; got {value}")
+    return p > value
+
+
+# -------------------------------------------------------------- morphology
+def open_close(
+    mask: np.ndarray, *, opening: int = 0, closing: int = 0, dims: int = 2
+) -> np.ndarray:
+    """Binary opening then closing with a disk (dims=2, per slice) or ball.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, (Z, Y, X) or (Y, X)
+    opening, closing : int
+        Radii in voxels; 0 skips the step.
+    dims : 2 or 3
+
+    Returns
+    -------
+    ndarray of bool, same shape
+    """
+    _check_dims(dims)
+    m = np.asarray(mask).astype(bool)
+    _check_ndim(m, "mask")
+    if opening < 0 or closing < 0:
+        raise ValueError("opening and closing radii must be >= 0")
+    m3, squeeze = _as_zyx(m)
+    out = m3.copy()
+    if m3.size:
+        if opening:
+            out = ndi.binary_opening(out, structure=_disk(opening, dims))
+        if closing:
+            # pad so that closing does not erode objects touching the border
+            pad = [(0, 0)] + [(closing, closing)] * 2 if dims == 2 else closing
+            padded = np.pad(out, pad, mode="edge")
+            closed = ndi.binary_closing(padded, structure=_disk(closing, dims))
+            crop = (
+                (slice(None),) + (slice(closing, -closing),) * 2
+                if dims == 2
+                else (slice(closing, -closing),) * 3
+            )
+            out = closed[crop]
+    return out[0] if squeeze else out
+
+
+def fill_holes(mask: np.ndarray, *, dims: int = 2) -> np.ndarray:
+    """Fill holes: background regions not connected to the border.
+
+    ``dims=2`` fills per slice (a hole only needs to be enclosed in its
+    slice), ``dims=3`` fills cavities enclosed in 3D.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, (Z, Y, X) or (Y, X)
+    dims : 2 or 3
+
+    Returns
+    -------
+    ndarray of bool, same shape
+    """
+    _check_dims(dims)
+    m = np.asarray(mask).astype(bool)
+    _check_ndim(m, "mask")
+    m3, squeeze = _as_zyx(m)
+    if m3.size == 0:
+        return m.copy()
+    bg, _ = ndi.label(~m3, structure=_structure(dims, 1))
+    faces = [bg[:, 0], bg[:, -1], bg[:, :, 0], bg[:, :, -1]]
+    if dims == 3:
+        faces += [bg[0], bg[-1]]
+    outside = np.unique(np.concatenate([f.ravel() for f in faces]))
+    out = m3 | ~np.isin(bg, outside)
+    return out[0] if squeeze else out
+
+
+def remove_small_objects(
+    labels: np.ndarray,
+    min_size: float,
+    *,
+    spacing: Sequence[float] | None = None,
+    dims: int = 3,
+    connectivity: int = 1,
+) -> np.ndarray:
+    """Remove objects smaller than ``min_size``.
+
+    Parameters
+    ----------
+    labels : ndarray of int or bool, (Z, Y, X) or (Y, X)
+        Instance ids, or a mask (its connected components, per slice for
+        ``dims=2``, are the objects).
+    min_size : float
+        Minimum size in voxels, or in physical units (voxel count times the
+        product of ``spacing``) when ``spacing`` is given.
+    spacing : sequence of float, optional
+        Voxel size per axis of ``labels`` (e.g. nm).
+    dims, connectivity : int
+        Only used for masks, see :func:`connected_components`.
+
+    Returns
+    -------
+    ndarray, same shape and dtype as ``labels`` (ids are kept, not renumbered)
+    """
+    lab = np.asarray(labels)
+    _check_ndim(lab, "labels")
+    if min_size < 0:
+        raise ValueError(f"min_size must be >= 0; got {min_size}")
+    is_mask = lab.dtype == np.bool_
+    if not is_mask and not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"labels must be integer ids or a bool mask; got dtype {lab.dtype}")
+    voxel = 1.0
+    if spacing is not None:
+        sp = tuple(float(s) for s in spacing)
+        if len(sp) != lab.ndim or any(s <= 0 for s in sp):
+            raise ValueError(
+                f"spacing needs one positive value per axis ({lab.ndim}); got {spacing}"
+            )
+        voxel = float(np.prod(sp))
+    ids_img = connected_components(lab, dims=dims, connectivity=connectivity) if is_mask else lab
+    if lab.size == 0 or min_size == 0:
+        return lab.copy()
+    ids, counts = _sizes(ids_img)
+    small = ids[counts * voxel < min_size]
+    if small.size == 0:
+        return lab.copy()
+    drop = np.isin(ids_img, small)
+    out = lab.copy()
+    out[drop] = 0
+    return out
+
+
+def smooth_bilateral(
+    prob: np.ndarray,
+    *,
+    sigma_color: float = 0.1,
+    sigma_spatial: float = 2.0,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> np.ndarray:
+    """Edge-preserving (bilateral) smoothing of a probability map, per slice.
+
+    Slow (about a second per megapixel slice); use on crops or small stacks.
+
+    Parameters
+    ----------
+    prob : ndarray, (Z, Y, X) or (Y, X)
+    sigma_color : float
+        Width of the range kernel on the probability scale.
+    sigma_spatial : float
+        Width of the spatial kernel in pixels.
+
+    Returns
+    -------
+    ndarray of float32, same shape
+    """
+    from skimage.restoration import denoise_bilateral
+
+    p = _as_prob(prob)
+    _check_ndim(p, "prob")
+    p3, squeeze = _as_zyx(p)
+    out = np.empty(p3.shape, dtype=np.float32)
+    for z in range(p3.shape[0]):
+        check_cancel(cancel)
+        out[z] = denoise_bilateral(
+            p3[z].astype(np.float64), sigma_color=sigma_color, sigma_spatial=sigma_spatial
+        )
+        report(progress, z + 1, p3.shape[0])
+    np.clip(out, 0.0, 1.0, out=out)
+    return out[0] if squeeze else out
+
+
+# ---------------------------------------------------------------- z-filter
+def _median_along(block: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Median along ``axis`` of a block already padded by ``size // 2`` there."""
+    n = block.shape[axis] - 2 * (size // 2)
+    take = [slice(None)] * block.ndim
+
+    def sl(i: int) -> np.ndarray:
+        take[axis] = slice(i, i + n)
+        return block[tuple(take)]
+
+    if size == 3:  # median of three without sorting
+        a, b, c = sl(0), sl(1), sl(2)
+        return np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+    stack = np.stack([sl(i) for i in range(size)], axis=0)
+    stack.partition(size // 2, axis=0)
+    return stack[size // 2]
+
+
+def zfilter(
+    prob,
+    size: int = 3,
+    mode: Literal["z", "yz"] = "z",
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> np.ndarray:
+    """Median filter of a probability map along z (``"z"``) or along z then y (``"yz"``).
+
+    Borders are mirrored (scipy's ``"reflect"``), so the result equals
+    ``scipy.ndimage.median_filter(prob, size=(size, 1, 1))`` (followed by
+    ``(1, size, 1)`` for ``"yz"``).  Works slab by slab, so ``prob`` may be
+    any array-like supporting ``prob[z0:z1]`` (numpy, dask, zarr).
+
+    Parameters
+    ----------
+    prob : array-like, (Z, Y, X)
+    size : int
+        Odd window length; 1 returns a float32 copy.
+    mode : "z" or "yz"
+
+    Returns
+    -------
+    ndarray of float32, (Z, Y, X)
+    """
+    if mode not in ("z", "yz"):
+        raise ValueError(f"mode must be 'z' or 'yz'; got {mode!r}")
+    size = int(size)
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"zfilter size must be a positive odd integer; got {size}")
+    shape = tuple(prob.shape)
+    if len(shape) != 3:
+        raise ValueError(f"zfilter needs a 3D (Z, Y, X) array; got shape {shape}")
+    nz = shape[0]
+    out = np.empty(shape, dtype=np.float32)
+    if nz == 0:
+        return out
+    r = size // 2
+    for z0 in range(0, nz, _CHUNK):
+        check_cancel(cancel)
+        z1 = min(z0 + _CHUNK, nz)
+        lo, hi = max(z0 - r, 0), min(z1 + r, nz)
+        block = _as_prob(prob[lo:hi])
+        if r:
+            # mirror padding where the slab touches the volume border
+            pad_lo, pad_hi = r - (z0 - lo), r - (hi - z1)
+            if pad_lo or pad_hi:
+                block = _reflect_pad(block, pad_lo, pad_hi, axis=0)
+            block = _median_along(block, size, axis=0)
+            if mode == "yz":
+                block = _median_along(_reflect_pad(block, r, r, axis=1), size, axis=1)
+        out[z0:z1] = block
+        report(progress, z1, nz)
+    return out
+
+
+def _reflect_pad(block: np.ndarray, lo: int, hi: int, axis: int) -> np.ndarray:
+    """``np.pad`` symmetric (= scipy "reflect") that also works when lo/hi > length."""
+    pad = [(0, 0)] * block.ndim
+    pad[axis] = (lo, hi)
+    return np.pad(block, pad, mode="symmetric")
+
+
+# ------------------------------------------------------ connected components
+def connected_components(mask: np.ndarray, *, dims: int = 3, connectivity: int = 1) -> np.ndarray:
+    """Label connected components of a mask.
+
+    Parameters
+    ----------
+    mask : ndarray, (Z, Y, X) or (Y, X)
+        Nonzero = foreground.
+    dims : 2 or 3
+        2: components per slice, ids offset so they are unique across the
+        stack (increasing with z); 3: components in 3D.
+    connectivity : int
+        1 = faces only; 2 (and 3 for dims=3) add edges (and corners).
+
+    Returns
+    -------
+    ndarray of uint32, same shape, ids 1..N
+    """
+    _check_dims(dims)
+    m = np.asarray(mask)
+    _check_ndim(m, "mask")
+    m3, squeeze = _as_zyx(m != 0)
+    out = np.zeros(m3.shape, dtype=np.uint32)
+    if m3.size:
+        ndi.label(m3, structure=_structure(dims, connectivity), output=out)
+    return out[0] if squeeze else out
+
+
+# --------------------------------------------------------- seeded watershed
+def _seeds(
+    dist: np.ndarray,
+    comp: np.ndarray,
+    method: str,
+    h: float,
+    min_distance: int,
+    seed_threshold: float | None,
+) -> tuple[np.ndarray, int]:
+    """Markers (int32, connected components of the seeds) inside one component."""
+    full = ndi.generate_binary_structure(dist.ndim, dist.ndim)
+    if method == "distance":
+        t = 0.5 * float(dist.max()) if seed_threshold is None else float(seed_threshold)
+        seeds = comp & (dist >= t) & (dist > 0)
+    elif method == "hmaxima":
+        if float(dist.max()) < h:
+            return np.zeros(dist.shape, np.int32), 0
+        # cheap pre-check: a single plateau of local maxima means one object
+        local = comp & (dist == ndi.maximum_filter(dist, footprint=full))
+        if ndi.label(local, structure=full)[1] <= 1:
+            return local.astype(np.int32), 1
+        from skimage.morphology import h_maxima
+
+        seeds = h_maxima(dist, h).astype(bool) & comp
+    else:  # peaks
+        from skimage.feature import peak_local_max
+
+        coords = peak_local_max(
+            dist,
+            min_distance=max(int(min_distance), 1),
+            threshold_abs=seed_threshold,
+            labels=comp.astype(np.int32),
+            exclude_border=False,
+        )
+        seeds = np.zeros(dist.shape, dtype=bool)
+        seeds[tuple(coords.T)] = True
+    markers, n = ndi.label(seeds, structure=full)
+    return markers, n
+
+
+def seeded_watershed(
+    prob: np.ndarray,
+    threshold: float | str = 0.5,
+    *,
+    dims: int = 2,
+    spacing: Sequence[float] | None = None,
+    seed_method: SeedMethod = "hmaxima",
+    min_distance: int = 5,
+    h: float = 2.0,
+    seed_threshold: float | None = None,
+    boundary: np.ndarray | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> np.ndarray:
+    """Distance-transform seeded watershed of the foreground ``prob > threshold``.
+
+    For each face-connected component of the foreground: Euclidean distance
+    transform (anisotropic ``spacing``; space outside the array counts as
+    background), seeds, markers = connected components of the seeds, then a
+    watershed on ``-distance`` (or on ``boundary``) restricted to the
+    component.  A component with one or no seed stays one object.
+
+    Parameters
+    ----------
+    prob : ndarray, (Z, Y, X) or (Y, X)
+        Probabilities (float in [0, 1], uint8 0-255) or a bool foreground mask
+        (then ``threshold`` is ignored).
+    threshold : float or "otsu"
+    dims : 2 or 3
+        2: per slice, ids offset to be unique across the stack; 3: in 3D.
+    spacing : sequence of float, optional
+        Voxel size (z, y, x) (y, x is enough for dims=2); default isotropic.
+    seed_method : "hmaxima", "peaks" or "distance"
+        ``hmaxima``: maxima of the distance map with dynamic >= ``h``;
+        ``peaks``: ``skimage.feature.peak_local_max`` with ``min_distance``
+        (pixels) and ``threshold_abs=seed_threshold``; ``distance``:
+        distance >= ``seed_threshold`` (default: half the component's
+        maximum distance).
+    min_distance : int
+        Minimum distance between peaks in pixels (``peaks`` only).
+    h : float
+        Minimum dynamic of a maximum, in distance units (``hmaxima`` only).
+    seed_threshold : float, optional
+        Distance threshold in spacing units (``distance``, ``peaks``).
+    boundary : ndarray, optional
+        Same shape as ``prob``: flood this map (e.g. a boundary probability,
+        or ``1 - prob``) instead of ``-distance``.
+
+    Returns
+    -------
+    ndarray of uint32, same shape, ids 1..N (increasing with z for dims=2)
+    """
+    _check_dims(dims)
+    if seed_method not in ("hmaxima", "peaks", "distance"):
+        raise ValueError(
+            f"seed_method must be 'hmaxima', 'peaks' or 'distance'; got {seed_method!r}"
+        )
+    arr = np.asarray(prob)
+    _check_ndim(arr, "prob")
+    if boundary is not None:
+        boundary = np.asarray(boundary)
+        if boundary.shape != arr.shape:
+            raise ValueError(
+                f"boundary shape {boundary.shape} does not match prob shape {arr.shape}"
+            )
+    if h < 0 or min_distance < 0:
+        raise ValueError("h and min_distance must be >= 0")
+    sampling = _spacing(spacing, dims)
+    mask = arr if arr.dtype == np.bool_ else _threshold(arr, threshold)
+    return _watershed_mask(
+        mask,
+        dims=dims,
+        sampling=sampling,
+        seed_method=seed_method,
+        min_distance=min_distance,
+        h=h,
+        seed_threshold=seed_threshold,
+        boundary=boundary,
+        progress=progress,
+        cancel=cancel,
+    )
+
+
+def _watershed_mask(
+    mask: np.ndarray,
+    *,
+    dims: int,
+    sampling: tuple[float, ...],
+    seed_method: str,
+    min_distance: int,
+    h: float,
+    seed_threshold: float | None,
+    boundary: np.ndarray | None,
+    progress: ProgressCallback | None,
+    cancel: CancelCheck | None,
+) -> np.ndarray:
+    from skimage.segmentation import watershed
+
+    m3, squeeze = _as_zyx(mask)
+    b3 = None if boundary is None else _as_zyx(boundary)[0]
+    out = np.zeros(m3.shape, dtype=np.uint32)
+    if m3.size == 0:
+        return out[0] if squeeze else out
+    comps = connected_components(m3, dims=dims, connectivity=1)
+    boxes = ndi.find_objects(comps)
+    total = len(boxes)
+    next_id = 1
+    for i, box in enumerate(boxes, start=1):
+        if i % 64 == 0:
+            check_cancel(cancel)
+            report(progress, i, total)
+        if box is None:
+            continue
+        crop = comps[box] == i
+        sub = crop[0] if dims == 2 else crop
+        comp = np.pad(sub, 1)
+        dist = ndi.distance_transform_edt(comp, sampling=sampling)
+        markers, n = _seeds(dist, comp, seed_method, h, min_distance, seed_threshold)
+        if n <= 1:
+            out[box][crop] = next_id
+            next_id += 1
+            continue
+        if b3 is None:
+            surface = -dist
+        else:
+            bsub = np.asarray(b3[box], dtype=np.float32)
+            surface = np.pad(bsub[0] if dims == 2 else bsub, 1, mode="edge")
+        ws = watershed(surface, markers, mask=comp)
+        ws = ws[(slice(1, -1),) * ws.ndim]
+        if dims == 2:
+            ws = ws[None]
+        # markers can be swallowed by ties; renumber what is actually there
+        present = np.unique(ws[crop])
+        lut = np.zeros(n + 1, dtype=np.uint32)
+        lut[present] = np.arange(next_id, next_id + present.size, dtype=np.uint32)
+        out[box][crop] = lut[ws[crop]]
+        next_id += present.size
+    report(progress, total, total)
+    return out[0] if squeeze else out
+
+
+# aliases: ``segment`` has keyword arguments named like these functions
+_threshold = threshold
+_zfilter = zfilter
+
+
+# ------------------------------------------------------------ the pipeline
+def _stage_progress(
+    progress: ProgressCallback | None, start: int, span: int
+) -> ProgressCallback | None:
+    """Map a stage's (done, total) onto [start, start + span] of 1000."""
+    if progress is None:
+        return None
+
+    def cb(done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        progress(start + int(round(span * frac)), 1000)
+
+    return cb
+
+
+def segment(
+    prob,
+    *,
+    method: Literal["watershed", "components"] = "watershed",
+    dims: int = 2,
+    threshold: float | str = 0.5,
+    zfilter: int = 0,
+    zfilter_mode: Literal["z", "yz"] = "z",
+    smooth: bool = False,
+    opening: int = 0,
+    closing: int = 0,
+    fill: bool = False,
+    min_size: int = 0,
+    min_volume: float | None = None,
+    spacing: Sequence[float] | None = None,
+    seed_method: SeedMethod = "hmaxima",
+    min_distance: int = 5,
+    h: float = 2.0,
+    seed_threshold: float | None = None,
+    connectivity: int = 1,
+    track: bool = False,
+    iou_threshold: float = 0.3,
+    max_gap: int = 1,
+    min_slices: int = 1,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> np.ndarray:
+    """Probabilities → instance labels, the whole chain in one call.
+
+    Steps: optional bilateral smoothing → z / yz median filter (``zfilter``
+    window, 0 or 1 = off) → threshold → opening / closing / hole filling →
+    seeded watershed or connected components (``dims`` 2 or 3) → optional
+    slice tracking (``track``, dims=2 only: 2D instances linked into 3D
+    objects, see :func:`napari_emseg.tracking.track_slices`) → removal of
+    objects smaller than ``min_size`` voxels or ``min_volume`` physical units
+    → ids renumbered 1..N.
+
+    Parameters
+    ----------
+    prob : array-like, (Z, Y, X) or (Y, X)
+        float in [0, 1], uint8 0-255 or bool.
+    method : "watershed" or "components"
+    dims : 2 or 3
+    threshold : float or "otsu"
+    spacing : sequence of float, optional
+        Voxel size (z, y, x): anisotropic 3D distances and ``min_volume``.
+    seed_method, min_distance, h, seed_threshold
+        See :func:`seeded_watershed`.
+    connectivity : int
+        For ``method="components"`` (see :func:`connected_components`).
+    track, iou_threshold, max_gap, min_slices
+        See :func:`napari_emseg.tracking.track_slices`.
+    progress, cancel
+        Progress is reported on a 0..1000 scale.
+
+    Returns
+    -------
+    ndarray of uint32, same shape as ``prob``
+    """
+    _check_dims(dims)
+    if method not in ("watershed", "components"):
+        raise ValueError(f"method must be 'watershed' or 'components'; got {method!r}")
+    if track and dims != 2:
+        raise ValueError("track=True links 2D instances across slices: use it with dims=2")
+    p = _as_prob(prob)
+    _check_ndim(p, "prob")
+    p3, squeeze = _as_zyx(p)
+    if spacing is not None and len(tuple(spacing)) != 3:
+        raise ValueError(f"spacing must be (z, y, x); got {spacing}")
+
+    check_cancel(cancel)
+    if smooth:
+        p3 = smooth_bilateral(p3, progress=_stage_progress(progress, 0, 200), cancel=cancel)
+    if zfilter and zfilter > 1:
+        p3 = _zfilter(
+            p3, zfilter, zfilter_mode, progress=_stage_progress(progress, 200, 50), cancel=cancel
+        )
+    check_cancel(cancel)
+    mask = _threshold(p3, threshold)
+    if opening or closing:
+        mask = open_close(mask, opening=opening, closing=closing, dims=dims)
+    if fill:
+        mask = fill_holes(mask, dims=dims)
+    check_cancel(cancel)
+    report(progress, 300, 1000)
+
+    if method == "components":
+        labels = connected_components(mask, dims=dims, connectivity=connectivity)
+    else:
+        labels = _watershed_mask(
+            mask,
+            dims=dims,
+            sampling=_spacing(spacing, dims),
+            seed_method=seed_method,
+            min_distance=min_distance,
+            h=h,
+            seed_threshold=seed_threshold,
+            boundary=None,
+            progress=_stage_progress(progress, 300, 400 if track else 600),
+            cancel=cancel,
+        )
+    if track:
+        from .tracking import track_slices
+
+        labels = track_slices(
+            labels,
+            iou_threshold=iou_threshold,
+            max_gap=max_gap,
+            min_slices=min_slices,
+            progress=_stage_progress(progress, 700, 200),
+            cancel=cancel,
+        )
+    check_cancel(cancel)
+    if min_size:
+        labels = remove_small_objects(labels, min_size)
+    if min_volume:
+        sp = tuple(spacing) if spacing is not None else (1.0, 1.0, 1.0)
+        labels = remove_small_objects(labels, min_volume, spacing=sp)
+    labels = relabel_sequential(labels)
+    report(progress, 1000, 1000)
+    return labels[0] if squeeze else labels

@@ -1,0 +1,630 @@
+"""Training and fine-tuning of the U-Nets, from dense or painted sparse labels.
+
+Label conventions
+-----------------
+* dense (:func:`fit`): ``0`` = background, ``1..K`` = classes, ``ignore_label``
+  (default ``None``) = not used by the loss;
+* painted (:func:`fine_tune`, a napari Labels layer): ``0`` = unlabeled
+  (ignored), ``1`` = background, ``2..`` = class 1, 2, ...
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._augment import augment, crop_reflect, sample_patch
+from ._normalize import normalization_range
+from ._progress import CancelCheck, Cancelled, ProgressCallback, check_cancel, report
+
+DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in the checkpoint)."""
+
+    dims: int = 2
+    context: int = 0
+    depth: int = 4
+    width: int = 16
+    norm: str = "batch"
+    residual: bool = False
+    dropout: float = 0.0
+    anisotropic_levels: int = 0
+    patch: tuple[int, ...] | None = None
+    batch_size: int = 8
+    steps: int = 500
+    minutes: float | None = None
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup: int = 50
+    loss: str = "bce_dice"
+    label_bias: float = 0.5
+    elastic_p: float = 0.25
+    val_every: int = 100
+    val_slices: int = 8
+    seed: int = 0
+    device: str | None = None
+    amp: bool = True
+    threads: int | None = None
+    normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
+    class_names: list[str] | None = None
+
+    def resolved_patch(self) -> tuple[int, ...]:
+        """The patch size, defaulting to 256² (2D) or 32×128×128 (3D)."""
+        if self.patch:
+            return tuple(int(p) for p in self.patch)
+        return (256, 256) if self.dims == 2 else (32, 128, 128)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    model: Any
+    checkpoint: Path | None
+    best_iou: float
+    history: list[dict]
+    steps: int
+    seconds: float
+    cancelled: bool = False
+
+
+# ----------------------------------------------------------------- data checks
+def _as_list(x) -> list[np.ndarray]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _check_pair(image: np.ndarray, labels: np.ndarray, what: str) -> None:
+    if image.ndim not in (2, 3):
+        raise ValueError(f"{what}: image must be 2D (YX) or 3D (ZYX), got {image.ndim} dims")
+    if image.shape != labels.shape:
+        raise ValueError(
+            f"{what}: image shape {image.shape} and labels shape {labels.shape} differ"
+        )
+    if not np.issubdtype(np.asarray(labels).dtype, np.integer):
+        raise ValueError(f"{what}: labels must be integers, got dtype {labels.dtype}")
+
+
+def _prepare(images, targets, config: TrainConfig):
+    """Normalise images, check shapes; returns (images, targets) lists as 3D arrays."""
+    out_i, out_t = [], []
+    for k, (img, tgt) in enumerate(zip(images, targets, strict=True)):
+        img, tgt = np.asarray(img), np.asarray(tgt)
+        _check_pair(img, tgt, f"volume {k}")
+        if img.ndim == 2:
+            img, tgt = img[None], tgt[None]
+        lo, hi = normalization_range(img, config.normalization)
+        out_i.append(((img.astype(np.float32) - lo) / (hi - lo)).astype(np.float32))
+        out_t.append(tgt.astype(np.int64))
+    return out_i, out_t
+
+
+def dense_targets(labels: np.ndarray, ignore_label: int | None = None) -> np.ndarray:
+    """Dense labels (0 = background, 1.. = class) → loss targets (-1 = ignore)."""
+    t = np.asarray(labels).astype(np.int64)
+    if ignore_label is not None:
+        t[np.asarray(labels) == ignore_label] = -1
+    return t
+
+
+def painted_targets(painted: np.ndarray) -> np.ndarray:
+    """Painted labels (0 unlabeled, 1 background, 2.. class) → targets (-1 = ignore)."""
+    return np.asarray(painted).astype(np.int64) - 1
+
+
+# ---------------------------------------------------------------- the sampler
+class PatchSampler:
+    """Random training patches, biased towards labelled (or foreground) voxels."""
+
+    def __init__(self, images, targets, config: TrainConfig, sparse: bool):
+        self.images, self.targets, self.cfg = images, targets, config
+        self.patch = config.resolved_patch()
+        self.rng = np.random.default_rng(config.seed)
+        # voxels to centre on: labelled ones (sparse) or foreground ones (dense)
+        self.hot = []
+        for t in targets:
+            hot = np.flatnonzero(t.ravel() >= 0) if sparse else np.flatnonzero(t.ravel() > 0)
+            if hot.size > 2_000_000:
+                hot = np.sort(self.rng.choice(hot, 2_000_000, replace=False))
+            self.hot.append(hot)
+        sizes = np.array([t.size for t in targets], dtype=float)
+        self.weights = sizes / sizes.sum()
+        self.label_bias = 1.0 if sparse else config.label_bias
+
+    def centre(self) -> tuple[int, tuple[int, int, int]]:
+        k = int(self.rng.choice(len(self.images), p=self.weights))
+        shape = self.targets[k].shape
+        if self.hot[k].size and self.rng.random() < self.label_bias:
+            flat = int(self.hot[k][self.rng.integers(self.hot[k].size)])
+            c = np.unravel_index(flat, shape)
+            jitter = [int(self.rng.integers(-p // 4, p // 4 + 1)) for p in self.patch]
+            if self.cfg.dims == 2:
+                c = (c[0], c[1] + jitter[0], c[2] + jitter[1])
+            else:
+                c = tuple(ci + j for ci, j in zip(c, jitter, strict=True))
+            c = tuple(int(np.clip(ci, 0, s - 1)) for ci, s in zip(c, shape, strict=True))
+        else:
+            c = tuple(int(self.rng.integers(s)) for s in shape)
+        return k, c
+
+    def batch(self) -> tuple[np.ndarray, np.ndarray]:
+        xs, ts = [], []
+        for _ in range(self.cfg.batch_size):
+            k, c = self.centre()
+            x, t = sample_patch(self.images[k], self.targets[k], c, self.patch,
+                                self.cfg.dims, self.cfg.context)
+            x, t = augment(x, t, self.rng, self.cfg.dims, self.cfg.elastic_p)
+            xs.append(x)
+            ts.append(t)
+        return np.stack(xs), np.stack(ts)
+
+
+def _prefetch(sampler: PatchSampler, stop: threading.Event, depth: int = 3) -> queue.Queue:
+    """Fill a queue with batches from a background thread (numpy frees the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def run():
+        while not stop.is_set():
+            try:
+                item = sampler.batch()
+            except Exception as exc:  # surfaced in the training loop
+                item = exc
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+
+    threading.Thread(target=run, daemon=True, name="emseg-prefetch").start()
+    return q
+
+
+# ---------------------------------------------------------------------- losses
+def masked_loss(logits, target, kind: str = "bce_dice"):
+    """Loss over labelled voxels only (``target == -1`` is ignored).
+
+    logits : (N, C, *S) tensor; target : (N, *S) int64 tensor.
+    ``kind``: ``"bce_dice"``, ``"focal"`` (binary, C=1) or ``"ce_dice"`` (C ≥ 2).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    valid = target >= 0
+    n_valid = valid.sum()
+    if n_valid == 0:
+        return logits.sum() * 0.0
+    if logits.shape[1] == 1:
+        logit = logits[:, 0].float()
+        t = (target > 0).float()
+        m = valid.float()
+        if kind == "focal":
+            bce = F.binary_cross_entropy_with_logits(logit, t, reduction="none")
+            p_t = torch.exp(-bce)
+            return (((1 - p_t) ** 2) * bce * m).sum() / n_valid
+        bce = (F.binary_cross_entropy_with_logits(logit, t, reduction="none") * m).sum() / n_valid
+        p = torch.sigmoid(logit) * m
+        dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + (t * m).sum() + 1)
+        return bce + dice
+    ce = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")
+    ce = (ce * valid).sum() / n_valid
+    prob = torch.softmax(logits.float(), dim=1)
+    onehot = F.one_hot(target.clamp(min=0), logits.shape[1]).movedim(-1, 1).float()
+    m = valid.unsqueeze(1).float()
+    inter = (prob * onehot * m).flatten(2).sum(-1).sum(0)
+    denom = ((prob + onehot) * m).flatten(2).sum(-1).sum(0)
+    dice = 1 - ((2 * inter + 1) / (denom + 1))[1:].mean()
+    return ce + dice
+
+
+# ------------------------------------------------------------------ validation
+def _val_crops(images, targets, config: TrainConfig, sparse: bool):
+    """Fixed validation inputs: whole slices (2D) or centred boxes (3D)."""
+    rng = np.random.default_rng(config.seed + 1)
+    crops = []
+    for img, tgt in zip(images, targets, strict=True):
+        if config.dims == 2:
+            zs = np.unique(np.linspace(0, img.shape[0] - 1, config.val_slices).round().astype(int))
+            if sparse:
+                zs = [z for z in range(img.shape[0]) if (tgt[z] >= 0).any()][: config.val_slices]
+            for z in zs:
+                x = crop_reflect(img, (z - config.context, 0, 0),
+                                 (2 * config.context + 1, *img.shape[1:]))
+                crops.append((x, tgt[z]))
+        else:
+            pz, py, px = config.resolved_patch()
+            box = (min(img.shape[0], pz * 2), min(img.shape[1], py * 2), min(img.shape[2], px * 2))
+            for _ in range(max(1, config.val_slices // 2)):
+                s = [int(rng.integers(0, d - b + 1)) for d, b in zip(img.shape, box, strict=True)]
+                sl = tuple(slice(a, a + b) for a, b in zip(s, box, strict=True))
+                crops.append((img[sl][None], tgt[sl]))
+    return crops
+
+
+def _forward_padded(model, x, device):
+    """Run ``model`` on one (C, *S) array padded to its divisor; logits (C, *S)."""
+    import torch
+
+    div = model.divisor()
+    spatial = x.shape[1:]
+    pads = [(0, (-s) % d) for s, d in zip(spatial, div, strict=True)]
+    xp = np.pad(x, [(0, 0), *pads], mode="reflect" if min(spatial) > 1 else "edge")
+    with torch.inference_mode():
+        out = model(torch.from_numpy(np.ascontiguousarray(xp))[None].to(device))[0]
+    return out[(slice(None), *[slice(0, s) for s in spatial])].float().cpu().numpy()
+
+
+def foreground_iou(logits_list, targets) -> float:
+    """Foreground IoU over labelled voxels (binary: logit > 0; multi: argmax > 0)."""
+    inter = union = 0
+    for logit, t in zip(logits_list, targets, strict=True):
+        pred = logit[0] > 0 if logit.shape[0] == 1 else logit.argmax(0) > 0
+        valid = t >= 0
+        gt = t > 0
+        inter += int((pred & gt & valid).sum())
+        union += int(((pred | gt) & valid).sum())
+    return inter / union if union else 1.0
+
+
+def validate(model, crops, device) -> float:
+    """Foreground IoU of ``model`` on the validation crops."""
+    was = model.training
+    model.eval()
+    try:
+        logits = [_forward_padded(model, x, device) for x, _ in crops]
+    finally:
+        model.train(was)
+    return foreground_iou(logits, [t for _, t in crops])
+
+
+# ------------------------------------------------------------------ the loop
+def pick_device(device: str | None = None) -> str:
+    """``device`` or the best available one: cuda, then mps, then cpu."""
+    import torch
+
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _lr_factor(progress: float, step: int, warmup: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _resume_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.stem + ".resume.pt")
+
+
+def _save_resume(path: Path, model, optim, step: int, best: float, history: list,
+                 elapsed: float) -> None:
+    import torch
+
+    from ._atomic import atomic_path
+
+    state = {"model": model.state_dict(), "optim": optim.state_dict(), "step": step,
+             "best": best, "history": history, "elapsed": elapsed}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    keys = list(history[-1].keys())
+    from ._atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(history)
+
+
+def plot_history(history: list[dict], path: str | os.PathLike) -> Path | None:
+    """Write a PNG of loss and validation IoU against step (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [h["loss"] for h in history], label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["val_iou"] for h in history], color="tab:orange", label="val IoU")
+    ax2.set_ylabel("validation IoU")
+    ax2.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _make_model(config: TrainConfig, out_channels: int, model=None):
+    from .models.zoo import build_model
+
+    if model is not None:
+        return model
+    return build_model(dict(dims=config.dims, in_channels=2 * config.context + 1
+                            if config.dims == 2 else 1,
+                            out_channels=out_channels, depth=config.depth,
+                            width=config.width, norm=config.norm,
+                            residual=config.residual, dropout=config.dropout,
+                            anisotropic_levels=config.anisotropic_levels))
+
+
+def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, sparse: bool,
+                checkpoint: str | os.PathLike | None, meta: dict, progress, cancel,
+                on_log, resume: bool, save_state: bool = True) -> TrainResult:
+    import torch
+
+    device = pick_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    model.to(device).train()
+    optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ckpt_path = Path(checkpoint) if checkpoint else None
+    step, best, history, elapsed0 = 0, -1.0, [], 0.0
+    if resume and ckpt_path and _resume_path(ckpt_path).exists():
+        state = torch.load(_resume_path(ckpt_path), map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        step, best, history = state["step"], state["best"], list(state["history"])
+        elapsed0 = float(state["elapsed"])
+    sampler = PatchSampler(images, targets, config, sparse)
+    sampler.rng = np.random.default_rng(config.seed + step)
+    stop = threading.Event()
+    batches = _prefetch(sampler, stop)
+    use_amp = config.amp and device == "cuda"
+    t0 = time.perf_counter() - elapsed0
+    total = config.steps
+    budget = config.minutes * 60 if config.minutes else None
+    losses: list[float] = []
+    cancelled = False
+
+    def save_best(iou: float) -> None:
+        nonlocal best
+        best = iou
+        if ckpt_path:
+            info = dict(meta)
+            info["training"] = {**meta.get("training", {}), "steps": step,
+                                "seconds": round(time.perf_counter() - t0, 1),
+                                "device": _device_name(device), "config": _config_dict(config),
+                                "history": history[-200:]}
+            info["metrics"] = {**meta.get("metrics", {}), "val_iou": round(iou, 4)}
+            from .models.zoo import save_checkpoint
+
+            save_checkpoint(model, ckpt_path, info)
+
+    try:
+        while step < total:
+            elapsed = time.perf_counter() - t0
+            if budget and elapsed >= budget:
+                break
+            check_cancel(cancel)
+            frac = max(step / total, elapsed / budget if budget else 0.0)
+            for g in optim.param_groups:
+                g["lr"] = config.lr * _lr_factor(frac, step, config.warmup)
+            item = batches.get()
+            if isinstance(item, Exception):
+                raise item
+            xb = torch.from_numpy(item[0]).to(device, non_blocking=True)
+            tb = torch.from_numpy(item[1]).to(device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                loss = masked_loss(model(xb), tb, config.loss)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            report(progress, step, total)
+            last = step == total or (budget and time.perf_counter() - t0 >= budget)
+            if step % config.val_every == 0 or last:
+                iou = validate(model, val_crops, device)
+                rec = {"step": step, "seconds": round(time.perf_counter() - t0, 1),
+                       "loss": round(float(np.mean(losses)), 5), "val_iou": round(iou, 4),
+                       "lr": optim.param_groups[0]["lr"]}
+                losses.clear()
+                history.append(rec)
+                if on_log:
+                    on_log(rec)
+                if iou > best:
+                    save_best(iou)
+                if ckpt_path:
+                    _write_log(ckpt_path.with_suffix(".csv"), history)
+                if ckpt_path and save_state:
+                    _save_resume(_resume_path(ckpt_path), model, optim, step, best, history,
+                                 time.perf_counter() - t0)
+    except Cancelled:
+        cancelled = True
+    finally:
+        stop.set()
+    if best < 0 or (cancelled and ckpt_path and not ckpt_path.exists()):
+        save_best(validate(model, val_crops, device))
+    if ckpt_path and history:
+        plot_history(history, ckpt_path.with_suffix(".png"))
+    model.eval()
+    model.meta = {**getattr(model, "meta", {}), **meta}
+    return TrainResult(model=model, checkpoint=ckpt_path, best_iou=best, history=history,
+                       steps=step, seconds=time.perf_counter() - t0, cancelled=cancelled)
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device == "cuda":
+        return f"cuda: {torch.cuda.get_device_name()}"
+    return f"{device}: {platform.processor() or platform.machine()}"
+
+
+def _config_dict(config: TrainConfig) -> dict:
+    d = asdict(config)
+    d["patch"] = list(config.resolved_patch())
+    return d
+
+
+def _meta_for(config: TrainConfig, n_classes: int, extra: dict | None) -> dict:
+    names = config.class_names or (["background", "foreground"] if n_classes <= 2 else
+                                   ["background"] + [f"class {i}" for i in range(1, n_classes)])
+    return {"context": config.context if config.dims == 2 else 0, "classes": names,
+            "activation": "sigmoid" if n_classes <= 2 else "softmax",
+            "normalization": dict(config.normalization),
+            "patch": list(config.resolved_patch()), **(extra or {})}
+
+
+def fit(
+    images,
+    labels,
+    config: TrainConfig | None = None,
+    *,
+    val_images=None,
+    val_labels=None,
+    checkpoint: str | os.PathLike | None = None,
+    ignore_label: int | None = None,
+    meta: dict | None = None,
+    resume: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+    on_log=None,
+) -> TrainResult:
+    """Train a new U-Net from dense labels.
+
+    Parameters
+    ----------
+    images, labels : ndarray (Z, Y, X) or (Y, X), or lists of them
+        Raw grey values and dense labels (0 = background, 1.. = classes).
+    config : TrainConfig
+    val_images, val_labels : optional held-out volumes for validation IoU
+        (default: the training volumes).
+    checkpoint : path
+        Where the best model is written (plus ``.csv`` log, ``.png`` chart and
+        ``.resume.pt`` state for ``resume=True``).
+    progress, cancel, on_log : callbacks ``(step, total)``, ``() -> bool`` and
+        ``(record: dict)`` at each validation.
+    """
+    config = config or TrainConfig()
+    images, labels = _as_list(images), _as_list(labels)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} label volumes")
+    targets = [dense_targets(lab, ignore_label) for lab in labels]
+    for k, (img, tgt) in enumerate(zip(images, targets, strict=True)):
+        _check_pair(np.asarray(img), np.asarray(labels[k]), f"volume {k}")
+        if (tgt >= 0).sum() == 0:
+            raise ValueError(f"volume {k}: labels contain no labelled voxels")
+    n_classes = max(2, int(max(t.max() for t in targets)) + 1)
+    if all(len(np.unique(t[t >= 0])) < 2 for t in targets):
+        raise ValueError("labels contain a single class: training from scratch needs "
+                         "background and at least one foreground class")
+    imgs, tgts = _prepare(images, targets, config)
+    if val_images is not None:
+        vi, vt = _prepare(_as_list(val_images),
+                          [dense_targets(v, ignore_label) for v in _as_list(val_labels)], config)
+    else:
+        vi, vt = imgs, tgts
+    if n_classes > 2 and config.loss != "ce_dice":
+        config = TrainConfig(**{**asdict(config), "loss": "ce_dice"})
+    model = _make_model(config, 1 if n_classes == 2 else n_classes)
+    info = _meta_for(config, n_classes, meta)
+    model.meta = {**model.meta, **info}
+    return _train_loop(model, imgs, tgts, _val_crops(vi, vt, config, sparse=False), config,
+                       sparse=False, checkpoint=checkpoint, meta=info, progress=progress,
+                       cancel=cancel, on_log=on_log, resume=resume)
+
+
+def fine_tune(
+    model_or_checkpoint,
+    image: np.ndarray,
+    painted: np.ndarray,
+    config: TrainConfig | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+    on_log=None,
+) -> TrainResult:
+    """Fine-tune a model from sparse painted labels (0 unlabeled, 1 background, 2.. class).
+
+    Parameters
+    ----------
+    model_or_checkpoint : UNet, bundled name or checkpoint path
+    image : ndarray (Z, Y, X) or (Y, X)
+    painted : integer ndarray, same shape as ``image``
+    config : TrainConfig
+        ``dims``, ``context``, normalisation and architecture are taken from the
+        model; steps, lr, batch size, patch from ``config`` (defaults suit a
+        quick fine-tune: 200 steps, lr 5e-4).
+    checkpoint : where the fine-tuned model is written.
+
+    Validation IoU is measured on the painted voxels (there is no held-out data).
+    """
+    from .models.zoo import load_model
+
+    model = (model_or_checkpoint if hasattr(model_or_checkpoint, "config")
+             else load_model(model_or_checkpoint))
+    image, painted = np.asarray(image), np.asarray(painted)
+    _check_pair(image, painted, "fine-tune")
+    if not (painted > 0).any():
+        raise ValueError("the annotation layer is empty: paint background (1) and "
+                         "foreground (2..) strokes first")
+    if painted.min() < 0:
+        raise ValueError("painted labels must be >= 0 (0 = unlabeled)")
+    meta = dict(model.meta)
+    n_out = model.config["out_channels"]
+    n_classes = 2 if n_out == 1 else n_out
+    if int(painted.max()) > n_classes:
+        raise ValueError(
+            f"painted label {int(painted.max())} needs class {int(painted.max()) - 1}, "
+            f"but the model predicts {n_classes - 1} foreground class(es) "
+            f"(labels 2..{n_classes} are foreground, 1 is background)"
+        )
+    base = config or TrainConfig(steps=200, lr=5e-4, warmup=10, val_every=50, batch_size=4)
+    cfg = TrainConfig(**{**asdict(base), "dims": model.config["dims"],
+                         "context": int(meta.get("context", 0)),
+                         "normalization": dict(meta.get("normalization")
+                                               or DEFAULT_NORMALIZATION),
+                         "loss": "ce_dice" if n_out > 1 else base.loss,
+                         "patch": base.patch or meta.get("patch")})
+    cfg = _fit_patch(cfg, image.shape)
+    targets = painted_targets(painted)
+    imgs, tgts = _prepare([image], [targets], cfg)
+    history_before = list(meta.get("training", {}).get("history", []))[-20:]
+    meta["training"] = {"fine_tuned_from": meta.get("source", meta.get("name", "model")),
+                        "painted_voxels": int((painted > 0).sum()),
+                        "history_before": history_before}
+    meta.pop("source", None)
+    return _train_loop(model, imgs, tgts, _val_crops(imgs, tgts, cfg, sparse=True), cfg,
+                       sparse=True, checkpoint=checkpoint, meta=meta, progress=progress,
+                       cancel=cancel, on_log=on_log, resume=False, save_state=False)
+
+
+def _fit_patch(cfg: TrainConfig, shape: tuple[int, ...]) -> TrainConfig:
+    """Shrink the patch for small images (kept a multiple of 16)."""
+    spatial = shape[-2:] if cfg.dims == 2 else (shape if len(shape) == 3 else (1, *shape))
+    patch = cfg.resolved_patch()
+    new = tuple(max(16, min(p, int(math.ceil(s / 16)) * 16)) for p, s in
+                zip(patch, spatial[-len(patch):], strict=True))
+    if cfg.dims == 3:
+        new = (max(4, min(patch[0], spatial[0] + (-spatial[0]) % 4)), *new[1:])
+    return TrainConfig(**{**asdict(cfg), "patch": new})

@@ -1,0 +1,152 @@
+"""Training and fine-tuning: it learns, ignores unlabeled pixels, checkpoints, cancels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+torch = pytest.importorskip("torch")
+
+from napari_emseg.models.zoo import CheckpointError, build_model, load_model  # noqa: E402
+from napari_emseg.train import (  # noqa: E402
+    TrainConfig,
+    fine_tune,
+    fit,
+    masked_loss,
+    painted_targets,
+)
+
+TINY = dict(dims=2, depth=3, width=8, patch=(64, 64), batch_size=8, elastic_p=0.0,
+            val_slices=4, threads=2)
+
+
+@pytest.fixture(scope="module")
+def crop(fixtures_dir):
+    img = tifffile.imread(fixtures_dir / "lucchi_crop_image.tif")
+    mask = tifffile.imread(fixtures_dir / "lucchi_crop_mask.tif")
+    return img, mask
+
+
+def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    return float((pred & gt).sum() / max((pred | gt).sum(), 1))
+
+
+def _predict(model, img: np.ndarray) -> np.ndarray:
+    """Whole-slice logits of a 2D model, computed independently of train.validate."""
+    lo, hi = np.percentile(img, [1, 99.8])
+    x = torch.from_numpy(((img - lo) / (hi - lo)).astype(np.float32))[:, None]
+    with torch.no_grad():
+        return model.eval()(x)[:, 0].numpy()
+
+
+@pytest.mark.slow
+def test_tiny_unet_learns_mitochondria(crop, tmp_path):
+    img, mask = crop
+    cfg = TrainConfig(**TINY, steps=120, lr=5e-3, val_every=40, warmup=10)
+    res = fit(img, mask, cfg, checkpoint=tmp_path / "m.pt")
+    losses = [h["loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+    iou = _iou(_predict(res.model, img) > 0, mask > 0)
+    assert iou > 0.6, iou  # all-foreground would score 0.23
+    reloaded = load_model(tmp_path / "m.pt")
+    assert reloaded.meta["metrics"]["val_iou"] == pytest.approx(res.best_iou, abs=1e-3)
+    assert (tmp_path / "m.csv").read_text().startswith("step,")
+
+
+def test_masked_loss_ignores_unlabeled_pixels():
+    logits = torch.randn(1, 1, 4, 4, requires_grad=True)
+    target = torch.tensor(painted_targets(np.array([[[0, 1, 2, 0]] * 4])))
+    masked_loss(logits, target).backward()
+    grad = logits.grad[0, 0]
+    assert torch.all(grad[:, 0] == 0) and torch.all(grad[:, 3] == 0)
+    assert torch.all(grad[:, 1] != 0) and torch.all(grad[:, 2] != 0)
+    multi = torch.randn(1, 3, 4, 4, requires_grad=True)
+    masked_loss(multi, target, "ce_dice").backward()
+    assert torch.all(multi.grad[0, :, :, 0] == 0)
+
+
+def test_only_background_painted_never_creates_foreground(crop):
+    img, _ = crop
+    model = build_model(dict(dims=2, depth=3, width=8))
+    painted = np.zeros(img.shape, np.uint8)
+    painted[:, 40:60, :] = 1  # background strokes only; the rest unlabeled
+    before = _predict(model, img) > 0
+    cfg = TrainConfig(steps=30, lr=5e-3, batch_size=4, patch=(64, 64), val_every=30,
+                      warmup=1, threads=2)
+    res = fine_tune(model, img, painted, cfg)
+    after = _predict(res.model, img) > 0
+    assert after.sum() <= before.sum()
+    assert after[painted == 1].mean() < 0.1
+
+
+def test_fine_tune_writes_loadable_checkpoint_with_history(crop, tmp_path):
+    img, mask = crop
+    model = build_model(dict(dims=2, depth=3, width=8), {"context": 0})
+    painted = np.zeros(img.shape, np.uint8)
+    painted[4, ::8, :] = 1 + (mask[4, ::8, :] > 0)
+    cfg = TrainConfig(steps=12, batch_size=2, patch=(64, 64), val_every=6, threads=2)
+    res = fine_tune(model, img, painted, cfg, checkpoint=tmp_path / "ft.pt")
+    loaded = load_model(tmp_path / "ft.pt")
+    assert loaded.meta["training"]["painted_voxels"] == int((painted > 0).sum())
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), res.model.eval()(x), atol=1e-5)
+    assert not (tmp_path / "ft.resume.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("painted_fn", "message"),
+    [
+        (lambda m: np.zeros_like(m), "empty"),
+        (lambda m: np.full(m.shape[1:], 1, np.uint8), "shape"),
+        (lambda m: np.where(m > 0, 3, 1).astype(np.uint8), "class"),
+    ],
+)
+def test_fine_tune_bad_annotations(crop, painted_fn, message):
+    img, mask = crop
+    model = build_model(dict(dims=2, depth=2, width=4))
+    with pytest.raises(ValueError, match=message):
+        fine_tune(model, img, painted_fn(mask), TrainConfig(steps=1))
+
+
+def test_fit_rejects_single_class_and_shape_mismatch(crop):
+    img, mask = crop
+    with pytest.raises(ValueError, match="single class"):
+        fit(img, np.zeros_like(mask), TrainConfig(steps=1))
+    with pytest.raises(ValueError, match="shape"):
+        fit(img, mask[:-1], TrainConfig(steps=1))
+
+
+def test_cancel_keeps_a_valid_checkpoint(crop, tmp_path):
+    img, mask = crop
+    calls = []
+    cfg = TrainConfig(**{**TINY, "batch_size": 2}, steps=500, val_every=1000)
+    res = fit(img, mask, cfg, checkpoint=tmp_path / "c.pt",
+              progress=lambda d, t: calls.append(d), cancel=lambda: len(calls) >= 3)
+    assert res.cancelled and res.steps == 3
+    assert load_model(tmp_path / "c.pt").config["width"] == 8
+
+
+def test_resume_continues_the_step_count(crop, tmp_path):
+    img, mask = crop
+    cfg = TrainConfig(**{**TINY, "batch_size": 2}, steps=4, val_every=2)
+    fit(img, mask, cfg, checkpoint=tmp_path / "r.pt")
+    cfg.steps = 6
+    res = fit(img, mask, cfg, checkpoint=tmp_path / "r.pt", resume=True)
+    assert [h["step"] for h in res.history] == [2, 4, 6]
+
+
+def test_incompatible_checkpoint_is_named(tmp_path):
+    from napari_emseg.models.zoo import save_checkpoint
+
+    model = build_model(dict(dims=2, depth=2, width=4))
+    path = save_checkpoint(model, tmp_path / "a.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["width"] = 8
+    torch.save(ckpt, tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_model(tmp_path / "b.pt")
+    (tmp_path / "c.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_model(tmp_path / "c.pt")
