@@ -11,12 +11,12 @@ and overlap (0.25), same input (a stack of real Lucchi++ slices):
   on the pre-normalised float32 stack (N=Z images), then a sigmoid;
 * ``naive``  — one tile at a time, batch 1, uniform averaging of overlaps.
 
-Timing runs in this process, methods interleaved round by round (the median
-of ``--repeats`` runs is reported, to damp noise from other jobs on the
-machine). Peak memory is measured separately: each method runs once in a
-fresh child process and reports its peak RSS (``resource.getrusage``) minus
-the peak of a child that only loads data and model (on CUDA additionally
-``torch.cuda.max_memory_allocated``).
+Timing runs in this process, methods interleaved round by round; the median
+of ``--repeats`` runs is reported, as wall time and as process CPU time (the
+latter is steadier when other jobs share the machine's cores). Peak memory is measured separately: each method runs once in a
+fresh child process (data and model loaded, one warm-up forward) that samples
+its RSS every 2 ms in a thread and reports the peak minus the RSS just before
+the run (on CUDA also ``torch.cuda.max_memory_allocated``).
 
 Usage::
 
@@ -162,25 +162,58 @@ def time_methods(vol, model, device, repeats, methods):
     with torch.inference_mode():  # warm-up: oneDNN / cuDNN kernels
         model(torch.zeros((batch, 1, *PATCH), device=device))
     times = {m: [] for m in methods}
+    cpu_times = {m: [] for m in methods}
     outputs = {}
     for r in range(repeats):
         for m in methods:
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             outputs[m] = RUNNERS[m](vol, model, device, batch)
             _sync(device)
             times[m].append(time.perf_counter() - t)
-            print(f"  round {r + 1}: {m:6s} {times[m][-1]:7.2f} s", flush=True)
-    return times, outputs
+            cpu_times[m].append(time.process_time() - c)
+            print(f"  round {r + 1}: {m:6s} {times[m][-1]:7.2f} s wall, "
+                  f"{cpu_times[m][-1]:7.2f} s CPU", flush=True)
+    return times, cpu_times, outputs
 
 
-def child_memory(args, method: str | None) -> dict:
+def child_memory(args, method: str) -> dict:
     """Run ``method`` once in a fresh process; peak RSS (and CUDA peak) in bytes."""
-    cmd = [sys.executable, __file__, "--child", method or "none", "--device", args.device,
+    cmd = [sys.executable, __file__, "--child", method, "--device", args.device,
            "--slices", str(args.slices), "--z0", str(args.z0), "--height", str(args.height),
            "--width", str(args.width), "--data", str(args.data)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class RssSampler:
+    """Peak resident memory of this process, sampled every few ms in a thread."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        import threading
+
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.start_rss = self.proc.memory_info().rss
+        self.peak = self.start_rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def child_main(args) -> None:
@@ -189,19 +222,17 @@ def child_main(args) -> None:
     vol = load_data(args)
     model, _ = load_model(args.device)
     batch = batch_size_for(args.device)
-    if args.child != "none":
-        with torch.inference_mode():
-            model(torch.zeros((batch, 1, *PATCH), device=args.device))
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        model(torch.zeros((batch, 1, *PATCH), device=args.device))
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with RssSampler() as sampler:
         RUNNERS[args.child](vol, model, args.device, batch)
         _sync(args.device)
-    else:
-        with torch.inference_mode():
-            model(torch.zeros((batch, 1, *PATCH), device=args.device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     cuda = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
-    print(json.dumps({"peak_rss": rss, "cuda_peak": cuda}))
+    print(json.dumps({"rss_extra": sampler.peak - sampler.start_rss,
+                      "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "cuda_peak": cuda}))
 
 
 def main() -> None:
@@ -235,11 +266,14 @@ def main() -> None:
     print(f"input {vol.shape} {vol.dtype} ({vol.size / 1e6:.1f} Mvoxels), patch {PATCH}, "
           f"overlap {OVERLAP}, batch {batch_size_for(args.device)}")
 
-    times, outputs = time_methods(vol, model, args.device, args.repeats, methods)
+    times, cpu_times, outputs = time_methods(vol, model, args.device, args.repeats, methods)
     results = {}
     for m in methods:
         med = statistics.median(times[m])
-        results[m] = {"seconds": times[m], "median_s": med, "voxels_per_s": vol.size / med}
+        cpu = statistics.median(cpu_times[m])
+        results[m] = {"seconds": times[m], "median_s": med, "voxels_per_s": vol.size / med,
+                      "cpu_seconds": cpu_times[m], "median_cpu_s": cpu,
+                      "voxels_per_cpu_s": vol.size / cpu}
     if "emseg" in outputs:
         for m in methods:
             if m != "emseg":
@@ -248,25 +282,26 @@ def main() -> None:
                 results[m]["mean_abs_diff_vs_emseg"] = float(d.mean())
 
     if not args.no_memory:
-        base = child_memory(args, None)
         for m in methods:
             mem = child_memory(args, m)
-            results[m]["peak_rss_extra_mb"] = (mem["peak_rss"] - base["peak_rss"]) / 2**20
+            results[m]["peak_rss_extra_mb"] = mem["rss_extra"] / 2**20
             if mem["cuda_peak"] is not None:
                 results[m]["cuda_peak_mb"] = mem["cuda_peak"] / 2**20
 
     ref = results.get("monai")
     print(f"\n{'method':8s} {'s (median)':>10s} {'Mvox/s':>8s} {'speed/MONAI':>11s} "
-          f"{'peak MB':>8s} {'mem/MONAI':>9s}")
+          f"{'CPU s':>7s} {'CPU-time/MONAI':>14s} {'peak MB':>8s} {'mem/MONAI':>9s}")
     for m in methods:
         r = results[m]
         if ref:
             r["speed_vs_monai"] = r["voxels_per_s"] / ref["voxels_per_s"]
+            r["cpu_speed_vs_monai"] = ref["median_cpu_s"] / r["median_cpu_s"]
             if "peak_rss_extra_mb" in r and ref.get("peak_rss_extra_mb"):
                 r["memory_vs_monai"] = r["peak_rss_extra_mb"] / ref["peak_rss_extra_mb"]
         mem = r.get("cuda_peak_mb", r.get("peak_rss_extra_mb", float("nan")))
         print(f"{m:8s} {r['median_s']:10.2f} {r['voxels_per_s'] / 1e6:8.3f} "
-              f"{r.get('speed_vs_monai', float('nan')):11.2f} {mem:8.0f} "
+              f"{r.get('speed_vs_monai', float('nan')):11.2f} {r['median_cpu_s']:7.1f} "
+              f"{r.get('cpu_speed_vs_monai', float('nan')):14.2f} {mem:8.0f} "
               f"{r.get('memory_vs_monai', float('nan')):9.2f}")
 
     import monai

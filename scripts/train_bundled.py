@@ -95,9 +95,15 @@ def train(name: str, minutes: float, threads: int | None, resume: bool) -> None:
           f"{(time.time() - t0) / 60:.1f} min", flush=True)
 
 
+def dice_iou_binary(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """Foreground IoU and Dice (= F1) of two boolean volumes."""
+    from napari_emseg.metrics import class_scores
+
+    return class_scores(pred.astype(np.uint8), gt.astype(np.uint8), classes=[1])[1]
+
+
 def evaluate(name: str, checkpoint: Path | None = None, tta: bool = True) -> dict:
     """Held-back metrics; threshold and z-filter chosen on training slices."""
-    from napari_emseg.metrics import dice_iou_binary
     from napari_emseg.models.zoo import load_model
     from napari_emseg.postprocess import zfilter
     from napari_emseg.predict import predict_volume
@@ -106,7 +112,7 @@ def evaluate(name: str, checkpoint: Path | None = None, tta: bool = True) -> dic
     model = load_model(ckpt)
     ti, tm, vi, vm, cut = split(name)
     # choose the threshold on a slab of training slices (never on the held-back ones)
-    slab = slice(max(0, cut - 20), cut)
+    slab = slice(max(0, cut - 8), cut)
     p_train = predict_volume(ti[slab], model, tta=tta)
     best_t, best_score = 0.5, -1.0
     for t in np.arange(0.3, 0.75, 0.05):

@@ -93,9 +93,10 @@ def run(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"\npredicted in {t1 - t0:.1f} s, segmented in {t2 - t1:.1f} s: "
           f"{summary['objects']} objects")
-    for key in ("iou", "dice", "ap50", "ap75"):
-        if key in scores:
-            print(f"  {key:>5}: {scores[key]:.3f}")
+    fg = scores["foreground"]
+    aps = scores["instances"]["thresholds"]
+    print(f"  vs ground truth: foreground IoU {fg['iou']:.3f}, Dice {fg['dice']:.3f}, "
+          + ", ".join(f"AP@{t} {v['ap']:.2f}" for t, v in aps.items()))
     print(f"results written to {out.resolve()}/ (instances.tif, probabilities.tif, "
           f"overview.png, summary.json)")
     if args.show:

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from .postprocess import _bincount
+
 __all__ = [
     "adapted_rand_error",
     "class_scores",
@@ -66,12 +68,13 @@ def _compact(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = a.ravel()
     top = int(flat.max()) if flat.size else 0
     if top <= 4 * flat.size + 1_000_000:
-        present = np.bincount(flat, minlength=top + 1) > 0
+        present = _bincount(flat, minlength=top + 1) > 0
         present[0] = True
         ids = np.flatnonzero(present)
-        lut = np.zeros(top + 1, dtype=np.int64)
-        lut[ids] = np.arange(ids.size)
-        return ids, lut[flat]
+        lut = np.arange(ids.size, dtype=np.int32 if ids.size < 2**31 else np.int64)
+        full = np.zeros(top + 1, dtype=lut.dtype)
+        full[ids] = lut
+        return ids, full[flat]
     ids, inv = np.unique(np.concatenate([[0], flat]), return_inverse=True)
     return ids, inv.ravel()[1:]
 
@@ -95,13 +98,15 @@ def contingency(pred, gt) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
     p, g = _check_pair(pred, gt)
     pid, pi = _compact(p)
     gid, gi = _compact(g)
-    keys = pi * gid.size + gi
+    kdtype = np.int32 if pid.size * gid.size < 2**31 else np.int64
+    keys = pi.astype(kdtype) * kdtype(gid.size) + gi
     if pid.size * gid.size <= 50_000_000:
         counts = np.bincount(keys, minlength=pid.size * gid.size)
         uniq = np.flatnonzero(counts)
         counts = counts[uniq]
     else:
         uniq, counts = np.unique(keys, return_counts=True)
+    uniq = uniq.astype(np.int64, copy=False)
     return pid, gid, uniq // gid.size, uniq % gid.size, counts.astype(np.int64)
 
 

@@ -116,6 +116,18 @@ def _disk(radius: int, dims: int) -> np.ndarray:
     return zz**2 + yy**2 + xx**2 <= r * r
 
 
+def _bincount(flat: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """``np.bincount`` without its slow cast of unsigned ids (ids must fit int64/int32)."""
+    flat = flat.ravel()
+    if flat.dtype == np.uint32 and (flat.size == 0 or int(flat.max()) < 2**31):
+        flat = flat.view(np.int32)
+    elif flat.dtype == np.uint64:
+        flat = flat.view(np.int64)
+    elif flat.dtype == np.bool_:
+        flat = flat.view(np.uint8)
+    return np.bincount(flat, minlength=minlength)
+
+
 def relabel_sequential(labels: np.ndarray) -> np.ndarray:
     """Renumber ids to 1..N keeping their order; 0 stays background.
 
@@ -136,7 +148,7 @@ def relabel_sequential(labels: np.ndarray) -> np.ndarray:
         raise ValueError("labels must not contain negative ids")
     top = int(lab.max())
     if top <= 4 * lab.size + 1_000_000:
-        present = np.bincount(lab.ravel(), minlength=top + 1) > 0
+        present = _bincount(lab, minlength=top + 1) > 0
         present[0] = False
         lut = np.zeros(top + 1, dtype=np.uint32)
         lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.uint32)
@@ -150,7 +162,7 @@ def _sizes(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ids, voxel counts) of the nonzero ids of ``lab``."""
     top = int(lab.max()) if lab.size else 0
     if top <= 4 * lab.size + 1_000_000:
-        counts = np.bincount(lab.ravel(), minlength=top + 1)
+        counts = _bincount(lab, minlength=top + 1)
         ids = np.flatnonzero(counts)
         ids = ids[ids > 0]
         return ids, counts[ids]
@@ -624,23 +636,25 @@ def _watershed_mask(
     if m3.size == 0:
         return out[0] if squeeze else out
     comps = connected_components(m3, dims=dims, connectivity=1)
+    n_comp = int(comps.max())
+    sizes = _bincount(comps, minlength=n_comp + 1)
+    # components too small to hold two seeds are never split (no Python loop)
+    candidates = np.flatnonzero(sizes >= _min_split_size(seed_method, h, min_distance, sampling))
+    candidates = candidates[candidates > 0]
     boxes = ndi.find_objects(comps)
-    total = len(boxes)
-    next_id = 1
-    for i, box in enumerate(boxes, start=1):
-        if i % 64 == 0:
+    pieces: dict[int, tuple[np.ndarray, int]] = {}  # comp id -> (local labels in box, count)
+    total = candidates.size
+    for k, i in enumerate(candidates.tolist(), start=1):
+        if k % 64 == 0:
             check_cancel(cancel)
-            report(progress, i, total)
-        if box is None:
-            continue
+            report(progress, k, total)
+        box = boxes[i - 1]
         crop = comps[box] == i
         sub = crop[0] if dims == 2 else crop
         comp = np.pad(sub, 1)
         dist = ndi.distance_transform_edt(comp, sampling=sampling)
         markers, n = _seeds(dist, comp, seed_method, h, min_distance, seed_threshold)
         if n <= 1:
-            out[box][crop] = next_id
-            next_id += 1
             continue
         if b3 is None:
             surface = -dist
@@ -654,11 +668,38 @@ def _watershed_mask(
         # markers can be swallowed by ties; renumber what is actually there
         present = np.unique(ws[crop])
         lut = np.zeros(n + 1, dtype=np.uint32)
-        lut[present] = np.arange(next_id, next_id + present.size, dtype=np.uint32)
-        out[box][crop] = lut[ws[crop]]
-        next_id += present.size
+        lut[present] = np.arange(present.size, dtype=np.uint32)
+        pieces[i] = (lut[ws[crop]], present.size)
+    # ids: components in label order (scan order, so by z for dims=2), each
+    # taking as many consecutive ids as it has pieces
+    count = np.ones(n_comp + 1, dtype=np.int64)
+    count[0] = 0
+    for i, (_, k) in pieces.items():
+        count[i] = k
+    base = np.zeros(n_comp + 1, dtype=np.uint32)
+    base[1:] = np.cumsum(count)[:-1] + 1
+    out = base[comps]
+    for i, (local, _) in pieces.items():
+        box = boxes[i - 1]
+        crop = comps[box] == i
+        out[box][crop] = base[i] + local
     report(progress, total, total)
     return out[0] if squeeze else out
+
+
+def _min_split_size(
+    seed_method: str, h: float, min_distance: int, sampling: tuple[float, ...]
+) -> float:
+    """Voxel count below which a component cannot hold two separate seeds."""
+    if seed_method == "hmaxima":
+        # each of two maxima with dynamic >= h needs a ball of radius h inside
+        # the component; one ball's volume is a safe lower bound
+        r = [h / s for s in sampling]
+        ball = np.pi * r[0] * r[1] if len(r) == 2 else 4.0 / 3.0 * np.pi * r[0] * r[1] * r[2]
+        return max(float(ball), 3.0)
+    if seed_method == "peaks":
+        return float(max(int(min_distance), 1) + 1)
+    return 3.0
 
 
 # aliases: ``segment`` has keyword arguments named like these functions

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +26,8 @@ from ._normalize import apply_normalization, normalization_range
 from ._progress import CancelCheck, ProgressCallback, check_cancel, report
 
 DEFAULT_PATCH = {2: (256, 256), 3: (32, 128, 128)}
-# tiles per batch ~ this many voxels (CPU: measured flat above ~2-4 tiles of 256²)
-BATCH_VOXELS = {"cpu": 4 * 256 * 256, "cuda": 32 * 256 * 256, "mps": 8 * 256 * 256}
+# tiles per batch ~ this many voxels (CPU: 1-2 tiles of 256² are fastest, 4+ are slower)
+BATCH_VOXELS = {"cpu": 2 * 256 * 256, "cuda": 32 * 256 * 256, "mps": 8 * 256 * 256}
 IMPORTANCE_MIN = 1e-3  # per-axis floor of the Gaussian profile (relative to its max)
 ACTIVATIONS = ("sigmoid", "softmax", "none")
 
@@ -186,6 +187,7 @@ class _Predictor:
     patch: tuple[int, ...] | None
     normalization: dict | None
     in_channels: int | None
+    memory_format: Any = None  # torch memory format for the input tiles
 
 
 def _resolve_model(model, device, dims, activation, context) -> _Predictor:
@@ -231,16 +233,69 @@ def _resolve_model(model, device, dims, activation, context) -> _Predictor:
         patch = None
     normalization = meta.get("normalization") if meta else {"mode": "none"}
 
+    memory_format = None
     if isinstance(model, torch.nn.Module):
-        params = list(model.parameters()) + list(model.buffers())
-        on_device = all(p.device == device for p in params)
-        if model.training or not on_device:
-            # never change the caller's module: run a copy in eval mode on the device
-            model = copy.deepcopy(model).eval().to(device)
-        if device.type == "cuda" and dims == 2:
-            model = model.to(memory_format=torch.channels_last)
+        model, memory_format = _prepare_module(model, device, dims)
     return _Predictor(model, dims, context, activation, divisor, patch, normalization,
-                      in_channels)
+                      in_channels, memory_format)
+
+
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prepare_module(module, device, dims: int):
+    """:func:`_tune_module`, cached per module until its weights change.
+
+    The key holds every parameter's and buffer's storage and in-place version
+    counter, so training steps or ``load_state_dict`` invalidate it.
+    """
+    try:
+        key = (str(device), dims, tuple(
+            (name, t.data_ptr(), t._version)
+            for name, t in (*module.named_parameters(), *module.named_buffers())
+        ))
+        hit = _PREPARED.get(module)
+    except (TypeError, AttributeError):  # not weak-referenceable / exotic module
+        return _tune_module(module, device, dims)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    tuned = _tune_module(module, device, dims)
+    _PREPARED[module] = (key, tuned)
+    return tuned
+
+
+def _tune_module(module, device, dims: int):
+    """An eval-mode copy of ``module`` on ``device``, tuned for inference.
+
+    Never changes the caller's module. On CPU and CUDA, eval-mode BatchNorm is
+    folded into the preceding convolution (``torch.fx`` fuse) and the weights
+    are stored channels-last: together ~1.5x faster on CPU (measured with the
+    2D U-Net, depth 4, width 16, at 256², 1 thread: 87 -> 58 ms per tile).
+    Returns the module and the memory format its inputs should use (or None).
+    """
+    import torch
+
+    try:
+        work = copy.deepcopy(module)
+    except Exception:  # e.g. some scripted modules; use it as it is
+        return module.eval().to(device), None
+    work = work.eval().to(device)
+    if device.type not in ("cpu", "cuda"):
+        return work, None
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in work.modules())
+    if has_bn and not isinstance(work, torch.jit.ScriptModule):
+        try:
+            from torch.fx.experimental.optimization import fuse
+
+            work = fuse(work, inplace=True)
+        except Exception:  # not symbolically traceable: run unfused
+            pass
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    try:
+        work = work.to(memory_format=fmt)
+    except Exception:
+        return work, None
+    return work, fmt
 
 
 # --------------------------------------------------------------------------- the engine
@@ -395,8 +450,8 @@ class _Runner:
                 xt = torch.flip(xt, axes)
             if k:
                 xt = torch.rot90(xt, k, (-2, -1))
-            if self.device.type == "cuda" and xt.ndim == 4:
-                xt = xt.contiguous(memory_format=torch.channels_last)
+            if self.pred.memory_format is not None:
+                xt = xt.contiguous(memory_format=self.pred.memory_format)
             p = self._forward(xt)
             if k:
                 p = torch.rot90(p, -k, (-2, -1))
@@ -485,7 +540,7 @@ def _run(vol: np.ndarray, pred: _Predictor, plan: _Plan, lo, hi, device, amp, tt
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     runner = _Runner(pred, plan, vol, lo, hi, device, amp, tta, batch_size)
     tiles = list(plan.tiles())
-    total = len(tiles)
+    total = plan.n_tiles
     done = 0
     report(progress, 0, total)
     with torch.inference_mode():

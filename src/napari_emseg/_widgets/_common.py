@@ -420,7 +420,7 @@ class ModelRegistry:
             if path in seen:
                 continue
             seen.add(path)
-            items.append((f"{path.name} — {path.parent}", str(path)))
+            items.append((f"{path.name} ({path.parent.name})", str(path)))
         return items
 
 
@@ -429,6 +429,9 @@ _REGISTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def model_registry(viewer) -> ModelRegistry:
     """The :class:`ModelRegistry` of ``viewer`` (created on first use)."""
+    # npe2 hands widgets a PublicOnlyProxy of the viewer (one per widget): key on
+    # the real viewer so every widget of that viewer shares one registry
+    viewer = getattr(viewer, "__wrapped__", viewer)
     registry = _REGISTRIES.get(viewer)
     if registry is None:
         registry = _REGISTRIES[viewer] = ModelRegistry()

@@ -239,7 +239,7 @@ class PredictWidget(Container):
         self.reason.visible = bool(problem)
         self.run_button.enabled = problem is None and not self._busy()
 
-    def options(self) -> dict:
+    def predict_options(self) -> dict:
         """Keyword arguments for ``predict_volume`` from the widget's fields."""
         return {
             "patch": parse_patch(self.patch.value),
@@ -258,7 +258,7 @@ class PredictWidget(Container):
             return None
         layer = self.image.value
         try:
-            opts = self.options()
+            opts = self.predict_options()
         except ValueError as exc:
             _common.error(f"Predict: {exc}")
             return None

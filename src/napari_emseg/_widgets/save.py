@@ -1,0 +1,171 @@
+"""Save dock widget: Labels layer → TIFF / zarr; model → checkpoint / TorchScript."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from napari.layers import Labels
+
+from . import _common
+from ._common import Job, layer_array, layer_picker, model_registry
+
+if TYPE_CHECKING:
+    import napari
+
+LABEL_SUFFIXES = (".tif", ".tiff", ".zarr")
+
+
+def _chosen(value) -> Path | None:
+    """The path typed / browsed in a FileEdit, or None when nothing was chosen."""
+    text = str(value or "").strip()
+    if text in ("", "."):
+        return None
+    return Path(text).expanduser()
+
+
+class SaveWidget(Container):
+    """Dock widget: write labels atomically (TIFF or zarr) and export models."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._registry = model_registry(napari_viewer)
+        self.job: Job | None = None
+
+        self.labels_reason = _common.reason_label()
+        self.labels_layer = layer_picker(napari_viewer, Labels, "labels layer")
+        self.labels_path = FileEdit(label="labels file", mode="w",
+                                    filter="*.tif *.tiff *.zarr",
+                                    tooltip=".tif / .tiff (multi-page) or .zarr")
+        self.save_labels_button = PushButton(text="Save labels")
+        self.model_reason = _common.reason_label()
+        self.model = ComboBox(label="model", choices=self._model_choices, nullable=True)
+        self.checkpoint_path = FileEdit(label="checkpoint file", mode="w", filter="*.pt")
+        self.save_checkpoint_button = PushButton(text="Save checkpoint")
+        self.torchscript_path = FileEdit(label="TorchScript file", mode="w", filter="*.pt *.ts")
+        self.export_button = PushButton(text="Export TorchScript")
+        self.status = Label(value="")
+        self.status.native.setWordWrap(True)
+        self.extend([self.labels_reason, self.labels_layer, self.labels_path,
+                     self.save_labels_button, self.model_reason, self.model,
+                     self.checkpoint_path, self.save_checkpoint_button,
+                     self.torchscript_path, self.export_button, self.status])
+
+        self.save_labels_button.clicked.connect(self.save_labels)
+        self.save_checkpoint_button.clicked.connect(self.save_checkpoint)
+        self.export_button.clicked.connect(self.export_torchscript)
+        self.labels_layer.changed.connect(self._update_state)
+        self.model.changed.connect(self._update_state)
+        self._registry.changed.connect(self._registry_changed)
+        _common.watch_layers(napari_viewer, self._layers_changed)
+        self._registry_changed()
+        self._layers_changed()
+
+    # -- state
+    def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
+        return self._registry.choices()
+
+    def _registry_changed(self) -> None:
+        try:
+            self.model.reset_choices()
+            current = self._registry.current
+            if current and current in self.model.choices:
+                self.model.value = current
+        except RuntimeError:
+            return
+        self._update_state()
+
+    def _layers_changed(self) -> None:
+        self.labels_layer.reset_choices()
+        self._update_state()
+
+    def _busy(self) -> bool:
+        return self.job is not None and not self.job.done
+
+    def _update_state(self, _value=None) -> None:
+        no_labels = None if self.labels_layer.value is not None else (
+            "no Labels layer: segment or paint something first")
+        no_model = None if self.model.value else (
+            "no model: predict or train first, or browse to one in Predict")
+        self.labels_reason.value, self.labels_reason.visible = no_labels or "", bool(no_labels)
+        self.model_reason.value, self.model_reason.visible = no_model or "", bool(no_model)
+        self.save_labels_button.enabled = no_labels is None and not self._busy()
+        self.save_checkpoint_button.enabled = no_model is None and not self._busy()
+        self.export_button.enabled = no_model is None and not self._busy()
+
+    def _start(self, work, description: str, done_text) -> Job | None:
+        if self._busy():
+            _common.info("Save: a save is already running")
+            return None
+
+        def show(path) -> None:
+            self.status.value = done_text(path)
+            _common.info(self.status.value)
+
+        self.job = Job(work, description=description, on_returned=show,
+                       on_finished=lambda _job: self._update_state())
+        self._update_state()
+        return self.job
+
+    # -- actions
+    def save_labels(self, _value=None) -> Job | None:
+        """Write the chosen Labels layer to the chosen .tif/.tiff/.zarr (atomic)."""
+        layer = self.labels_layer.value
+        if layer is None:
+            _common.error("Save: no Labels layer to save")
+            return None
+        path = _chosen(self.labels_path.value)
+        if path is None:
+            _common.error("Save: choose a labels file (.tif, .tiff or .zarr) first")
+            return None
+        if path.suffix.lower() not in LABEL_SUFFIXES:
+            _common.error(f"Save: {path.name!r} must end in .tif, .tiff or .zarr")
+            return None
+        data = layer_array(layer)
+
+        def work(progress, cancel, _log):
+            from ..io import write_labels
+
+            progress(0, 1)
+            out = write_labels(path, data)
+            progress(1, 1)
+            return out
+
+        return self._start(work, f"Save {layer.name!r}", lambda p: f"labels saved to {p}")
+
+    def save_checkpoint(self, _value=None) -> Job | None:
+        """Write the chosen model as a napari-emseg checkpoint file."""
+        return self._model_job("checkpoint")
+
+    def export_torchscript(self, _value=None) -> Job | None:
+        """Write a TorchScript copy of the chosen model."""
+        return self._model_job("torchscript")
+
+    def _model_job(self, kind: str) -> Job | None:
+        key = self.model.value
+        if not key:
+            _common.error("Save: no model chosen")
+            return None
+        widget = self.checkpoint_path if kind == "checkpoint" else self.torchscript_path
+        path = _chosen(widget.value)
+        if path is None or path.is_dir():
+            _common.error(f"Save: choose a {'checkpoint' if kind == 'checkpoint' else 'TorchScript'}"
+                          " file name first")
+            return None
+        if not path.suffix:
+            path = path.with_suffix(".pt")
+
+        def work(progress, cancel, _log):
+            from ..models import zoo
+
+            model = zoo.load_model(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "checkpoint":
+                return zoo.save_checkpoint(model, path)
+            return zoo.export_torchscript(model, path)
+
+        what = "checkpoint" if kind == "checkpoint" else "TorchScript model"
+        return self._start(work, f"Save {what} of {_common.model_label(key)}",
+                           lambda p: f"{what} saved to {p}")

@@ -1,0 +1,313 @@
+"""Dock widgets: Predict, Segment, Save (open from the manifest, run threaded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from napari.layers import Image, Labels
+from scipy import ndimage
+
+from widget_helpers import (
+    WIDGETS,
+    capture_notes,
+    needs_display,
+    open_widget,
+    same_partition,
+    tiny_checkpoint,
+    wait_job,
+)
+
+pytestmark = [pytest.mark.gui, needs_display]
+
+
+@pytest.fixture
+def notes(monkeypatch):
+    return capture_notes(monkeypatch)
+
+
+@pytest.fixture
+def crop(fixtures_dir) -> np.ndarray:
+    return tifffile.imread(fixtures_dir / "lucchi_crop_image.tif")[:8]
+
+
+@pytest.fixture
+def crop_mask(fixtures_dir) -> np.ndarray:
+    return tifffile.imread(fixtures_dir / "lucchi_crop_mask.tif")[:8]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return tiny_checkpoint(tmp_path / "tiny.pt")
+
+
+def test_widgets_open_from_manifest_and_say_why_disabled(make_napari_viewer):
+    viewer = make_napari_viewer()
+    from napari_emseg._widgets import predict, save, segment, train
+
+    modules = {"Predict": predict, "Segment instances": segment,
+               "Train from annotations": train, "Save labels and model": save}
+    for display_name, cls_name in WIDGETS.items():
+        widget = open_widget(viewer, display_name)
+        assert type(widget) is getattr(modules[display_name], cls_name)
+    dock = viewer.window.dock_widgets
+    assert set(WIDGETS) <= {name.split(" (")[0] for name in dock}
+    pw = open_widget(viewer, "Predict")
+    # no image layer: the run button is disabled and a label says why
+    assert not pw.run_button.enabled
+    assert "no image layer" in pw.reason.value
+    viewer.add_image(np.zeros((4, 32, 32), np.uint8), name="em")
+    assert pw.image.value is viewer.layers["em"]  # picker refreshed with the layer list
+    assert "no image layer" not in pw.reason.value
+
+
+def test_widget_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_emseg._widgets.predict, napari_emseg._widgets.segment, "
+            "napari_emseg._widgets.train, napari_emseg._widgets.save; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_predict_layer_equals_engine_and_updates_in_place(make_napari_viewer, qtbot, crop,
+                                                          tiny, notes):
+    from napari_emseg._widgets._common import model_registry
+    from napari_emseg.predict import predict_slice, predict_volume
+
+    viewer = make_napari_viewer()
+    viewer.add_image(crop, name="em", scale=(2.0, 1.0, 1.0), translate=(0.0, 5.0, 7.0))
+    pw = open_widget(viewer, "Predict")
+    model_registry(viewer).add(tiny)  # what "Browse…" or Train do
+    assert pw.model.value == str(tiny.resolve())
+    assert pw.run_button.enabled
+
+    job = pw.run()
+    wait_job(qtbot, job)
+    assert job.exception is None and not notes.errors
+    prob = viewer.layers["em probabilities"]
+    expected = predict_volume(crop, str(tiny))
+    assert isinstance(prob, Image) and prob.data.shape == crop.shape
+    assert prob.data.dtype == np.float32
+    np.testing.assert_allclose(prob.data, expected, atol=1e-6)
+    assert prob.blending == "additive"
+    assert tuple(prob.contrast_limits) == (0.0, 1.0)
+    np.testing.assert_array_equal(prob.scale, [2.0, 1.0, 1.0])
+    np.testing.assert_array_equal(prob.translate, [0.0, 5.0, 7.0])
+
+    # a re-run with "current slice" updates the same layer in place
+    n_layers = len(viewer.layers)
+    prob.data[:] = 0.0
+    viewer.dims.set_point(0, 3 * 2.0)  # world z of data slice 3
+    pw.extent.value = "slice"
+    job = pw.run()
+    wait_job(qtbot, job)
+    assert job.exception is None
+    assert len(viewer.layers) == n_layers and viewer.layers["em probabilities"] is prob
+    np.testing.assert_allclose(prob.data[3], predict_slice(crop, str(tiny), 3), atol=1e-6)
+    assert not prob.data[:3].any() and not prob.data[4:].any()
+
+
+def test_predict_cancel_mid_run_leaves_layers(make_napari_viewer, qtbot, crop, tiny, notes,
+                                              monkeypatch):
+    from napari_emseg._widgets import _common
+
+    viewer = make_napari_viewer()
+    viewer.add_image(crop, name="em")
+    before = np.full(crop.shape, 0.25, np.float32)
+    viewer.add_image(before.copy(), name="em probabilities")
+    pw = open_widget(viewer, "Predict")
+    _common.model_registry(viewer).add(tiny)
+    pw.advanced.value = True
+    pw.batch.value = 1  # many small batches: the cancel check runs between them
+
+    # press Cancel right after the first batch is done (from the worker's callback)
+    calls = []
+    real = _common.Job._progress
+
+    def progress_then_cancel(self, done, total):
+        calls.append((done, total))
+        real(self, done, total)
+        self.cancel()
+
+    monkeypatch.setattr(_common.Job, "_progress", progress_then_cancel)
+    names = [layer.name for layer in viewer.layers]
+    job = pw.run()
+    assert pw.cancel_button.enabled and not pw.run_button.enabled
+    wait_job(qtbot, job)
+    assert job.cancelled and calls
+    done, total = calls[-1]
+    assert done < total  # stopped part-way, after the first batch
+    assert [layer.name for layer in viewer.layers] == names
+    np.testing.assert_array_equal(viewer.layers["em probabilities"].data, before)
+    assert not notes.errors and any("cancelled" in m for m in notes.infos)
+    assert pw.run_button.enabled and not pw.cancel_button.enabled
+    assert pw.status.value == "cancelled"
+
+
+def test_bad_states_notify_without_exceptions(make_napari_viewer, qtbot, tmp_path, crop,
+                                              tiny, notes):
+    from napari_emseg._widgets import _common
+
+    viewer = make_napari_viewer()
+    pw = open_widget(viewer, "Predict")
+    sw = open_widget(viewer, "Segment instances")
+    tw = open_widget(viewer, "Train from annotations")
+    vw = open_widget(viewer, "Save labels and model")
+    _common.model_registry(viewer).add(tiny)
+
+    # no layers at all
+    assert pw.run() is None and sw.run() is None and sw.preview() is None
+    assert tw.train() is None and tw.new_annotation_layer() is None
+    assert tw.predict_again() is None and vw.save_labels() is None
+    assert len(notes.errors) == 7
+    assert "no image layer" in notes.errors[0] and "probabilities" in notes.errors[1]
+
+    # no / empty / wrong-sized annotation layer
+    viewer.add_image(crop, name="em")
+    notes.errors.clear()
+    assert tw.train() is None and "no annotation layer" in notes.errors[-1]
+    layer = tw.new_annotation_layer()
+    assert isinstance(layer, Labels) and layer.name == "em annotations"
+    assert layer.data.shape == crop.shape and not layer.data.any()
+    assert tw.train() is None and "empty" in notes.errors[-1]
+    viewer.add_labels(np.ones((2, 16, 16), np.uint8), name="small")
+    tw.annotations.value = viewer.layers["small"]
+    assert "shape" in tw.reason.value and not tw.train_button.enabled
+    assert tw.train() is None and "shape" in notes.errors[-1]
+
+    # a 2D image with a 3D model: error notification from the worker, no layer added
+    viewer.add_image(crop[0], name="slice")
+    pw.image.value = viewer.layers["slice"]
+    model3d = tiny_checkpoint(tmp_path / "tiny3d.pt", dims=3)
+    _common.model_registry(viewer).add(model3d)
+    assert pw.model.value == str(model3d.resolve())
+    n_layers = len(viewer.layers)
+    job = pw.run()
+    wait_job(qtbot, job)
+    assert job.exception is not None and not job.cancelled
+    assert "3D model" in notes.errors[-1] and "2D" in notes.errors[-1]
+    assert len(viewer.layers) == n_layers
+    assert pw.status.value.startswith("failed")
+
+    # bad paths in Save
+    vw.labels_layer.value = viewer.layers["em annotations"]
+    vw.labels_path.value = str(tmp_path / "labels.png")
+    assert vw.save_labels() is None and ".tif" in notes.errors[-1]
+    # a bad patch string is refused before anything runs
+    pw.image.value = viewer.layers["em"]
+    pw.patch.value = "big"
+    assert pw.run() is None and "patch" in notes.errors[-1]
+
+
+def _blurred_probabilities(mask: np.ndarray) -> np.ndarray:
+    prob = ndimage.gaussian_filter(mask.astype(np.float32), sigma=(0, 2, 2))
+    return np.clip(prob, 0, 1).astype(np.float32)
+
+
+def test_segment_labels_equal_engine_output_and_tracking_gives_3d_ids(
+        make_napari_viewer, qtbot, crop_mask, notes):
+    from napari_emseg.postprocess import segment
+    from napari_emseg.tracking import track_slices
+
+    prob = _blurred_probabilities(crop_mask)
+    viewer = make_napari_viewer()
+    viewer.add_image(prob, name="em probabilities", scale=(3.0, 1.0, 1.0))
+    sw = open_widget(viewer, "Segment instances")
+    assert sw.probabilities.value is viewer.layers["em probabilities"]
+
+    sw.method.value = ("watershed", 2)
+    sw.track.value = True
+    sw.min_size.value = 20
+    job = sw.run()
+    wait_job(qtbot, job)
+    assert job.exception is None and not notes.errors
+    inst, objects = viewer.layers["em instances"], viewer.layers["em objects 3D"]
+    assert isinstance(inst, Labels) and isinstance(objects, Labels)
+    expected = segment(prob, method="watershed", dims=2, threshold=0.5, min_size=20)
+    np.testing.assert_array_equal(inst.data, expected)
+    np.testing.assert_array_equal(
+        objects.data, track_slices(expected, iou_threshold=0.3, max_gap=1, min_slices=1))
+    np.testing.assert_array_equal(objects.scale, [3.0, 1.0, 1.0])
+    # 2D instances: ids differ between slices; tracked ids run through z
+    ids_per_slice = [set(np.unique(s)) - {0} for s in objects.data]
+    shared = set.intersection(*[ids for ids in ids_per_slice[:4] if ids])
+    assert shared, "tracking should give ids present on consecutive slices"
+    assert (objects.data > 0).sum() == (inst.data > 0).sum()
+    assert not (set(np.unique(inst.data[0])) - {0}) & (set(np.unique(inst.data[1])) - {0})
+
+    # 3D components, tracking ignored: the same objects as scipy's 3D labelling
+    sw.method.value = ("components", 3)
+    sw.min_size.value = 0
+    assert not sw.track.enabled
+    job = sw.run()
+    wait_job(qtbot, job)
+    assert viewer.layers["em instances"] is inst  # updated in place
+    reference, _n = ndimage.label(prob > 0.5)
+    assert same_partition(inst.data, reference)
+
+
+def test_segment_preview_only_touches_current_slice(make_napari_viewer, qtbot, crop_mask,
+                                                    notes):
+    from napari_emseg.postprocess import segment
+
+    prob = _blurred_probabilities(crop_mask)
+    viewer = make_napari_viewer()
+    viewer.add_image(prob, name="em probabilities")
+    sw = open_widget(viewer, "Segment instances")
+    sw.method.value = ("components", 2)
+    for z in (5, 2):
+        viewer.dims.set_point(0, z)
+        job = sw.preview()
+        wait_job(qtbot, job)
+        assert job.exception is None
+    preview = viewer.layers["em preview"]
+    expected = segment(prob[2], method="components", dims=2, threshold=0.5)
+    np.testing.assert_array_equal(preview.data[2], expected)
+    others = np.delete(preview.data, 2, axis=0)
+    assert expected.max() > 0 and not others.any()  # slice 5's preview was cleared
+    assert "em instances" not in [layer.name for layer in viewer.layers]
+
+
+def test_save_labels_and_model(make_napari_viewer, qtbot, tmp_path, tiny, notes):
+    import torch
+
+    from napari_emseg._widgets import _common
+    from napari_emseg.io import read_volume
+    from napari_emseg.models import zoo
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 300, size=(3, 20, 24)).astype(np.uint32)
+    viewer.add_labels(labels, name="cells instances")
+    vw = open_widget(viewer, "Save labels and model")
+    assert vw.labels_layer.value is viewer.layers["cells instances"]
+    for name in ("out.tif", "out.zarr"):
+        vw.labels_path.value = str(tmp_path / name)
+        job = vw.save_labels()
+        wait_job(qtbot, job)
+        assert job.exception is None, notes.errors
+        np.testing.assert_array_equal(np.asarray(read_volume(tmp_path / name)), labels)
+
+    assert not vw.save_checkpoint_button.enabled  # no model yet
+    _common.model_registry(viewer).add(tiny)
+    assert vw.save_checkpoint_button.enabled
+    vw.checkpoint_path.value = str(tmp_path / "copy.pt")
+    job = vw.save_checkpoint()
+    wait_job(qtbot, job)
+    assert job.exception is None, notes.errors
+    original, copy = zoo.load_model(tiny), zoo.load_model(tmp_path / "copy.pt")
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(copy.state_dict()[key], value)
+
+    vw.torchscript_path.value = str(tmp_path / "scripted.pt")
+    job = vw.export_torchscript()
+    wait_job(qtbot, job)
+    assert job.exception is None, notes.errors
+    scripted = torch.jit.load(str(tmp_path / "scripted.pt"))
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), original(x))
