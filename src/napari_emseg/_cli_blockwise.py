@@ -114,6 +114,7 @@ def run_blockwise_predict(args: argparse.Namespace) -> int:
             workers=max(1, int(getattr(args, "workers", 1) or 1)),
             key=getattr(args, "key", None),
             overwrite=bool(getattr(args, "overwrite", False)),
+            dtype="uint8" if getattr(args, "uint8", False) else "float32",
             progress=_progress("predict", getattr(args, "quiet", False)),
             **_predict_kwargs(args),
         )

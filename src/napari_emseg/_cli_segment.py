@@ -66,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seg.add_argument("--channel", type=int, default=None, help="class channel of a multi-class map")
     seg.add_argument("--device", default=None, help="device for --model (cuda, mps, cpu)")
     seg.add_argument("--quiet", action="store_true", help="no progress output")
+    from ._cli_blockwise import add_blockwise_arguments
+
+    add_blockwise_arguments(seg)
     seg.set_defaults(func=run_segment)
 
     ev = subparsers.add_parser(
@@ -150,6 +153,10 @@ def _as_probabilities(vol, channel: int | None):
 
 def run_segment(args: argparse.Namespace) -> int:
     """``emseg segment``: probabilities (or raw EM + --model) → instance labels."""
+    if getattr(args, "blockwise", False):
+        from ._cli_blockwise import run_blockwise_segment
+
+        return run_blockwise_segment(args)
     import numpy as np
 
     from .io import read_volume, write_labels

@@ -378,7 +378,7 @@ def _tta_variants(dims: int, tta: bool) -> list[tuple[tuple[int, ...], int]]:
 class _Runner:
     """Runs batches of tiles through the model and accumulates the blended output."""
 
-    def __init__(self, pred, plan, vol, lo, hi, device, amp, tta, batch_size):
+    def __init__(self, pred, plan, vol, lo, hi, device, amp, tta):
         import torch
 
         self.torch = torch
@@ -386,7 +386,6 @@ class _Runner:
         self.lo, self.hi = lo, hi
         self.device = device
         self.variants = _tta_variants(pred.dims, tta)
-        self.batch_size = batch_size
         self.amp_dtype = None
         if amp and device.type == "cuda":
             self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported()
@@ -538,7 +537,7 @@ def _run(vol: np.ndarray, pred: _Predictor, plan: _Plan, lo, hi, device, amp, tt
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    runner = _Runner(pred, plan, vol, lo, hi, device, amp, tta, batch_size)
+    runner = _Runner(pred, plan, vol, lo, hi, device, amp, tta)
     tiles = list(plan.tiles())
     total = plan.n_tiles
     done = 0

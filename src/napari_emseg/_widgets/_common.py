@@ -17,6 +17,8 @@ No torch import here.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 import weakref
@@ -45,6 +47,10 @@ SYNCHRONOUS = False
 
 #: Progress callbacks from a worker reach the GUI at most this often (seconds).
 PROGRESS_INTERVAL = 0.05
+
+#: Niceness added to a job's worker thread on Linux, so that the GUI thread gets
+#: the CPU first (torch's OpenMP threads started from it inherit it). 0 = off.
+WORKER_NICE = 10
 
 Work = Callable[[Callable[[int, int], None], Callable[[], bool], Callable[[dict], None]], Any]
 
@@ -169,12 +175,16 @@ class Job:
         self._bridge.logged.emit(dict(record))
 
     def _work(self) -> Any:
-        return self._fn(self._progress, self._event.is_set, self._log)
+        old = _lower_priority()
+        try:
+            return self._fn(self._progress, self._event.is_set, self._log)
+        finally:
+            _restore_priority(old)
 
     # -- GUI thread
     def _run_synchronously(self) -> None:
         try:
-            value = self._work()
+            value = self._fn(self._progress, self._event.is_set, self._log)
         except Exception as exc:  # reported as a notification, like the threaded path
             self._errored(exc)
         else:
@@ -230,6 +240,29 @@ class Job:
                 self._on_finished(self)
             except Exception:
                 log.exception("finish callback failed")
+
+
+def _lower_priority() -> int | None:
+    """Raise the calling thread's nice value (Linux); returns the old one."""
+    if not WORKER_NICE or not sys.platform.startswith("linux"):
+        return None
+    tid = threading.get_native_id()
+    try:
+        old = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, old + WORKER_NICE))
+    except (OSError, AttributeError):
+        return None
+    return old
+
+
+def _restore_priority(old: int | None) -> None:
+    """Undo :func:`_lower_priority` where allowed (unprivileged users cannot)."""
+    if old is None:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), old)
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------------- layers
