@@ -49,7 +49,7 @@ RECIPES = {
     "membrane-2d": dict(
         data=("isbi2012_train_image.tif", "isbi2012_train_membrane.tif"), holdout=5,
         config=dict(dims=2, context=0, depth=4, width=16, residual=True, norm="batch",
-                    patch=(256, 256), batch_size=8, lr=2e-3, val_every=100, val_slices=5,
+                    patch=(256, 256), batch_size=8, lr=2e-3, val_every=50, val_slices=5,
                     steps=20000, label_bias=0.0),
         classes=["background", "membrane"],
         description="2D residual U-Net, neuronal membranes in ssTEM",

@@ -58,6 +58,9 @@ def register(subparsers) -> None:
     p.add_argument("--uint8", action="store_true",
                    help="store probabilities as uint8 0-255 instead of float32")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from ._cli_blockwise import add_blockwise_arguments
+
+    add_blockwise_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -90,6 +93,10 @@ class ProgressBar:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``emseg predict``; returns the exit code."""
+    if getattr(args, "blockwise", False):
+        from ._cli_blockwise import run_blockwise_predict
+
+        return run_blockwise_predict(args)
     import numpy as np
 
     from . import io

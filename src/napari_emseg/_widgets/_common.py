@@ -105,6 +105,9 @@ class Job:
         ``on_finished(job)`` runs last, after success, failure or cancel.
     synchronous : bool, optional
         Run on the calling thread (default: module-level ``SYNCHRONOUS``).
+    preload : tuple of str
+        Modules (e.g. ``("torch",)``) imported in the worker before its
+        priority is lowered.
 
     Attributes
     ----------
@@ -123,8 +126,10 @@ class Job:
         on_log: Callable[[dict], None] | None = None,
         on_finished: Callable[[Job], None] | None = None,
         synchronous: bool | None = None,
+        preload: tuple[str, ...] = (),
     ) -> None:
         self.description = description
+        self._preload = preload
         self.done = False
         self.cancelled = False
         self.result: Any = None
@@ -175,6 +180,12 @@ class Job:
         self._bridge.logged.emit(dict(record))
 
     def _work(self) -> Any:
+        if self._preload:
+            # heavy imports hold the GIL: do them before the thread is deprioritised,
+            # or the GUI thread waits on a starved GIL holder
+            for module in self._preload:
+                if module not in sys.modules:
+                    __import__(module)
         old = _lower_priority()
         try:
             return self._fn(self._progress, self._event.is_set, self._log)

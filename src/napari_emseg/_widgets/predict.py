@@ -146,7 +146,8 @@ def predict_job(
 
     where = f" (slice {z})" if z is not None and data.ndim == 3 else ""
     return Job(work, description=f"Predict {layer.name!r} with {name}{where}",
-               on_returned=show, on_finished=on_finished, synchronous=synchronous)
+               on_returned=show, on_finished=on_finished, synchronous=synchronous,
+               preload=("torch",))
 
 
 class PredictWidget(Container):

@@ -95,7 +95,8 @@ class SaveWidget(Container):
         self.save_checkpoint_button.enabled = no_model is None and not self._busy()
         self.export_button.enabled = no_model is None and not self._busy()
 
-    def _start(self, work, description: str, done_text) -> Job | None:
+    def _start(self, work, description: str, done_text,
+               preload: tuple[str, ...] = ()) -> Job | None:
         if self._busy():
             _common.info("Save: a save is already running")
             return None
@@ -105,7 +106,7 @@ class SaveWidget(Container):
             _common.info(self.status.value)
 
         self.job = Job(work, description=description, on_returned=show,
-                       on_finished=lambda _job: self._update_state())
+                       on_finished=lambda _job: self._update_state(), preload=preload)
         self._update_state()
         return self.job
 
@@ -168,4 +169,4 @@ class SaveWidget(Container):
 
         what = "checkpoint" if kind == "checkpoint" else "TorchScript model"
         return self._start(work, f"Save {what} of {_common.model_label(key)}",
-                           lambda p: f"{what} saved to {p}")
+                           lambda p: f"{what} saved to {p}", preload=("torch",))

@@ -340,7 +340,7 @@ class TrainWidget(Container):
         self.plot.clear()
         self.job = Job(work, description=f"Train on {image_layer.name!r}",
                        on_returned=self._trained, on_log=self.plot.add,
-                       on_finished=self._finished)
+                       on_finished=self._finished, preload=("torch",))
         if not self.job.done:
             self.status.value = "training…"
             self.train_button.enabled = self.predict_again_button.enabled = False
