@@ -82,7 +82,10 @@ def run(args) -> int:
     labels = segment(prob, method="watershed", dims=2, threshold=threshold, zfilter=3,
                      track=True, min_size=200)
     t2 = time.perf_counter()
-    scores = evaluate(labels, truth)
+    from scipy import ndimage as ndi
+
+    truth_instances = ndi.label(truth > 0)[0].astype(np.uint32)
+    scores = evaluate(labels, truth_instances)
     write_volume(out / "probabilities.tif", prob)
     write_labels(out / "instances.tif", labels)
     overview_png(out / "overview.png", image, prob, labels, truth)
