@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
+
+from ._textbar import progress_bar
 
 __all__ = ["add_blockwise_arguments", "run_blockwise_predict", "run_blockwise_segment"]
 
@@ -51,21 +52,6 @@ def add_blockwise_arguments(parser: argparse.ArgumentParser) -> None:
     add("--scheduler-timeout", type=float, default=10.0, metavar="S",
         help="seconds to wait for --scheduler (10)")
     add("--overwrite", action="store_true", help="replace an existing OUT")
-
-
-def _progress(label: str, quiet: bool):
-    if quiet:
-        return None
-    state = {"last": -1}
-
-    def cb(done: int, total: int) -> None:
-        pct = int(100 * done / total) if total else 100
-        if pct != state["last"]:
-            state["last"] = pct
-            print(f"\r{label}: {done}/{total} blocks ({pct:3d}%)", end="\n" if done >= total
-                  else "", file=sys.stderr, flush=True)
-
-    return cb
 
 
 def _client(args):
@@ -115,7 +101,7 @@ def run_blockwise_predict(args: argparse.Namespace) -> int:
             key=getattr(args, "key", None),
             overwrite=bool(getattr(args, "overwrite", False)),
             dtype="uint8" if getattr(args, "uint8", False) else "float32",
-            progress=_progress("predict", getattr(args, "quiet", False)),
+            progress=progress_bar("predict", "blocks", getattr(args, "quiet", False)),
             **_predict_kwargs(args),
         )
     finally:
@@ -169,7 +155,7 @@ def run_blockwise_segment(args: argparse.Namespace) -> int:
             prob = predict_blockwise(
                 args.input, prob_path, args.model, block_shape=args.block, halo=args.halo,
                 client=client, workers=workers, overwrite=bool(args.overwrite),
-                progress=_progress("predict", quiet), **_predict_kwargs(args),
+                progress=progress_bar("predict", "blocks", quiet), **_predict_kwargs(args),
             )
             source = prob_path
             if prob.ndim == 4:
@@ -200,7 +186,7 @@ def run_blockwise_segment(args: argparse.Namespace) -> int:
                 source, labels_path, threshold=_threshold(getattr(args, "threshold", 0.5)),
                 method=method, dims=int(getattr(args, "dims", 3)), block_shape=args.block,
                 halo=halo, client=client, workers=workers, overwrite=True if track
-                else bool(args.overwrite), progress=_progress("label", quiet), **ws,
+                else bool(args.overwrite), progress=progress_bar("label", "blocks", quiet), **ws,
             )
             if track:
                 labels = track_blockwise(

@@ -62,6 +62,7 @@ def run(args) -> int:
     import numpy as np
 
     from ._sample_data import load_sample
+    from ._textbar import ProgressBar
     from .io import write_labels, write_volume
     from .metrics import evaluate
     from .models.zoo import load_model
@@ -77,7 +78,7 @@ def run(args) -> int:
           f"({model.meta.get('description', '')})")
     t0 = time.perf_counter()
     prob = predict_volume(image, model, tta=args.tta, device=args.device,
-                          progress=_bar("predict"))
+                          progress=ProgressBar("predict", "tiles"))
     t1 = time.perf_counter()
     labels = segment(prob, method="watershed", dims=2, threshold=threshold, zfilter=3,
                      track=True, min_size=200)
@@ -111,14 +112,3 @@ def run(args) -> int:
         viewer.add_labels(labels, name="instances")
         napari.run()
     return 0
-
-
-def _bar(label: str):
-    import sys
-
-    def progress(done: int, total: int) -> None:
-        n = int(30 * done / max(total, 1))
-        sys.stderr.write(f"\r{label}: [{'#' * n}{'.' * (30 - n)}] {done}/{total}")
-        sys.stderr.flush()
-
-    return progress

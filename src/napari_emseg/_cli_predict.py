@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from ._textbar import ProgressBar
+
 DEFAULT_MODEL = "mito-2d"
 OUTPUT_SUFFIXES = (".tif", ".tiff", ".zarr")
 
@@ -64,33 +66,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-class ProgressBar:
-    """A one-line text progress bar on a stream (redrawn at most every 0.2 s)."""
-
-    def __init__(self, label: str, stream=None, width: int = 30) -> None:
-        self.label = label
-        self.stream = stream if stream is not None else sys.stderr
-        self.width = width
-        self.start = time.perf_counter()
-        self._last = -1.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done < total and now - self._last < 0.2:
-            return
-        self._last = now
-        frac = done / total if total else 1.0
-        filled = int(round(self.width * frac))
-        bar = "#" * filled + "-" * (self.width - filled)
-        elapsed = now - self.start
-        eta = f", {elapsed / frac - elapsed:5.0f} s left" if 0 < frac < 1 else ""
-        self.stream.write(f"\r{self.label} [{bar}] {done}/{total} tiles "
-                          f"{100 * frac:3.0f}% {elapsed:5.0f} s{eta}  ")
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``emseg predict``; returns the exit code."""
     if getattr(args, "blockwise", False):
@@ -116,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"emseg predict: {Path(args.input).name} {tuple(volume.shape)} "
               f"{volume.dtype} with {meta.get('name') or args.model} "
               f"({meta['dims']}D, context {meta.get('context', 0)})", file=sys.stderr)
-    progress = None if args.quiet else ProgressBar("predict")
+    progress = None if args.quiet else ProgressBar("predict", "tiles")
     t0 = time.perf_counter()
     try:
         prob = predict_volume(

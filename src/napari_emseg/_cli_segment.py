@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from ._textbar import progress_bar
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``segment`` and ``evaluate`` sub-commands to ``emseg``."""
@@ -102,20 +104,6 @@ def _parse_threshold(text: str) -> float | str:
     return value
 
 
-def _progress_printer(label: str, quiet: bool):
-    if quiet:
-        return None
-    state = {"last": -1}
-
-    def cb(done: int, total: int) -> None:
-        pct = int(100 * done / total) if total else 100
-        if pct != state["last"] and (pct % 10 == 0 or pct == 100):
-            state["last"] = pct
-            print(f"\r{label}: {pct:3d}%", end="\n" if pct >= 100 else "", file=sys.stderr)
-
-    return cb
-
-
 def _as_probabilities(vol, channel: int | None):
     """A probability volume as float32 in [0, 1] (ZYX), picking a class channel."""
     import numpy as np
@@ -177,7 +165,7 @@ def run_segment(args: argparse.Namespace) -> int:
             volume,
             args.model,
             device=args.device,
-            progress=_progress_printer("predict", args.quiet),
+            progress=progress_bar("predict", "tiles", args.quiet),
         )
         if prob.ndim == volume.ndim + 1:
             # multi-class output (C, ...): first foreground class unless told otherwise
@@ -208,7 +196,7 @@ def run_segment(args: argparse.Namespace) -> int:
         iou_threshold=args.iou,
         max_gap=args.max_gap,
         min_slices=args.min_slices,
-        progress=_progress_printer("segment", args.quiet),
+        progress=progress_bar("segment", "", args.quiet),
     )
     path = write_labels(args.output, labels)
     n = int(labels.max()) if labels.size else 0

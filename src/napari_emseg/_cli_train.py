@@ -65,25 +65,11 @@ def _config(args):
     return TrainConfig(**kw)
 
 
-class _Bar:
-    """A one-line text progress bar on stderr."""
-
-    def __init__(self, label: str):
-        self.label = label
-
-    def __call__(self, done: int, total: int) -> None:
-        if total >= 10**8:
-            sys.stderr.write(f"\r{self.label}: step {done}")
-        else:
-            n = int(30 * done / max(total, 1))
-            sys.stderr.write(f"\r{self.label}: [{'#' * n}{'.' * (30 - n)}] {done}/{total}")
-        sys.stderr.flush()
-
-
 def run(args) -> int:
     """Run ``emseg train``."""
     import numpy as np
 
+    from ._textbar import ProgressBar
     from .io import read_volume
     from .train import fine_tune, fit
 
@@ -95,7 +81,7 @@ def run(args) -> int:
         sys.stderr.write(f"\n  step {rec['step']}: loss {rec['loss']:.4f}, "
                          f"val IoU {rec['val_iou']:.4f}\n")
 
-    bar = _Bar("training")
+    bar = ProgressBar("training", "steps")
     if args.source or args.painted:
         painted = labels if args.painted else np.where(labels > 0, labels + 1, 1)
         if args.source is None:
