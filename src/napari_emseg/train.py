@@ -385,7 +385,12 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
     optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ckpt_path = Path(checkpoint) if checkpoint else None
     step, best, history, elapsed0 = 0, -1.0, [], 0.0
+    best_state: dict = {}
     if resume and ckpt_path and _resume_path(ckpt_path).exists():
+        if ckpt_path.exists():
+            from .models.zoo import read_checkpoint
+
+            best_state = dict(read_checkpoint(ckpt_path)["state_dict"])
         state = torch.load(_resume_path(ckpt_path), map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
@@ -405,6 +410,7 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
     def save_best(iou: float) -> None:
         nonlocal best
         best = iou
+        best_state.update({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         if ckpt_path:
             info = dict(meta)
             info["training"] = {**meta.get("training", {}), "steps": step,
@@ -463,6 +469,8 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
         save_best(validate(model, val_crops, device))
     if ckpt_path and history:
         plot_history(history, ckpt_path.with_suffix(".png"))
+    if best_state:  # the result is the best model seen, the one in the checkpoint
+        model.load_state_dict(best_state)
     model.eval()
     model.meta = {**getattr(model, "meta", {}), **meta}
     return TrainResult(model=model, checkpoint=ckpt_path, best_iou=best, history=history,
