@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -241,14 +242,21 @@ def _resolve_model(model, device, dims, activation, context) -> _Predictor:
 
 
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PREPARE_LOCK = threading.RLock()  # torch.fx tracing is not thread-safe
 
 
 def _prepare_module(module, device, dims: int):
     """:func:`_tune_module`, cached per module until its weights change.
 
     The key holds every parameter's and buffer's storage and in-place version
-    counter, so training steps or ``load_state_dict`` invalidate it.
+    counter, so training steps or ``load_state_dict`` invalidate it. Serialised
+    by a lock: worker threads may prepare models concurrently.
     """
+    with _PREPARE_LOCK:
+        return _prepare_module_locked(module, device, dims)
+
+
+def _prepare_module_locked(module, device, dims: int):
     try:
         key = (str(device), dims, tuple(
             (name, t.data_ptr(), t._version)
