@@ -11,11 +11,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from widget_helpers import needs_display, open_widget, tiny_checkpoint, wait_job
+from widget_helpers import GUI, open_widget, tiny_checkpoint, wait_job
 
-pytestmark = [pytest.mark.gui, needs_display]
+pytestmark = GUI
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "screenshot.png"

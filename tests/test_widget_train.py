@@ -7,19 +7,14 @@ import pytest
 import tifffile
 
 from widget_helpers import (
-    capture_notes,
-    needs_display,
+    GUI,
+    notes_fixture,  # noqa: F401  (the ``notes`` fixture)
     open_widget,
     tiny_checkpoint,
     wait_job,
 )
 
-pytestmark = [pytest.mark.gui, needs_display]
-
-
-@pytest.fixture
-def notes(monkeypatch):
-    return capture_notes(monkeypatch)
+pytestmark = GUI
 
 
 @pytest.fixture

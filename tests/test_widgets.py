@@ -9,21 +9,16 @@ from napari.layers import Image, Labels
 from scipy import ndimage
 
 from widget_helpers import (
+    GUI,
     WIDGETS,
-    capture_notes,
-    needs_display,
+    notes_fixture,  # noqa: F401  (the ``notes`` fixture)
     open_widget,
     same_partition,
     tiny_checkpoint,
     wait_job,
 )
 
-pytestmark = [pytest.mark.gui, needs_display]
-
-
-@pytest.fixture
-def notes(monkeypatch):
-    return capture_notes(monkeypatch)
+pytestmark = GUI
 
 
 @pytest.fixture

@@ -22,6 +22,9 @@ needs_display = pytest.mark.skipif(
     reason="GUI test: needs an X display with OpenGL (run under xvfb-run)",
 )
 
+#: ``pytestmark`` of the GUI test modules
+GUI = [pytest.mark.gui, needs_display]
+
 
 def tiny_checkpoint(path: Path, dims: int = 2, seed: int = 0) -> Path:
     """A randomly initialised, very small U-Net saved as a napari-emseg checkpoint."""
@@ -65,6 +68,12 @@ def capture_notes(monkeypatch) -> Notes:
     monkeypatch.setattr(_common, "show_error", captured.errors.append)
     monkeypatch.setattr(_common, "show_info", captured.infos.append)
     return captured
+
+
+@pytest.fixture(name="notes")
+def notes_fixture(monkeypatch) -> Notes:
+    """Fixture ``notes``: the notifications shown during the test (import it)."""
+    return capture_notes(monkeypatch)
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:

@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ._cli_segment import _parse_threshold
 from ._textbar import progress_bar
 
 __all__ = ["add_blockwise_arguments", "run_blockwise_predict", "run_blockwise_segment"]
@@ -112,15 +113,6 @@ def run_blockwise_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _threshold(text) -> float | str:
-    if str(text).lower() == "otsu":
-        return "otsu"
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"--threshold must be a number in [0, 1] or 'otsu'; got {text!r}") from None
-
-
 def run_blockwise_segment(args: argparse.Namespace) -> int:
     """``emseg segment IN OUT.zarr --blockwise``: blockwise instance labels.
 
@@ -144,6 +136,7 @@ def run_blockwise_segment(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     if getattr(args, "track", False) and int(getattr(args, "dims", 2)) != 2:
         raise ValueError("--track links 2D instances across slices: use it with --dims 2")
+    threshold = _parse_threshold(getattr(args, "threshold", 0.5))
     quiet = getattr(args, "quiet", False)
     t0 = time.perf_counter()
     client = _client(args)
@@ -183,7 +176,7 @@ def run_blockwise_segment(args: argparse.Namespace) -> int:
         labels_path = out.with_name(f".{out.stem}_instances2d.zarr") if track else out
         try:
             labels = label_blockwise(
-                source, labels_path, threshold=_threshold(getattr(args, "threshold", 0.5)),
+                source, labels_path, threshold=threshold,
                 method=method, dims=int(getattr(args, "dims", 3)), block_shape=args.block,
                 halo=halo, client=client, workers=workers, overwrite=True if track
                 else bool(args.overwrite), progress=progress_bar("label", "blocks", quiet), **ws,

@@ -33,7 +33,6 @@ torch is imported only when a model runs; ``distributed`` only with a client.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io as _io
 import itertools
@@ -310,7 +309,11 @@ def _model_info(model, kwargs: dict) -> _ModelInfo:
 
 
 def _block_kwargs(info: _ModelInfo, kwargs: dict) -> dict:
-    """predict_volume arguments for a prepared model (which carries no ``.meta``)."""
+    """predict_volume arguments fixing what :func:`_model_info` decided.
+
+    Passed explicitly because a model rebuilt from checkpoint bytes on a worker
+    carries no ``.meta``; the normalization range is passed separately.
+    """
     out = {k: v for k, v in kwargs.items() if k != "normalization"}
     out.update(dims=info.dims, context=info.context)
     if info.activation is not None:
@@ -358,52 +361,21 @@ def _model_token(model) -> str:
     return f"callable:{getattr(model, '__module__', '?')}.{name}"
 
 
-_PREPARE_LOCK = threading.Lock()
+_MODEL_LOCK = threading.Lock()  # guards _MODEL_CACHE; loads run one at a time
 
 
-class _Prepared:
-    """A torch module prepared once for inference, run by predict_volume as a plain callable.
+def _local_model(model, device):
+    """The model ready to run in this process: a name or path is loaded onto the device.
 
-    predict_volume copies (and fuses) a module on every call; blockwise runs
-    call it once per block, from several threads, so the preparation is done
-    here once per process (under a lock: ``torch.fx`` tracing is not
-    thread-safe) and the blocks get this thin wrapper.
+    predict_volume prepares a torch module (eval copy, BatchNorm fused,
+    channels-last) once and caches it until its weights change, serialised by
+    its own lock, so the blocks can all be given the same module.
     """
+    if isinstance(model, (str, os.PathLike)):
+        from .models import zoo
+        from .predict import select_device
 
-    def __init__(self, module, device, dims: int) -> None:
-        from . import predict
-
-        prepare = getattr(predict, "_prepare_module", None)
-        if prepare is not None:
-            self.module, self.memory_format = prepare(module, device, dims)
-        else:  # pragma: no cover - older predict.py
-            self.module, self.memory_format = copy.deepcopy(module).eval().to(device), None
-        div = module.divisor() if hasattr(module, "divisor") else (1,) * dims
-        self._divisor = tuple(int(d) for d in div)
-
-    def divisor(self) -> tuple[int, ...]:
-        return self._divisor
-
-    def __call__(self, x):
-        if self.memory_format is not None:
-            x = x.contiguous(memory_format=self.memory_format)
-        return self.module(x)
-
-
-def _local_model(model, device, dims: int):
-    """The model ready to run in this process: loaded, eval, on the device, prepared once."""
-    import torch
-
-    from .predict import select_device
-
-    dev = select_device(device)
-    with _PREPARE_LOCK:
-        if isinstance(model, (str, os.PathLike)):
-            from .models import zoo
-
-            model = zoo.load_model(model, device=str(dev))
-        if isinstance(model, torch.nn.Module):
-            return _Prepared(model, dev, dims)
+        model = zoo.load_model(model, device=str(select_device(device)))
     return model
 
 
@@ -423,16 +395,17 @@ def _model_payload(model) -> tuple[str, Any]:
     return ("callable", model)
 
 
-def _worker_model(payload, token: str, device, dims: int):
+def _worker_model(payload, token: str, device):
     """Rebuild (once per process) the model of a payload."""
     key = f"{token}|{device}"
-    with _PREPARE_LOCK:
+    with _MODEL_LOCK:
         model = _MODEL_CACHE.get(key)
     if model is not None:
         return model
     kind, value = payload
     if kind == "path":
-        model = _local_model(value, device, dims)
+        with _MODEL_LOCK:
+            model = _local_model(value, device)
     elif kind == "ckpt":
         import torch
 
@@ -441,10 +414,10 @@ def _worker_model(payload, token: str, device, dims: int):
         ckpt = torch.load(_io.BytesIO(value), map_location="cpu", weights_only=True)
         model = UNet(**ckpt["config"])
         model.load_state_dict(ckpt["state"])
-        model = _local_model(model.eval(), device, dims)
+        model = model.eval()
     else:
         model = value
-    with _PREPARE_LOCK:
+    with _MODEL_LOCK:
         return _MODEL_CACHE.setdefault(key, model)
 
 
@@ -621,7 +594,7 @@ def _predict_block(index, model_payload=None, *, src_spec, target: str, token: s
     outer, inner = _outer(core, shape, halo)
     region = data if data is not None else _worker_region(src_spec, outer)
     model = local_model if local_model is not None else \
-        _worker_model(model_payload, token, kwargs.get("device"), kwargs["dims"])
+        _worker_model(model_payload, token, kwargs.get("device"))
     prob = predict_volume(region, model, normalization=norm, cancel=cancel, **kwargs)
     prob = prob[(..., *inner)]
     arr = _open_array(target)
@@ -785,7 +758,7 @@ def predict_blockwise(
         static = dict(src_spec=src.spec, target=str(target), token=token, shape=shape,
                       block=block, halo=halo, norm=(lo, hi), kwargs=kwargs, out_dtype=dtype)
         if client is None:
-            static["local_model"] = _local_model(model, predict_kwargs.get("device"), info.dims)
+            static["local_model"] = _local_model(model, predict_kwargs.get("device"))
             static["src_spec"] = ("array", src.array)
             scatter = {}
         else:

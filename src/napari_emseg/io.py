@@ -115,6 +115,13 @@ def _squeeze_to_3d(arr: Any, path: Path, axes: str | None = None) -> Any:
     )
 
 
+def _existing(path: str | os.PathLike) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    return path
+
+
 def _check_dims(arr: Any, path: Path) -> Any:
     if arr.ndim < 2:
         raise ValueError(f"{path} holds a {arr.ndim}D array of shape {arr.shape}; need 2D or 3D")
@@ -163,9 +170,7 @@ def read_volume(
         Unknown extension, corrupt or empty file, empty folder, RGB colour
         data, 4D+ data with ambiguous axes, or an ambiguous/missing ``key``.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
+    path = _existing(path)
     suffix = path.suffix.lower()
     if key is not None and not (_is_zarr_dir(path) or suffix in HDF5_SUFFIXES):
         raise ValueError(f"key={key!r} applies only to HDF5 files and zarr groups, not {path}")
@@ -201,16 +206,9 @@ def list_keys(path: str | os.PathLike) -> list[str]:
     Returns an empty list for single-array files and folders, zarr arrays and
     OME-Zarr multiscale images (which need no key).
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
+    path = _existing(path)
     if _is_zarr_dir(path):
-        import zarr
-
-        try:
-            node = zarr.open(str(path), mode="r")
-        except Exception as exc:
-            raise ValueError(f"cannot open zarr store {path}: {exc}") from exc
+        node = _open_zarr(path)
         if hasattr(node, "shape") or _ome_level0(node.attrs) is not None:
             return []
         return _zarr_arrays(node)
@@ -219,10 +217,7 @@ def list_keys(path: str | os.PathLike) -> list[str]:
 
         try:
             with h5py.File(path, "r") as f:
-                names: list[str] = []
-                f.visititems(
-                    lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset) else None
-                )
+                names = _h5_datasets(f)
         except Exception as exc:
             raise ValueError(f"cannot open HDF5 file {path}: {exc} (corrupt?)") from exc
         return sorted(names)
@@ -354,15 +349,16 @@ def _read_slice_folder(folder: Path, lazy: bool | None) -> Any:
         )
     first = _read_slice(files[0])
     shape, dtype = first.shape, first.dtype
+
+    def load(p: Path) -> np.ndarray:
+        arr = _read_slice(p)
+        if arr.shape != shape or arr.dtype != dtype:
+            raise ValueError(_mismatch(p, arr, files[0], shape, dtype))
+        return arr
+
     if _want_lazy(lazy, (len(files), *shape), dtype):
         import dask
         import dask.array as da
-
-        def load(p: Path) -> np.ndarray:
-            arr = _read_slice(p)
-            if arr.shape != shape or arr.dtype != dtype:
-                raise ValueError(_mismatch(p, arr, files[0], shape, dtype))
-            return arr
 
         parts = [da.from_array(first, chunks=shape)] + [
             da.from_delayed(dask.delayed(load)(p), shape=shape, dtype=dtype) for p in files[1:]
@@ -371,10 +367,7 @@ def _read_slice_folder(folder: Path, lazy: bool | None) -> Any:
     out = np.empty((len(files), *shape), dtype=dtype)
     out[0] = first
     for i, p in enumerate(files[1:], start=1):
-        arr = _read_slice(p)
-        if arr.shape != shape or arr.dtype != dtype:
-            raise ValueError(_mismatch(p, arr, files[0], shape, dtype))
-        out[i] = arr
+        out[i] = load(p)
     return out
 
 
@@ -402,13 +395,17 @@ def _ome_level0(attrs: Any) -> str | None:
         return None
 
 
-def _read_zarr(path: Path, key: str | None, lazy: bool | None) -> Any:
+def _open_zarr(path: Path) -> Any:
     import zarr
 
     try:
-        node = zarr.open(str(path), mode="r")
+        return zarr.open(str(path), mode="r")
     except Exception as exc:
         raise ValueError(f"cannot open zarr store {path}: {exc}") from exc
+
+
+def _read_zarr(path: Path, key: str | None, lazy: bool | None) -> Any:
+    node = _open_zarr(path)
     label = str(path)
     if not hasattr(node, "shape"):  # a group
         arrays = _zarr_arrays(node)
@@ -451,6 +448,15 @@ def _read_zarr(path: Path, key: str | None, lazy: bool | None) -> Any:
 
 
 # HDF5 ---------------------------------------------------------------------- #
+def _h5_datasets(f: Any) -> list[str]:
+    """Paths of every dataset in an open HDF5 file, in visiting order."""
+    import h5py
+
+    names: list[str] = []
+    f.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
 def _read_hdf5(path: Path, key: str | None, lazy: bool | None) -> Any:
     import h5py
 
@@ -460,8 +466,7 @@ def _read_hdf5(path: Path, key: str | None, lazy: bool | None) -> Any:
         raise ValueError(f"cannot open HDF5 file {path}: {exc} (corrupt?)") from exc
     keep_open = False
     try:
-        names: list[str] = []
-        f.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset) else None)
+        names = _h5_datasets(f)
         if key is None:
             if not names:
                 raise ValueError(f"HDF5 file {path} holds no datasets")
@@ -532,9 +537,21 @@ def _output_kind(path: Path) -> str:
     )
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
+def _target(path: str | os.PathLike, overwrite: bool) -> tuple[Path, str]:
+    """The output path and its kind ("tiff" or "zarr"), checked before any work."""
+    path = Path(path)
+    kind = _output_kind(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    return path, kind
+
+
+def _write(path: Path, kind: str, data: Any, dtype: np.dtype, compression: str,
+           chunks: Sequence[int] | None, zarr_format: int | None, predictor: bool) -> None:
+    if kind == "tiff":
+        _write_tiff(path, data, dtype, compression, predictor=predictor)
+    else:
+        _write_zarr(path, data, dtype, chunks, zarr_format)
 
 
 def _labels_dtype(labels: Any) -> np.dtype:
@@ -591,15 +608,10 @@ def write_labels(
     pathlib.Path
         The written path.
     """
-    path = Path(path)
-    kind = _output_kind(path)
-    _check_target(path, overwrite)
+    path, kind = _target(path, overwrite)
     labels = _as_array(labels, "labels")
     dtype = _labels_dtype(labels)
-    if kind == "tiff":
-        _write_tiff(path, labels, dtype, compression, predictor=False)
-    else:
-        _write_zarr(path, labels, dtype, chunks, zarr_format)
+    _write(path, kind, labels, dtype, compression, chunks, zarr_format, predictor=False)
     return path
 
 
@@ -628,9 +640,7 @@ def write_volume(
     pathlib.Path
         The written path.
     """
-    path = Path(path)
-    kind = _output_kind(path)
-    _check_target(path, overwrite)
+    path, kind = _target(path, overwrite)
     array = _as_array(array, "array", max_ndim=4)
     dtype = np.dtype(array.dtype)
     if dtype.kind == "b":
@@ -639,10 +649,7 @@ def write_volume(
         dtype = np.dtype(np.float32)
     elif not np.issubdtype(dtype, np.integer):
         raise ValueError(f"cannot save data of type {dtype}")
-    if kind == "tiff":
-        _write_tiff(path, array, dtype, compression, predictor=True)
-    else:
-        _write_zarr(path, array, dtype, chunks, zarr_format)
+    _write(path, kind, array, dtype, compression, chunks, zarr_format, predictor=True)
     return path
 
 

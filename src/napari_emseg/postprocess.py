@@ -81,6 +81,26 @@ def _as_zyx(arr: np.ndarray) -> tuple[np.ndarray, bool]:
     return (arr[None], True) if arr.ndim == 2 else (arr, False)
 
 
+def _prob_zyx(prob) -> tuple[np.ndarray, bool]:
+    """Checked float32 probabilities as ZYX; the flag says whether to squeeze z again."""
+    p = _as_prob(prob)
+    _check_ndim(p, "prob")
+    return _as_zyx(p)
+
+
+def _mask_zyx(mask, dims: int) -> tuple[np.ndarray, bool]:
+    """Checked ``dims`` and a bool mask as ZYX; the flag says whether to squeeze z again."""
+    _check_dims(dims)
+    m = np.asarray(mask).astype(bool)
+    _check_ndim(m, "mask")
+    return _as_zyx(m)
+
+
+def _fits_bincount(top: int, size: int) -> bool:
+    """Whether ids up to ``top`` in ``size`` voxels are dense enough for a bincount."""
+    return top <= 4 * size + 1_000_000
+
+
 def _structure(dims: int, connectivity: int) -> np.ndarray:
     """3D structuring element; for ``dims=2`` it only links pixels within a slice."""
     if dims == 3:
@@ -147,7 +167,7 @@ def relabel_sequential(labels: np.ndarray) -> np.ndarray:
     if lab.min() < 0:
         raise ValueError("labels must not contain negative ids")
     top = int(lab.max())
-    if top <= 4 * lab.size + 1_000_000:
+    if _fits_bincount(top, lab.size):
         present = _bincount(lab, minlength=top + 1) > 0
         present[0] = False
         lut = np.zeros(top + 1, dtype=np.uint32)
@@ -161,7 +181,7 @@ def relabel_sequential(labels: np.ndarray) -> np.ndarray:
 def _sizes(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ids, voxel counts) of the nonzero ids of ``lab``."""
     top = int(lab.max()) if lab.size else 0
-    if top <= 4 * lab.size + 1_000_000:
+    if _fits_bincount(top, lab.size):
         counts = _bincount(lab, minlength=top + 1)
         ids = np.flatnonzero(counts)
         ids = ids[ids > 0]
@@ -233,12 +253,9 @@ def open_close(
     -------
     ndarray of bool, same shape
     """
-    _check_dims(dims)
-    m = np.asarray(mask).astype(bool)
-    _check_ndim(m, "mask")
+    m3, squeeze = _mask_zyx(mask, dims)
     if opening < 0 or closing < 0:
         raise ValueError("opening and closing radii must be >= 0")
-    m3, squeeze = _as_zyx(m)
     out = m3.copy()
     if m3.size:
         if opening:
@@ -272,12 +289,9 @@ def fill_holes(mask: np.ndarray, *, dims: int = 2) -> np.ndarray:
     -------
     ndarray of bool, same shape
     """
-    _check_dims(dims)
-    m = np.asarray(mask).astype(bool)
-    _check_ndim(m, "mask")
-    m3, squeeze = _as_zyx(m)
+    m3, squeeze = _mask_zyx(mask, dims)
     if m3.size == 0:
-        return m.copy()
+        return (m3[0] if squeeze else m3).copy()
     bg, _ = ndi.label(~m3, structure=_structure(dims, 1))
     faces = [bg[:, 0], bg[:, -1], bg[:, :, 0], bg[:, :, -1]]
     if dims == 3:
@@ -368,9 +382,7 @@ def smooth_bilateral(
     """
     from skimage.restoration import denoise_bilateral
 
-    p = _as_prob(prob)
-    _check_ndim(p, "prob")
-    p3, squeeze = _as_zyx(p)
+    p3, squeeze = _prob_zyx(prob)
     out = np.empty(p3.shape, dtype=np.float32)
     for z in range(p3.shape[0]):
         check_cancel(cancel)
@@ -786,9 +798,7 @@ def segment(
         raise ValueError(f"method must be 'watershed' or 'components'; got {method!r}")
     if track and dims != 2:
         raise ValueError("track=True links 2D instances across slices: use it with dims=2")
-    p = _as_prob(prob)
-    _check_ndim(p, "prob")
-    p3, squeeze = _as_zyx(p)
+    p3, squeeze = _prob_zyx(prob)
     if spacing is not None and len(tuple(spacing)) != 3:
         raise ValueError(f"spacing must be (z, y, x); got {spacing}")
 

@@ -10,6 +10,9 @@
   share models without a global singleton.
 * :func:`layer_picker`: a combo box of the viewer's layers of one type that
   refreshes when layers are added, removed or renamed.
+* Widget mixins: :class:`JobOwner` / :class:`CancellableJobOwner` (one job at a
+  time, Cancel button, status line) and :class:`ModelChoices` (a model combo
+  box that follows the registry).
 
 No torch import here.
 """
@@ -487,3 +490,83 @@ def model_label(key: str | None) -> str:
     if not key:
         return "none"
     return Path(key).name if ("/" in key or "\\" in key) else key
+
+
+# -------------------------------------------------------------- widget mixins
+class JobOwner:
+    """Mixin for a dock widget that runs one :class:`Job` at a time (``self.job``)."""
+
+    job: Job | None = None
+
+    def _busy(self) -> bool:
+        return self.job is not None and not self.job.done
+
+
+class CancellableJobOwner(JobOwner):
+    """:class:`JobOwner` with a Cancel button and a status line.
+
+    The widget has ``status`` (Label) and ``cancel_button`` (PushButton),
+    defines ``_update_state()`` and passes ``on_finished=self._finished``.
+    """
+
+    #: status text after a successful job; None keeps what ``on_returned`` wrote
+    done_status: str | None = None
+
+    def cancel(self, _value=None) -> None:
+        """Stop the running job; the viewer's layers stay as they were."""
+        if self._busy():
+            self.job.cancel()
+            self.status.value = "cancelling…"
+
+    def _finished(self, job: Job) -> None:
+        try:
+            self.cancel_button.enabled = False
+            if job.cancelled:
+                self.status.value = "cancelled"
+            elif job.exception is not None:
+                self.status.value = "failed (see notification)"
+            elif self.done_status is not None:
+                self.status.value = self.done_status
+            self._update_state()
+        except RuntimeError:  # widget closed while the job ran
+            pass
+
+
+class ModelChoices:
+    """Mixin: a model combo box that follows the viewer's :class:`ModelRegistry`.
+
+    The widget sets ``self._registry = model_registry(viewer)`` before building
+    the combo box (``choices=self._model_choices``), names it in
+    ``model_field``, defines ``_layers_changed()`` and ``_update_state()``, and
+    calls :meth:`_follow_registry` at the end of ``__init__``.
+    """
+
+    _registry: ModelRegistry
+    #: attribute name of the model combo box
+    model_field = "model"
+    #: re-select the previous choice when the registry's current model is not offered
+    keep_previous_model = False
+
+    def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
+        return self._registry.choices()
+
+    def _follow_registry(self, viewer) -> None:
+        """Refresh on registry, model choice and layer changes, and once now."""
+        getattr(self, self.model_field).changed.connect(self._update_state)
+        self._registry.changed.connect(self._registry_changed)
+        watch_layers(viewer, self._layers_changed)
+        self._registry_changed()
+
+    def _registry_changed(self) -> None:
+        combo = getattr(self, self.model_field)
+        try:
+            previous = combo.value if self.keep_previous_model else None
+            combo.reset_choices()
+            current = self._registry.current
+            if current and current in combo.choices:
+                combo.value = current
+            elif self.keep_previous_model and previous in combo.choices:
+                combo.value = previous
+        except RuntimeError:  # widget deleted
+            return
+        self._update_state()

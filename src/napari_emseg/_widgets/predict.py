@@ -21,7 +21,15 @@ from magicgui.widgets import (
 from napari.layers import Image
 
 from . import _common
-from ._common import Job, base_name, layer_array, layer_picker, model_registry
+from ._common import (
+    CancellableJobOwner,
+    Job,
+    ModelChoices,
+    base_name,
+    layer_array,
+    layer_picker,
+    model_registry,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -150,12 +158,14 @@ def predict_job(
                preload=("torch",))
 
 
-class PredictWidget(Container):
+class PredictWidget(ModelChoices, CancellableJobOwner, Container):
     """Dock widget: run a model on an image layer.
 
     The output is an Image layer ``"<image> probabilities"`` (magma, additive,
     contrast 0–1) that a re-run updates in place.
     """
+
+    done_status = "done"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
@@ -195,26 +205,10 @@ class PredictWidget(Container):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.image.changed.connect(self._update_state)
-        self.model.changed.connect(self._update_state)
-        self._registry.changed.connect(self._registry_changed)
-        _common.watch_layers(napari_viewer, self._layers_changed)
-        self._registry_changed()
+        self._follow_registry(napari_viewer)
         self._update_state()
 
     # -- choices and state
-    def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
-        return self._registry.choices()
-
-    def _registry_changed(self) -> None:
-        try:
-            self.model.reset_choices()
-            current = self._registry.current
-            if current and current in self.model.choices:
-                self.model.value = current
-        except RuntimeError:  # widget deleted
-            return
-        self._update_state()
-
     def _layers_changed(self) -> None:
         self.image.reset_choices()
         self._update_state()
@@ -228,9 +222,6 @@ class PredictWidget(Container):
         if not path.is_file():
             return
         self._registry.add(path)
-
-    def _busy(self) -> bool:
-        return self.job is not None and not self.job.done
 
     def _update_state(self, _value=None) -> None:
         problem = _check_image(self.image.value)
@@ -277,22 +268,3 @@ class PredictWidget(Container):
         if job.done:  # synchronous
             self._finished(job)
         return job
-
-    def cancel(self, _value=None) -> None:
-        """Stop the running prediction; the viewer's layers stay as they were."""
-        if self.job is not None and not self.job.done:
-            self.job.cancel()
-            self.status.value = "cancelling…"
-
-    def _finished(self, job: Job) -> None:
-        try:
-            self.cancel_button.enabled = False
-            if job.cancelled:
-                self.status.value = "cancelled"
-            elif job.exception is not None:
-                self.status.value = "failed (see notification)"
-            else:
-                self.status.value = "done"
-            self._update_state()
-        except RuntimeError:  # widget closed while the job ran
-            pass

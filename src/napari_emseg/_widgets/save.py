@@ -9,7 +9,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 from napari.layers import Labels
 
 from . import _common
-from ._common import Job, layer_array, layer_picker, model_registry
+from ._common import Job, JobOwner, ModelChoices, layer_array, layer_picker, model_registry
 
 if TYPE_CHECKING:
     import napari
@@ -25,7 +25,7 @@ def _chosen(value) -> Path | None:
     return Path(text).expanduser()
 
 
-class SaveWidget(Container):
+class SaveWidget(ModelChoices, JobOwner, Container):
     """Dock widget: write labels atomically (TIFF or zarr) and export models."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -57,32 +57,13 @@ class SaveWidget(Container):
         self.save_checkpoint_button.clicked.connect(self.save_checkpoint)
         self.export_button.clicked.connect(self.export_torchscript)
         self.labels_layer.changed.connect(self._update_state)
-        self.model.changed.connect(self._update_state)
-        self._registry.changed.connect(self._registry_changed)
-        _common.watch_layers(napari_viewer, self._layers_changed)
-        self._registry_changed()
+        self._follow_registry(napari_viewer)
         self._layers_changed()
 
     # -- state
-    def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
-        return self._registry.choices()
-
-    def _registry_changed(self) -> None:
-        try:
-            self.model.reset_choices()
-            current = self._registry.current
-            if current and current in self.model.choices:
-                self.model.value = current
-        except RuntimeError:
-            return
-        self._update_state()
-
     def _layers_changed(self) -> None:
         self.labels_layer.reset_choices()
         self._update_state()
-
-    def _busy(self) -> bool:
-        return self.job is not None and not self.job.done
 
     def _update_state(self, _value=None) -> None:
         no_labels = None if self.labels_layer.value is not None else (

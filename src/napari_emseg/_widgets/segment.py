@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import (
@@ -17,7 +17,7 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels
 
 from . import _common
-from ._common import Job, base_name, layer_array, layer_picker
+from ._common import CancellableJobOwner, Job, base_name, layer_array, layer_picker
 
 if TYPE_CHECKING:
     import napari
@@ -41,7 +41,7 @@ def _check_probabilities(layer: Image | None) -> str | None:
     return None
 
 
-class SegmentWidget(Container):
+class SegmentWidget(CancellableJobOwner, Container):
     """Dock widget: threshold, z-filter, watershed / components, tracking, size filter.
 
     Writes Labels ``"<image> instances"`` (and ``"<image> objects 3D"`` with
@@ -110,9 +110,6 @@ class SegmentWidget(Container):
                 self.probabilities.value = layer
                 return
 
-    def _busy(self) -> bool:
-        return self.job is not None and not self.job.done
-
     def _update_state(self, _value=None) -> None:
         method, dims = self.method.value
         for widget in self._seeds:
@@ -152,6 +149,15 @@ class SegmentWidget(Container):
                 "max_gap": int(self.max_gap.value), "min_slices": int(self.min_slices.value)}
 
     # -- actions
+    def _chosen_probabilities(self) -> tuple[Image, Any] | None:
+        """The chosen probabilities layer and its data; None (and an error) if unusable."""
+        layer = self.probabilities.value
+        problem = _check_probabilities(layer)
+        if problem:
+            _common.error(f"Segment: {problem}")
+            return None
+        return layer, layer_array(layer)
+
     def _start(self, work, show, description: str) -> Job | None:
         if self._busy():
             _common.info("Segment: a segmentation is already running")
@@ -166,12 +172,10 @@ class SegmentWidget(Container):
 
     def run(self, _value=None) -> Job | None:
         """Segment the whole probabilities layer (returns the job)."""
-        layer = self.probabilities.value
-        problem = _check_probabilities(layer)
-        if problem:
-            _common.error(f"Segment: {problem}")
+        chosen = self._chosen_probabilities()
+        if chosen is None:
             return None
-        prob = layer_array(layer)
+        layer, prob = chosen
         params = self.parameters()
         tracking = self.tracking_parameters() if prob.ndim == 3 else None
         name = base_name(layer.name)
@@ -206,12 +210,10 @@ class SegmentWidget(Container):
 
     def preview(self, _value=None) -> Job | None:
         """Segment only the slice shown (2D), into the ``"<image> preview"`` layer."""
-        layer = self.probabilities.value
-        problem = _check_probabilities(layer)
-        if problem:
-            _common.error(f"Segment: {problem}")
+        chosen = self._chosen_probabilities()
+        if chosen is None:
             return None
-        prob = layer_array(layer)
+        layer, prob = chosen
         z = _common.current_index(self._viewer, layer) if prob.ndim == 3 else None
         params = {**self.parameters(), "dims": 2}
         name = f"{base_name(layer.name)} preview"
@@ -244,20 +246,3 @@ class SegmentWidget(Container):
 
         where = f" slice {z}" if z is not None else ""
         return self._start(work, show, f"Preview {layer.name!r}{where}")
-
-    def cancel(self, _value=None) -> None:
-        """Stop the running segmentation; layers stay as they were."""
-        if self._busy():
-            self.job.cancel()
-            self.status.value = "cancelling…"
-
-    def _finished(self, job: Job) -> None:
-        try:
-            self.cancel_button.enabled = False
-            if job.cancelled:
-                self.status.value = "cancelled"
-            elif job.exception is not None:
-                self.status.value = "failed (see notification)"
-            self._update_state()
-        except RuntimeError:
-            pass

@@ -21,7 +21,15 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels
 
 from . import _common
-from ._common import Job, base_name, layer_array, layer_picker, model_registry
+from ._common import (
+    Job,
+    JobOwner,
+    ModelChoices,
+    base_name,
+    layer_array,
+    layer_picker,
+    model_registry,
+)
 from .predict import DEVICES, parse_patch, predict_job
 
 if TYPE_CHECKING:
@@ -115,12 +123,15 @@ class _LossPlot:
         self.canvas.draw_idle()
 
 
-class TrainWidget(Container):
+class TrainWidget(ModelChoices, JobOwner, Container):
     """Dock widget: fine-tune a model on painted strokes, or train one from scratch.
 
     The checkpoint goes to the chosen folder (default ``~/.napari-emseg/models``)
     and is registered with the viewer so Predict and Save offer it.
     """
+
+    model_field = "start_from"
+    keep_previous_model = True
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
@@ -175,29 +186,14 @@ class TrainWidget(Container):
         self.train_button.clicked.connect(self.train)
         self.cancel_button.clicked.connect(self.cancel)
         self.predict_again_button.clicked.connect(self.predict_again)
-        for widget in (self.image, self.annotations, self.start_from, self.minutes):
+        for widget in (self.image, self.annotations, self.minutes):
             widget.changed.connect(self._update_state)
-        self._registry.changed.connect(self._registry_changed)
-        _common.watch_layers(napari_viewer, self._layers_changed)
-        self._registry_changed()
+        self._follow_registry(napari_viewer)
         self._layers_changed()
 
     # -- choices and state
     def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
         return [("new model (from scratch)", SCRATCH), *self._registry.choices()]
-
-    def _registry_changed(self) -> None:
-        try:
-            previous = self.start_from.value
-            self.start_from.reset_choices()
-            current = self._registry.current
-            if current and current in self.start_from.choices:
-                self.start_from.value = current
-            elif previous in self.start_from.choices:
-                self.start_from.value = previous
-        except RuntimeError:
-            return
-        self._update_state()
 
     def _layers_changed(self) -> None:
         self.image.reset_choices()
@@ -208,9 +204,6 @@ class TrainWidget(Container):
             if match is not None and match in self.annotations.choices:
                 self.annotations.value = match
         self._update_state()
-
-    def _busy(self) -> bool:
-        return self.job is not None and not self.job.done
 
     def _problem(self) -> str | None:
         image, painted = self.image.value, self.annotations.value
