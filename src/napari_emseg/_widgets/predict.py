@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +38,12 @@ if TYPE_CHECKING:
     import napari
 
 PROB_DISPLAY = {"colormap": "magma", "blending": "additive", "contrast_limits": (0.0, 1.0)}
+#: Where blockwise predictions of layers without a local source file are written.
+DEFAULT_PREDICTION_DIR = "~/.napari-emseg/predictions"
+#: Default core block (z, y, x) of a blockwise prediction.
+DEFAULT_BLOCK = (64, 512, 512)
+#: The lazily shown probabilities are refreshed at most this often (seconds).
+REFRESH_INTERVAL = 0.5
 DEVICES = ("auto", "cpu", "cuda", "mps")
 EXTENTS = (("whole volume (3D)", "volume"), ("current slice (2D)", "slice"))
 
@@ -59,6 +68,63 @@ def parse_patch(text: str) -> tuple[int, ...] | None:
     return values
 
 
+def parse_block(text: str) -> tuple[int, int, int]:
+    """``"auto"``/``""`` → :data:`DEFAULT_BLOCK`; ``"64"`` → (64, 64, 64); ``"8,256,256"``."""
+    text = text.strip().lower()
+    if text in ("", "auto", "none"):
+        return DEFAULT_BLOCK
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").replace(" ", ",").split(",") if v)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or any(v <= 0 for v in values):
+        raise ValueError(f"block must be 'auto' or positive integers like '64,512,512'; "
+                         f"got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def is_lazy(data: Any) -> bool:
+    """True for array data that is not in memory (dask, zarr, ...), i.e. not numpy."""
+    return not isinstance(data, np.ndarray)
+
+
+def _source_path(layer: Image) -> Path | None:
+    """The local file or folder ``layer`` was read from, or None."""
+    path = getattr(getattr(layer, "source", None), "path", None)
+    if not path or "://" in str(path):
+        return None
+    return Path(str(path)).expanduser()
+
+
+def default_target(layer: Image) -> Path:
+    """Where a blockwise prediction of ``layer`` is written by default.
+
+    ``<source stem>_probabilities.zarr`` next to the layer's local source file
+    or zarr folder (``_<key>`` added for one array of a multi-array file); else
+    ``~/.napari-emseg/predictions/<layer name>.zarr``.
+    """
+    from .. import io
+
+    source = _source_path(layer)
+    if source is not None and os.access(source.parent, os.W_OK):
+        name = source.name.rstrip("/")
+        stem = name
+        for suffix in io.VOLUME_SUFFIXES:
+            if name.lower().endswith(suffix) and len(name) > len(suffix):
+                stem = name[: -len(suffix)]
+                break
+        if layer.name.startswith(f"{stem}/"):  # one array of an HDF5 file / zarr group
+            stem = f"{stem}_{_safe_name(layer.name[len(stem) + 1:])}"
+        return source.parent / f"{stem}_probabilities.zarr"
+    return Path(DEFAULT_PREDICTION_DIR).expanduser() / f"{_safe_name(layer.name)}.zarr"
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "image"
+
+
 def _check_image(layer: Image | None) -> str | None:
     """Why ``layer`` cannot be predicted on, or None when it can."""
     if layer is None:
@@ -72,6 +138,21 @@ def _check_image(layer: Image | None) -> str | None:
     return None
 
 
+def _load_model(model: Any, key: Any, name: str, layer_name: str, shape: tuple) -> Any:
+    """Load (worker thread) and check the model against the image's shape."""
+    from ..models import zoo
+
+    net = zoo.load_model(model) if key is not None else model
+    dims = int(net.meta.get("dims", net.config["dims"]))
+    if dims == 3 and len(shape) == 2:
+        raise ValueError(f"{name} is a 3D model but image layer {layer_name!r} is 2D "
+                         "(Y, X); choose a 2D model")
+    if dims == 3 and shape[0] < 2:
+        raise ValueError(f"{name} is a 3D model but image layer {layer_name!r} has "
+                         f"only {shape[0]} slice")
+    return net
+
+
 def predict_job(
     viewer: napari.viewer.Viewer,
     layer: Image,
@@ -81,8 +162,15 @@ def predict_job(
     options: dict | None = None,
     on_finished: Callable[[Job], None] | None = None,
     synchronous: bool | None = None,
+    target: str | Path | None = None,
+    block_shape: tuple[int, int, int] | None = None,
+    overwrite: bool = False,
 ) -> Job | None:
     """Predict ``layer`` with ``model`` in a worker; the result updates the viewer.
+
+    A lazy (dask / zarr) 3D layer predicted as a whole volume is predicted
+    block by block into a zarr (:func:`predict_blockwise_job`); ``target``,
+    ``block_shape`` and ``overwrite`` apply to that case only.
 
     Parameters
     ----------
@@ -110,6 +198,11 @@ def predict_job(
                       "checkpoint file)")
         return None
     data = layer_array(layer)
+    if z is None and data.ndim == 3 and is_lazy(data):
+        return predict_blockwise_job(viewer, layer, model, target=target,
+                                     block_shape=block_shape, overwrite=overwrite,
+                                     options=options, on_finished=on_finished,
+                                     synchronous=synchronous)
     opts = {k: v for k, v in (options or {}).items() if v is not None}
     if opts.get("device") == "auto":
         opts.pop("device")
@@ -120,16 +213,8 @@ def predict_job(
 
     def work(progress, cancel, _log) -> np.ndarray:
         from .. import predict as engine
-        from ..models import zoo
 
-        net = zoo.load_model(model) if key is not None else model
-        dims = int(net.meta.get("dims", net.config["dims"]))
-        if dims == 3 and data.ndim == 2:
-            raise ValueError(f"{name} is a 3D model but image layer {layer.name!r} is 2D "
-                             "(Y, X); choose a 2D model")
-        if dims == 3 and data.shape[0] < 2:
-            raise ValueError(f"{name} is a 3D model but image layer {layer.name!r} has "
-                             f"only {data.shape[0]} slice")
+        net = _load_model(model, key, name, layer.name, data.shape)
         if z is not None and data.ndim == 3:
             return engine.predict_slice(data, net, z, progress=progress, cancel=cancel, **opts)
         return engine.predict_volume(data, net, progress=progress, cancel=cancel, **opts)
@@ -156,6 +241,146 @@ def predict_job(
     return Job(work, description=f"Predict {layer.name!r} with {name}{where}",
                on_returned=show, on_finished=on_finished, synchronous=synchronous,
                preload=("torch",))
+
+
+def predict_blockwise_job(
+    viewer: napari.viewer.Viewer,
+    layer: Image,
+    model: Any,
+    *,
+    target: str | Path | None = None,
+    block_shape: tuple[int, int, int] | None = None,
+    overwrite: bool = False,
+    options: dict | None = None,
+    on_finished: Callable[[Job], None] | None = None,
+    synchronous: bool | None = None,
+) -> Job | None:
+    """Predict a lazy 3D layer block by block into a zarr, shown lazily as it fills.
+
+    The probabilities layer (``dask.array.from_zarr`` of the target) appears as
+    soon as the target exists and is refreshed at most every
+    :data:`REFRESH_INTERVAL` seconds while blocks finish.  A re-run with the
+    same target resumes (finished blocks are skipped) unless ``overwrite``; a
+    cancel keeps the finished blocks.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+    layer : napari.layers.Image
+        3D (Z, Y, X) image whose data is a dask / zarr array.
+    model : str or UNet
+    target : str or path, optional
+        Output ``.zarr`` folder (``.zarr`` is appended when missing); default
+        :func:`default_target`.
+    block_shape : 3 ints, optional
+        Core block (z, y, x); default :data:`DEFAULT_BLOCK`.
+    overwrite : bool
+        Replace an existing target instead of resuming it.
+    options : dict
+        ``predict_volume`` keywords (patch, overlap, batch_size, device, amp, tta).
+
+    Returns
+    -------
+    Job or None
+        None (and an error notification) when the inputs are unusable.
+    """
+    problem = _check_image(layer)
+    if problem:
+        _common.error(f"Predict: {problem}")
+        return None
+    if model is None or model == "":
+        _common.error("Predict: no model chosen (pick a bundled model or browse to a "
+                      "checkpoint file)")
+        return None
+    data = layer_array(layer)
+    if data.ndim != 3:
+        _common.error(f"Predict: blockwise prediction needs a 3D (Z, Y, X) image; "
+                      f"{layer.name!r} has {data.ndim} dimensions")
+        return None
+    target = default_target(layer) if target in (None, "") else Path(target).expanduser()
+    if target.suffix.lower() != ".zarr":
+        target = target.with_name(target.name + ".zarr")
+    source = _source_path(layer)
+    if source is not None and source.resolve() == target.resolve():
+        _common.error(f"Predict: the output {target} is the image's own file; "
+                      "choose another output path")
+        return None
+    block = tuple(block_shape or DEFAULT_BLOCK)
+    opts = {k: v for k, v in (options or {}).items() if v is not None}
+    if opts.get("device") == "auto":
+        opts.pop("device")
+    registry = model_registry(viewer)
+    key = model if isinstance(model, (str, Path)) else None
+    name = _common.model_label(str(key)) if key else "model"
+    layer_name = probabilities_name(layer.name)
+    state = {"ready": False}  # set in the worker once the target exists
+    shown: dict[str, Any] = {"layer": None}  # GUI thread only
+
+    def work(progress, cancel, log) -> str:
+        from ..blockwise import predict_blockwise
+
+        net = _load_model(model, key, name, layer.name, data.shape)
+        last = {"t": 0.0}
+
+        def blocks_done(done: int, total: int) -> None:
+            progress(done, total)
+            now = time.monotonic()
+            if not state["ready"]:  # the first report comes once the target exists
+                state["ready"] = True
+                last["t"] = now
+                log({"blockwise": "ready"})
+            elif done < total and now - last["t"] >= REFRESH_INTERVAL:
+                last["t"] = now
+                log({"blockwise": "refresh"})
+
+        predict_blockwise(data, target, net, block_shape=block, overwrite=overwrite,
+                          progress=blocks_done, cancel=cancel, **opts)
+        return str(target)
+
+    def show() -> None:
+        """Add the lazy layer (once), else re-read the blocks written since (GUI thread)."""
+        current = shown["layer"]
+        if current is not None and current in viewer.layers:
+            current.refresh()
+            return
+        import dask.array as da
+        import zarr
+
+        lazy = da.from_zarr(zarr.open_array(str(target), mode="r"))
+        existing = _common.find_layer(viewer, layer_name)
+        index = None
+        if existing is not None:  # replaced: a cached or in-memory layer would not refresh
+            index = viewer.layers.index(existing)
+            viewer.layers.remove(existing)
+        new = _common.set_layer(viewer, layer_name, lazy, "image", source=layer, cache=False,
+                                metadata={"emseg_target": str(target)}, **PROB_DISPLAY)
+        if index is not None:
+            viewer.layers.move(viewer.layers.index(new), index)
+        shown["layer"] = new
+
+    def on_log(record: dict) -> None:
+        if record.get("blockwise") in ("ready", "refresh"):
+            show()
+
+    def returned(_path: str) -> None:
+        show()
+        if key is not None:
+            registry.set_current(str(key))
+
+    def finished(job: Job) -> None:
+        try:
+            if state["ready"] and (job.cancelled or job.exception is not None):
+                show()  # the finished blocks, zeros elsewhere
+        except Exception as exc:
+            _common.error(f"Predict: could not show {target}: {exc}")
+        if on_finished is not None:
+            on_finished(job)
+
+    job = Job(work, description=f"Predict {layer.name!r} with {name} → {target.name}",
+              on_returned=returned, on_log=on_log, on_finished=finished,
+              synchronous=synchronous, preload=("torch", "zarr"))
+    job.target = target
+    return job
 
 
 class PredictWidget(ModelChoices, CancellableJobOwner, Container):
@@ -190,12 +415,23 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
         self.overlap = FloatSpinBox(label="overlap", value=0.25, min=0.0, max=0.9, step=0.05)
         self.batch = SpinBox(label="batch (0 = auto)", value=0, min=0, max=512)
         self.amp = CheckBox(text="mixed precision on GPU", value=True)
+        tip = " (lazy dask / zarr images only: predicted block by block into a zarr)"
+        self.output = FileEdit(label="output zarr", mode="w", filter="*.zarr", value="",
+                               tooltip="Where the probabilities are written; empty = "
+                                       "<image>_probabilities.zarr next to the image" + tip)
+        self.block = LineEdit(label="block", value=",".join(map(str, DEFAULT_BLOCK)),
+                              tooltip="Block (z, y, x) predicted at a time, e.g. "
+                                      "'64,512,512'" + tip)
+        self.overwrite = CheckBox(text="overwrite output (else resume)", value=False,
+                                  tooltip="Start the output zarr over instead of resuming "
+                                          "its unfinished blocks" + tip)
         self.run_button = PushButton(text="Predict")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                             labels=False)
-        self._advanced = [self.patch, self.overlap, self.batch, self.amp]
+        self._advanced = [self.patch, self.overlap, self.batch, self.amp, self.output,
+                          self.block, self.overwrite]
         self.extend([self.reason, self.image, self.model, self.browse, self.extent, self.tta,
                      self.device, self.advanced, *self._advanced, buttons, self.status])
         self._show_advanced(False)
@@ -242,6 +478,15 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
             "tta": bool(self.tta.value),
         }
 
+    def blockwise_options(self) -> dict:
+        """``target``, ``block_shape`` and ``overwrite`` for a lazy (dask / zarr) image."""
+        output = str(self.output.value or "").strip()
+        return {
+            "target": None if output in ("", ".") else output,
+            "block_shape": parse_block(self.block.value),
+            "overwrite": bool(self.overwrite.value),
+        }
+
     # -- actions
     def run(self, _value=None) -> Job | None:
         """Start prediction with the current settings (returns the job)."""
@@ -251,6 +496,7 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
         layer = self.image.value
         try:
             opts = self.predict_options()
+            blockwise = self.blockwise_options()
         except ValueError as exc:
             _common.error(f"Predict: {exc}")
             return None
@@ -258,11 +504,12 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
         if self.extent.value == "slice" and layer is not None and layer_array(layer).ndim == 3:
             z = _common.current_index(self._viewer, layer)
         job = predict_job(self._viewer, layer, self.model.value, z=z, options=opts,
-                          on_finished=self._finished)
+                          on_finished=self._finished, **blockwise)
         if job is None:
             return None
         self.job = job
-        self.status.value = "running…"
+        target = getattr(job, "target", None)
+        self.status.value = f"writing {target.name}…" if target is not None else "running…"
         self.run_button.enabled = False
         self.cancel_button.enabled = not job.done
         if job.done:  # synchronous
