@@ -102,7 +102,7 @@ def dice_iou_binary(pred: np.ndarray, gt: np.ndarray) -> dict:
     return class_scores(pred.astype(np.uint8), gt.astype(np.uint8), classes=[1])[1]
 
 
-def evaluate(name: str, checkpoint: Path | None = None, tta: bool = True) -> dict:
+def evaluate(name: str, checkpoint: Path | None = None, tta: bool | int = True) -> dict:
     """Held-back metrics; threshold and z-filter chosen on training slices."""
     from napari_emseg.models.zoo import load_model
     from napari_emseg.postprocess import zfilter
@@ -130,14 +130,14 @@ def evaluate(name: str, checkpoint: Path | None = None, tta: bool = True) -> dic
     return res
 
 
-def install(name: str) -> Path:
+def install(name: str, tta: bool | int = True) -> Path:
     """Evaluate the best run checkpoint and copy it (with metrics) into the package."""
     import torch
 
     from napari_emseg.models.zoo import load_model, save_checkpoint
 
     src = run_dir(name) / f"{name}.pt"
-    metrics = evaluate(name, src)
+    metrics = evaluate(name, src, tta=tta)
     model = load_model(src)
     meta = dict(model.meta)
     meta["metrics"] = {**meta.get("metrics", {}), "held_back": metrics}
@@ -160,12 +160,14 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--evaluate", action="store_true")
     ap.add_argument("--install", action="store_true")
-    ap.add_argument("--no-tta", action="store_true")
+    ap.add_argument("--tta", type=int, default=8,
+                    help="test-time augmentation variants for --evaluate/--install (0 = off)")
     args = ap.parse_args(argv)
+    tta = args.tta if args.tta not in (0, 8, 16) else bool(args.tta)
     if args.install:
-        install(args.name)
+        install(args.name, tta)
     elif args.evaluate:
-        evaluate(args.name, tta=not args.no_tta)
+        evaluate(args.name, tta=tta)
     else:
         train(args.name, args.minutes, args.threads, args.resume)
     return 0

@@ -271,6 +271,24 @@ def test_tta_averages_in_probability_space():
     np.testing.assert_allclose(out[0], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_tta_subset_uses_the_first_flips():
+    # the x-ramp under the first 4 variants (identity, y-flip, x-flip, both):
+    # twice +x and twice -x, so the answer is the mean of the two orientations
+    vol = np.zeros((1, 16, 16), np.float32)
+    ramp = torch.linspace(-3, 3, 16)
+
+    def pred(x):
+        return x + ramp.view(1, 1, 1, -1).to(x.dtype)
+
+    out = predict_volume(vol, pred, patch=16, tta=4, device="cpu")
+    sig = 1 / (1 + np.exp(-np.linspace(-3, 3, 16, dtype=np.float32)))
+    expected = np.broadcast_to((sig + sig[::-1]) / 2, (16, 16))
+    np.testing.assert_allclose(out[0], expected, rtol=1e-5, atol=1e-6)
+    for bad in (9, 2.5, -1):
+        with pytest.raises(ValueError, match="tta"):
+            predict_volume(vol, pred, patch=16, tta=bad, device="cpu")
+
+
 # --------------------------------------------------------------------------- callbacks
 
 
