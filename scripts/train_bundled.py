@@ -130,13 +130,13 @@ def evaluate(name: str, checkpoint: Path | None = None, tta: bool | int = True) 
     return res
 
 
-def install(name: str, tta: bool | int = True) -> Path:
+def install(name: str, tta: bool | int = True, checkpoint: Path | None = None) -> Path:
     """Evaluate the best run checkpoint and copy it (with metrics) into the package."""
     import torch
 
     from napari_emseg.models.zoo import load_model, save_checkpoint
 
-    src = run_dir(name) / f"{name}.pt"
+    src = Path(checkpoint) if checkpoint else run_dir(name) / f"{name}.pt"
     metrics = evaluate(name, src, tta=tta)
     model = load_model(src)
     meta = dict(model.meta)
@@ -145,7 +145,7 @@ def install(name: str, tta: bool | int = True) -> Path:
     meta["torch"] = torch.__version__
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     dst = save_checkpoint(model, WEIGHTS / f"{name}.pt", meta)
-    csv = src.with_suffix(".csv")
+    csv = (run_dir(name) / f"{name}.pt").with_suffix(".csv")
     if csv.exists():
         shutil.copy(csv, REPO / "benchmarks" / "results" / f"train_{name}.csv")
     print(f"installed {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
@@ -162,12 +162,14 @@ def main(argv=None) -> int:
     ap.add_argument("--install", action="store_true")
     ap.add_argument("--tta", type=int, default=8,
                     help="test-time augmentation variants for --evaluate/--install (0 = off)")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="--install/--evaluate this file instead of runs/NAME/NAME.pt")
     args = ap.parse_args(argv)
     tta = args.tta if args.tta not in (0, 8, 16) else bool(args.tta)
     if args.install:
-        install(args.name, tta)
+        install(args.name, tta, args.checkpoint)
     elif args.evaluate:
-        evaluate(args.name, tta=tta)
+        evaluate(args.name, args.checkpoint, tta=tta)
     else:
         train(args.name, args.minutes, args.threads, args.resume)
     return 0
