@@ -142,7 +142,7 @@ def install(name: str, tta: bool | int = True, checkpoint: Path | None = None) -
     meta = dict(model.meta)
     meta["metrics"] = {**meta.get("metrics", {}), "held_back": metrics}
     meta["threshold"] = metrics["threshold"]
-    meta["torch"] = torch.__version__
+    meta["torch"] = str(torch.__version__)
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     dst = save_checkpoint(model, WEIGHTS / f"{name}.pt", meta)
     csv = (run_dir(name) / f"{name}.pt").with_suffix(".csv")

@@ -153,3 +153,18 @@ def test_incompatible_checkpoint_is_named(tmp_path):
     (tmp_path / "c.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable"):
         load_model(tmp_path / "c.pt")
+
+
+def test_checkpoint_metadata_is_stored_as_plain_types(tmp_path):
+    from pathlib import Path
+
+    from napari_emseg.models.zoo import save_checkpoint
+
+    model = build_model(dict(dims=2, depth=2, width=4))
+    meta = {"torch": torch.__version__, "path": Path("/x"), "iou": np.float32(0.5),
+            "steps": np.int64(3), "shape": (1, 2)}
+    save_checkpoint(model, tmp_path / "m.pt", meta)
+    loaded = load_model(tmp_path / "m.pt").meta  # torch.load(weights_only=True) inside
+    assert loaded["torch"] == str(torch.__version__) and type(loaded["torch"]) is str
+    assert loaded["path"] == str(Path("/x")) and loaded["shape"] == [1, 2]
+    assert loaded["iou"] == 0.5 and type(loaded["steps"]) is int

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="segment the bundled EM sample with the bundled model and write the results",
         description="Predict mitochondria on the bundled Lucchi++ crop, split them into "
-        "instances (seeded watershed + slice tracking), score against the ground truth "
+        "instances (3D distance-transform seeded watershed), score against the ground truth "
         "and write labels, probabilities and a PNG overview.",
     )
     p.add_argument("--out", default="emseg-demo", help="output folder (default: emseg-demo)")
@@ -80,8 +80,10 @@ def run(args) -> int:
     prob = predict_volume(image, model, tta=args.tta, device=args.device,
                           progress=ProgressBar("predict", "tiles"))
     t1 = time.perf_counter()
-    labels = segment(prob, method="watershed", dims=2, threshold=threshold, zfilter=3,
-                     track=True, min_size=200)
+    # 3D seeded watershed: on this sample it beats 2D watershed + slice tracking,
+    # which splits objects that graze the crop's faces into short fragments
+    labels = segment(prob, method="watershed", dims=3, threshold=threshold, zfilter=3,
+                     h=4.0, min_size=2000)
     t2 = time.perf_counter()
     from scipy import ndimage as ndi
 

@@ -147,6 +147,22 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None):
     return model
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as plain Python types that ``torch.load(weights_only=True)`` accepts."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None:
+        return None
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        return value.item()
+    for kind in (bool, int, float):  # exact types, also for subclasses
+        if isinstance(value, kind):
+            return kind(value)
+    return str(value)  # strings (incl. subclasses such as TorchVersion), paths, ...
+
+
 def save_checkpoint(model, path: str | os.PathLike, meta: dict | None = None) -> Path:
     """Write ``model`` (a UNet with ``.config``) and its metadata atomically."""
     import torch
@@ -157,8 +173,8 @@ def save_checkpoint(model, path: str | os.PathLike, meta: dict | None = None) ->
     full_meta.pop("source", None)
     full_meta["dims"] = model.config["dims"]
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    ckpt = {"format": FORMAT, "version": VERSION, "config": dict(model.config),
-            "meta": full_meta, "state_dict": state}
+    ckpt = {"format": FORMAT, "version": VERSION, "config": _plain(dict(model.config)),
+            "meta": _plain(full_meta), "state_dict": state}
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
