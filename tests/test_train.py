@@ -168,3 +168,18 @@ def test_checkpoint_metadata_is_stored_as_plain_types(tmp_path):
     assert loaded["torch"] == str(torch.__version__) and type(loaded["torch"]) is str
     assert loaded["path"] == str(Path("/x")) and loaded["shape"] == [1, 2]
     assert loaded["iou"] == 0.5 and type(loaded["steps"]) is int
+
+
+def test_fine_tuning_a_trained_model_keeps_batchnorm_statistics(crop, tmp_path):
+    img, mask = crop
+    model = build_model(dict(dims=2, depth=2, width=4), {"training": {"steps": 10}})
+    bn = model.down[0].norm1
+    with torch.no_grad():
+        bn.running_mean.fill_(0.3)
+    painted = np.where(mask > 0, 2, 1).astype(np.uint8)
+    cfg = TrainConfig(steps=3, batch_size=2, patch=(64, 64), val_every=3, threads=2)
+    res = fine_tune(model, img, painted, cfg)
+    assert torch.all(res.model.down[0].norm1.running_mean == 0.3)
+    fresh = build_model(dict(dims=2, depth=2, width=4))  # untrained: statistics adapt
+    res = fine_tune(fresh, img, painted, cfg)
+    assert not torch.all(res.model.down[0].norm1.running_mean == 0)

@@ -57,6 +57,7 @@ class TrainConfig:
     device: str | None = None
     amp: bool = True
     threads: int | None = None
+    freeze_norm: bool | None = None  # None: fit False; fine_tune True for trained models
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     class_names: list[str] | None = None
 
@@ -277,14 +278,28 @@ def foreground_iou(logits_list, targets) -> float:
     return inter / union if union else 1.0
 
 
-def validate(model, crops, device) -> float:
-    """Foreground IoU of ``model`` on the validation crops."""
-    was = model.training
+def set_train_mode(model, freeze_norm: bool = False) -> None:
+    """``model.train()``, keeping BatchNorm layers in eval mode when ``freeze_norm``.
+
+    Fine-tuning on a few painted strokes with small batches would otherwise
+    overwrite the running statistics learnt from dense data.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    model.train()
+    if freeze_norm:
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.eval()
+
+
+def validate(model, crops, device, freeze_norm: bool = False) -> float:
+    """Foreground IoU of ``model`` on the validation crops (leaves it in train mode)."""
     model.eval()
     try:
         logits = [_forward_padded(model, x, device) for x, _ in crops]
     finally:
-        model.train(was)
+        set_train_mode(model, freeze_norm)
     return foreground_iou(logits, [t for _, t in crops])
 
 
@@ -381,7 +396,8 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    model.to(device).train()
+    model.to(device)
+    set_train_mode(model, bool(config.freeze_norm))
     optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ckpt_path = Path(checkpoint) if checkpoint else None
     step, best, history, elapsed0 = 0, -1.0, [], 0.0
@@ -446,7 +462,7 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
             report(progress, step, total)
             last = step == total or (budget and time.perf_counter() - t0 >= budget)
             if step % config.val_every == 0 or last:
-                iou = validate(model, val_crops, device)
+                iou = validate(model, val_crops, device, bool(config.freeze_norm))
                 rec = {"step": step, "seconds": round(time.perf_counter() - t0, 1),
                        "loss": round(float(np.mean(losses)), 5), "val_iou": round(iou, 4),
                        "lr": optim.param_groups[0]["lr"]}
@@ -466,7 +482,7 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
     finally:
         stop.set()
     if best < 0 or (cancelled and ckpt_path and not ckpt_path.exists()):
-        save_best(validate(model, val_crops, device))
+        save_best(validate(model, val_crops, device, bool(config.freeze_norm)))
     if ckpt_path and history:
         plot_history(history, ckpt_path.with_suffix(".png"))
     if best_state:  # the result is the best model seen, the one in the checkpoint
@@ -608,11 +624,13 @@ def fine_tune(
             f"(labels 2..{n_classes} are foreground, 1 is background)"
         )
     base = config or TrainConfig(steps=200, lr=5e-4, warmup=10, val_every=50, batch_size=4)
+    trained = bool(meta.get("training"))
     cfg = TrainConfig(**{**asdict(base), "dims": model.config["dims"],
                          "context": int(meta.get("context", 0)),
                          "normalization": dict(meta.get("normalization")
                                                or DEFAULT_NORMALIZATION),
                          "loss": "ce_dice" if n_out > 1 else base.loss,
+                         "freeze_norm": trained if base.freeze_norm is None else base.freeze_norm,
                          "patch": base.patch or meta.get("patch")})
     cfg = _fit_patch(cfg, image.shape)
     targets = painted_targets(painted)
