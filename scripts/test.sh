@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q "$TORCH_PIN"
-.venv/bin/python -m pip install -q -e ".[test,bench,plot]"
+.venv/bin/python -m pip install -q -e ".[test,bench]"
 
 # GUI tests need an X server with OpenGL: Xvfb (installed with apt-get when missing)
 if ! command -v xvfb-run >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
