@@ -65,7 +65,7 @@ def _expand_patch(patch: tuple[int, ...] | None, dims: int) -> tuple[int, ...] |
 class _LossPlot:
     """Loss and validation IoU against training step.
 
-    A matplotlib canvas when matplotlib is installed (the ``plot`` extra),
+    A matplotlib canvas when matplotlib is installed (a core dependency),
     else a text line with the latest values.
     """
 
