@@ -153,6 +153,19 @@ def _load_model(model: Any, key: Any, name: str, layer_name: str, shape: tuple) 
     return net
 
 
+def _inputs_ok(layer, model) -> bool:
+    """True when ``layer`` is a usable image and a model is chosen; else notify."""
+    problem = _check_image(layer)
+    if problem:
+        _common.error(f"Predict: {problem}")
+        return False
+    if model is None or model == "":
+        _common.error("Predict: no model chosen (pick a bundled model or browse to a "
+                      "checkpoint file)")
+        return False
+    return True
+
+
 def predict_job(
     viewer: napari.viewer.Viewer,
     layer: Image,
@@ -189,13 +202,7 @@ def predict_job(
     Job or None
         None (and an error notification) when the inputs are unusable.
     """
-    problem = _check_image(layer)
-    if problem:
-        _common.error(f"Predict: {problem}")
-        return None
-    if model is None or model == "":
-        _common.error("Predict: no model chosen (pick a bundled model or browse to a "
-                      "checkpoint file)")
+    if not _inputs_ok(layer, model):
         return None
     data = layer_array(layer)
     if z is None and data.ndim == 3 and is_lazy(data):
@@ -284,13 +291,7 @@ def predict_blockwise_job(
     Job or None
         None (and an error notification) when the inputs are unusable.
     """
-    problem = _check_image(layer)
-    if problem:
-        _common.error(f"Predict: {problem}")
-        return None
-    if model is None or model == "":
-        _common.error("Predict: no model chosen (pick a bundled model or browse to a "
-                      "checkpoint file)")
+    if not _inputs_ok(layer, model):
         return None
     data = layer_array(layer)
     if data.ndim != 3:
