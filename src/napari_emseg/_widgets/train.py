@@ -302,7 +302,12 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         depth, width = int(self.new_depth.value), int(self.new_width.value)
         folder = Path(str(self.folder.value)).expanduser()
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        checkpoint = folder / f"{_slug(base_name(image_layer.name))}-{stamp}.pt"
+        stem = f"{_slug(base_name(image_layer.name))}-{stamp}"
+        checkpoint = folder / f"{stem}.pt"
+        n = 1
+        while checkpoint.exists() or checkpoint == self.last_checkpoint:  # same second
+            n += 1
+            checkpoint = folder / f"{stem}-{n}.pt"
 
         def work(progress, cancel, log):
             from ..models import zoo
