@@ -121,11 +121,10 @@ def evaluate(name: str, checkpoint: Path | None = None, tta: bool | int = True) 
             best_t, best_score = float(t), s
     p_val = predict_volume(vi, model, tta=tta)
     res = {"threshold": round(best_t, 2), "tta": tta}
-    res["val_iou"] = round(dice_iou_binary(p_val > best_t, vm > 0)["iou"], 4)
-    res["val_dice_f1"] = round(dice_iou_binary(p_val > best_t, vm > 0)["dice"], 4)
-    zf = zfilter(p_val, size=3, mode="z")
-    res["val_iou_zmedian"] = round(dice_iou_binary(zf > best_t, vm > 0)["iou"], 4)
-    res["val_dice_f1_zmedian"] = round(dice_iou_binary(zf > best_t, vm > 0)["dice"], 4)
+    for suffix, prob in (("", p_val), ("_zmedian", zfilter(p_val, size=3, mode="z"))):
+        scores = dice_iou_binary(prob > best_t, vm > 0)
+        res[f"val_iou{suffix}"] = round(scores["iou"], 4)
+        res[f"val_dice_f1{suffix}"] = round(scores["dice"], 4)
     print(json.dumps({name: res}), flush=True)
     return res
 
