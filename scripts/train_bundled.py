@@ -72,27 +72,42 @@ def run_dir(name: str) -> Path:
     return REPO / "runs" / name
 
 
-def train(name: str, minutes: float, threads: int | None, resume: bool) -> None:
+def train(name: str, minutes: float, threads: int | None, resume: bool,
+          init: Path | None = None, lr: float | None = None) -> None:
     from napari_emseg.train import TrainConfig, fit
 
     recipe = RECIPES[name]
     ti, tm, vi, vm, cut = split(name)
-    cfg = TrainConfig(**recipe["config"], minutes=minutes, threads=threads,
+    config = dict(recipe["config"], **({"lr": lr} if lr else {}))
+    cfg = TrainConfig(**config, minutes=minutes, threads=threads,
                       class_names=recipe["classes"])
     out = run_dir(name)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"name": name, "description": recipe["description"],
             "training_data": {"files": list(recipe["data"]), "train_slices": [0, cut],
                               "val_slices": [cut, cut + vi.shape[0]]}}
+    if init:
+        meta["warm_start"] = _warm_start_record(init)
     t0 = time.time()
 
     def log(rec):
         print(json.dumps(rec), flush=True)
 
     res = fit(ti, tm, cfg, val_images=vi, val_labels=vm, checkpoint=out / f"{name}.pt",
-              meta=meta, resume=resume, on_log=log)
+              meta=meta, resume=resume, init=init, on_log=log)
     print(f"{name}: {res.steps} steps, best val IoU {res.best_iou:.4f}, "
           f"{(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+def _warm_start_record(init: Path) -> dict:
+    """What a warm-started run started from (its training history, summarised)."""
+    from napari_emseg.models.zoo import read_checkpoint
+
+    info = read_checkpoint(init)["meta"]
+    training = info.get("training", {})
+    return {"file": Path(init).name, "steps": training.get("steps"),
+            "seconds": training.get("seconds"), "device": training.get("device"),
+            "val_iou": info.get("metrics", {}).get("val_iou")}
 
 
 def dice_iou_binary(pred: np.ndarray, gt: np.ndarray) -> dict:
@@ -157,6 +172,9 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=60)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="warm start: begin from this checkpoint with a fresh LR schedule")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate")
     ap.add_argument("--evaluate", action="store_true")
     ap.add_argument("--install", action="store_true")
     ap.add_argument("--tta", type=int, default=8,
@@ -170,7 +188,7 @@ def main(argv=None) -> int:
     elif args.evaluate:
         evaluate(args.name, args.checkpoint, tta=tta)
     else:
-        train(args.name, args.minutes, args.threads, args.resume)
+        train(args.name, args.minutes, args.threads, args.resume, args.init, args.lr)
     return 0
 
 

@@ -35,6 +35,9 @@ def test_train_dense_then_fine_tune_painted(crop_files, tmp_path, capsys):
                  str(out), "--painted", "--steps", "3", "--patch", "64,64"]) == 0
     tuned = load_model(out2)
     assert tuned.meta["training"]["painted_voxels"] == int((painted > 0).sum())
+    from napari_emseg.train import FINE_TUNE_LR
+
+    assert tuned.meta["training"]["config"]["lr"] == FINE_TUNE_LR  # --from: fine-tune rate
     assert "checkpoint" in capsys.readouterr().out
 
 

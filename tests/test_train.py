@@ -170,16 +170,60 @@ def test_checkpoint_metadata_is_stored_as_plain_types(tmp_path):
     assert loaded["iou"] == 0.5 and type(loaded["steps"]) is int
 
 
-def test_fine_tuning_a_trained_model_keeps_batchnorm_statistics(crop, tmp_path):
+def test_freeze_norm_keeps_batchnorm_statistics(crop):
     img, mask = crop
-    model = build_model(dict(dims=2, depth=2, width=4), {"training": {"steps": 10}})
-    bn = model.down[0].norm1
-    with torch.no_grad():
-        bn.running_mean.fill_(0.3)
     painted = np.where(mask > 0, 2, 1).astype(np.uint8)
-    cfg = TrainConfig(steps=3, batch_size=2, patch=(64, 64), val_every=3, threads=2)
-    res = fine_tune(model, img, painted, cfg)
-    assert torch.all(res.model.down[0].norm1.running_mean == 0.3)
-    fresh = build_model(dict(dims=2, depth=2, width=4))  # untrained: statistics adapt
-    res = fine_tune(fresh, img, painted, cfg)
-    assert not torch.all(res.model.down[0].norm1.running_mean == 0)
+    for freeze in (True, False):
+        model = build_model(dict(dims=2, depth=2, width=4), {"training": {"steps": 10}})
+        with torch.no_grad():
+            model.down[0].norm1.running_mean.fill_(0.3)
+        cfg = TrainConfig(steps=3, batch_size=2, patch=(64, 64), val_every=3, threads=2,
+                          freeze_norm=freeze)
+        res = fine_tune(model, img, painted, cfg)
+        kept = bool(torch.all(res.model.down[0].norm1.running_mean == 0.3))
+        assert kept is freeze
+
+
+def test_fine_tune_defaults_to_a_small_learning_rate_for_trained_models():
+    from napari_emseg.train import FINE_TUNE_LR, fine_tune_defaults
+
+    trained = build_model(dict(dims=2, depth=2, width=4), {"training": {"steps": 10}})
+    fresh = build_model(dict(dims=2, depth=2, width=4))
+    assert fine_tune_defaults(trained).lr == FINE_TUNE_LR
+    assert fine_tune_defaults(fresh).lr > 5 * FINE_TUNE_LR
+    assert fine_tune_defaults(trained).freeze_norm is False
+
+
+def test_decoder_only_training_keeps_the_encoder(crop):
+    img, mask = crop
+    model = build_model(dict(dims=2, depth=3, width=4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(dims=2, depth=3, width=4, steps=3, batch_size=2, patch=(64, 64),
+                      val_every=3, threads=2, train_layers="decoder", lr=1e-2, warmup=0)
+    res = fine_tune(model, img, np.where(mask > 0, 2, 1).astype(np.uint8), cfg)
+    after = res.model.state_dict()
+    weights = [k for k in after if k.endswith("weight")]
+    assert all(torch.equal(after[k], before[k]) for k in weights if k.startswith("down."))
+    assert any(not torch.equal(after[k], before[k]) for k in weights if k.startswith("up"))
+    with pytest.raises(ValueError, match="train_layers"):
+        fine_tune(model, img, np.where(mask > 0, 2, 1).astype(np.uint8),
+                  TrainConfig(steps=1, train_layers="middle"))
+    with pytest.raises(ValueError, match="optimizer"):
+        fine_tune(model, img, np.where(mask > 0, 2, 1).astype(np.uint8),
+                  TrainConfig(steps=1, optimizer="lbfgs"))
+
+
+def test_fit_warm_starts_from_a_checkpoint(crop, tmp_path):
+    from napari_emseg.models.zoo import save_checkpoint
+
+    img, mask = crop
+    cfg = TrainConfig(**TINY, steps=1, val_every=1, lr=1e-12, warmup=0, optimizer="sgd")
+    source = build_model(dict(dims=2, depth=3, width=8), {"training": {"steps": 5}})
+    save_checkpoint(source, tmp_path / "src.pt", source.meta)
+    res = fit(img, mask, cfg, init=tmp_path / "src.pt")
+    for k, v in source.state_dict().items():
+        if k.endswith("weight"):  # one SGD step at lr 1e-12 leaves the weights where they were
+            torch.testing.assert_close(res.model.state_dict()[k], v, atol=1e-6, rtol=0)
+    wrong = TrainConfig(**{**TINY, "width": 4}, steps=1)
+    with pytest.raises(CheckpointError, match="architecture"):
+        fit(img, mask, wrong, init=tmp_path / "src.pt")

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", type=float, default=None, help="time budget")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--patch", default=None, help="patch size, e.g. 256,256 or 32,128,128")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 2e-3 new, 1e-4 with --from)")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--residual", action="store_true")
@@ -45,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args):
-    from .train import TrainConfig
+    from .train import FINE_TUNE_LR, TrainConfig
 
     kw = dict(dims=args.dims, context=args.context, width=args.width, depth=args.depth,
               residual=args.residual, device=args.device, seed=args.seed)
@@ -60,6 +61,8 @@ def _config(args):
         kw["batch_size"] = args.batch_size
     if args.lr:
         kw["lr"] = args.lr
+    elif args.source:  # fine-tuning a trained model
+        kw["lr"] = FINE_TUNE_LR
     if args.patch:
         kw["patch"] = tuple(int(v) for v in args.patch.split(","))
     return TrainConfig(**kw)

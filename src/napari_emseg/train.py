@@ -27,6 +27,9 @@ from ._normalize import normalization_range
 from ._progress import CancelCheck, Cancelled, ProgressCallback, check_cancel, report
 
 DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
+# Peak LR for fine-tuning a trained model from strokes; larger Adam steps undo
+# what the model knew before the strokes help (benchmarks/bench_finetune.py).
+FINE_TUNE_LR = 1e-4
 
 
 @dataclass
@@ -57,7 +60,9 @@ class TrainConfig:
     device: str | None = None
     amp: bool = True
     threads: int | None = None
-    freeze_norm: bool | None = None  # None: fit False; fine_tune True for trained models
+    freeze_norm: bool = False  # keep BatchNorm statistics fixed while training
+    train_layers: str = "all"  # "decoder": keep the encoder fixed (fine-tuning)
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9: small gradients, small steps)
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     class_names: list[str] | None = None
 
@@ -304,6 +309,31 @@ def validate(model, crops, device, freeze_norm: bool = False) -> float:
 
 
 # ------------------------------------------------------------------ the loop
+def _trainable(model, layers: str) -> list:
+    """The parameters to optimise: all, or the decoder only (encoder frozen)."""
+    if layers not in ("all", "decoder"):
+        raise ValueError(f"train_layers must be 'all' or 'decoder', got {layers!r}")
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(layers == "all" or not name.startswith("down."))
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def _optimizer(model, config: TrainConfig):
+    """AdamW or SGD with momentum over the trainable parameters."""
+    import torch
+
+    params = _trainable(model, config.train_layers)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True,
+                               weight_decay=config.weight_decay)
+    if config.optimizer != "adamw":
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {config.optimizer!r}")
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
 def pick_device(device: str | None = None) -> str:
     """``device`` or the best available one: cuda, then mps, then cpu."""
     import torch
@@ -398,7 +428,7 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
     torch.manual_seed(config.seed)
     model.to(device)
     set_train_mode(model, bool(config.freeze_norm))
-    optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optim = _optimizer(model, config)
     ckpt_path = Path(checkpoint) if checkpoint else None
     step, best, history, elapsed0 = 0, -1.0, [], 0.0
     best_state: dict = {}
@@ -470,6 +500,7 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
                 history.append(rec)
                 if on_log:
                     on_log(rec)
+                    set_train_mode(model, bool(config.freeze_norm))  # callbacks may predict
                 if iou > best:
                     save_best(iou)
                 if ckpt_path:
@@ -529,11 +560,12 @@ def fit(
     ignore_label: int | None = None,
     meta: dict | None = None,
     resume: bool = False,
+    init=None,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     on_log=None,
 ) -> TrainResult:
-    """Train a new U-Net from dense labels.
+    """Train a U-Net from dense labels (new, or warm-started from ``init``).
 
     Parameters
     ----------
@@ -545,6 +577,9 @@ def fit(
     checkpoint : path
         Where the best model is written (plus ``.csv`` log, ``.png`` chart and
         ``.resume.pt`` state for ``resume=True``).
+    init : UNet, bundled name or checkpoint path, optional
+        Start from these weights with a fresh LR schedule; its architecture
+        must match ``config`` (dims, context, depth, width, classes).
     progress, cancel, on_log : callbacks ``(step, total)``, ``() -> bool`` and
         ``(record: dict)`` at each validation.
     """
@@ -570,11 +605,26 @@ def fit(
     if n_classes > 2 and config.loss != "ce_dice":
         config = TrainConfig(**{**asdict(config), "loss": "ce_dice"})
     model = _make_model(config, 1 if n_classes == 2 else n_classes)
+    if init is not None:
+        _warm_start(model, init)
     info = _meta_for(config, n_classes, meta)
     model.meta = {**model.meta, **info}
     return _train_loop(model, imgs, tgts, _val_crops(vi, vt, config, sparse=False), config,
                        sparse=False, checkpoint=checkpoint, meta=info, progress=progress,
                        cancel=cancel, on_log=on_log, resume=resume)
+
+
+def _warm_start(model, init) -> None:
+    """Copy the weights of ``init`` into ``model`` (clear error on a mismatch)."""
+    from .models.zoo import CheckpointError, load_model
+
+    source = init if hasattr(init, "config") else load_model(init)
+    if dict(source.config) != dict(model.config):
+        raise CheckpointError(
+            f"cannot start from {getattr(source, 'meta', {}).get('name', 'this model')}: "
+            f"its architecture {source.config} differs from the training config "
+            f"{model.config}")
+    model.load_state_dict(source.state_dict())
 
 
 def fine_tune(
@@ -598,7 +648,7 @@ def fine_tune(
     config : TrainConfig
         ``dims``, ``context``, normalisation and architecture are taken from the
         model; steps, lr, batch size, patch from ``config`` (defaults suit a
-        quick fine-tune: 200 steps, lr 5e-4).
+        quick fine-tune: 200 steps, lr :data:`FINE_TUNE_LR` for a trained model).
     checkpoint : where the fine-tuned model is written.
 
     Validation IoU is measured on the painted voxels (there is no held-out data).
@@ -623,14 +673,12 @@ def fine_tune(
             f"but the model predicts {n_classes - 1} foreground class(es) "
             f"(labels 2..{n_classes} are foreground, 1 is background)"
         )
-    base = config or TrainConfig(steps=200, lr=5e-4, warmup=10, val_every=50, batch_size=4)
-    trained = bool(meta.get("training"))
+    base = config or fine_tune_defaults(model)
     cfg = TrainConfig(**{**asdict(base), "dims": model.config["dims"],
                          "context": int(meta.get("context", 0)),
                          "normalization": dict(meta.get("normalization")
                                                or DEFAULT_NORMALIZATION),
                          "loss": "ce_dice" if n_out > 1 else base.loss,
-                         "freeze_norm": trained if base.freeze_norm is None else base.freeze_norm,
                          "patch": base.patch or meta.get("patch")})
     cfg = _fit_patch(cfg, image.shape)
     targets = painted_targets(painted)
@@ -643,6 +691,13 @@ def fine_tune(
     return _train_loop(model, imgs, tgts, _val_crops(imgs, tgts, cfg, sparse=True), cfg,
                        sparse=True, checkpoint=checkpoint, meta=meta, progress=progress,
                        cancel=cancel, on_log=on_log, resume=False, save_state=False)
+
+
+def fine_tune_defaults(model) -> TrainConfig:
+    """A quick fine-tune: 200 steps of 4 patches, a small LR for a trained model."""
+    trained = bool(getattr(model, "meta", {}).get("training"))
+    return TrainConfig(steps=200, lr=FINE_TUNE_LR if trained else 1e-3, warmup=10,
+                       val_every=50, batch_size=4)
 
 
 def _fit_patch(cfg: TrainConfig, shape: tuple[int, ...]) -> TrainConfig:

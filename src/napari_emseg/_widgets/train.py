@@ -20,6 +20,7 @@ from magicgui.widgets import (
 )
 from napari.layers import Image, Labels
 
+from ..train import FINE_TUNE_LR
 from . import _common
 from ._common import (
     Job,
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     import napari
 
 SCRATCH = "__scratch__"
+SCRATCH_LR = 1e-3  # a new U-Net; fine-tuning uses train.FINE_TUNE_LR
 HELP = ("Paint in the annotation layer: <b>1</b> = background, <b>2</b> = foreground "
         "(3, 4, … = more classes); <b>0</b> = unlabeled, ignored by training. "
         "A few strokes on a few slices are enough to start.")
@@ -157,7 +159,9 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         self.minutes = FloatSpinBox(label="time budget (min, 0 = off)", value=0.0, min=0.0,
                                     max=10_000.0, step=1.0,
                                     tooltip="Stop after this many minutes (steps ignored)")
-        self.lr = FloatSpinBox(label="learning rate", value=5e-4, min=1e-6, max=1.0, step=1e-4)
+        self.lr = FloatSpinBox(label="learning rate", value=SCRATCH_LR, min=1e-6, max=1.0,
+                               step=1e-4, tooltip="Set when 'start from' changes: "
+                               f"{SCRATCH_LR:g} for a new model, {FINE_TUNE_LR:g} to fine-tune")
         self.lr.native.setDecimals(6)
         self.batch = SpinBox(label="batch", value=4, min=1, max=256)
         self.val_every = SpinBox(label="validate every (0 = auto)", value=0, min=0,
@@ -188,7 +192,9 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         self.predict_again_button.clicked.connect(self.predict_again)
         for widget in (self.image, self.annotations, self.minutes):
             widget.changed.connect(self._update_state)
+        self.start_from.changed.connect(self._suggest_lr)
         self._follow_registry(napari_viewer)
+        self._suggest_lr()
         self._layers_changed()
 
     # -- choices and state
@@ -218,6 +224,11 @@ class TrainWidget(ModelChoices, JobOwner, Container):
                     f"{tuple(layer_array(painted).shape)} but image {image.name!r} has "
                     f"{tuple(layer_array(image).shape)}")
         return None
+
+    def _suggest_lr(self, _value=None) -> None:
+        """Fine-tuning needs a smaller learning rate than training from scratch."""
+        self.lr.value = SCRATCH_LR if self.start_from.value == SCRATCH else FINE_TUNE_LR
+        self._update_state()
 
     def _update_state(self, _value=None) -> None:
         scratch = self.start_from.value == SCRATCH
