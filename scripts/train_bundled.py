@@ -117,8 +117,26 @@ def dice_iou_binary(pred: np.ndarray, gt: np.ndarray) -> dict:
     return class_scores(pred.astype(np.uint8), gt.astype(np.uint8), classes=[1])[1]
 
 
+THRESHOLDS = np.round(np.arange(0.2, 0.951, 0.05), 2)
+ZMEDIAN_SIZES = (3, 5)
+
+
+def choose_postprocess(prob: np.ndarray, gt: np.ndarray, sizes=(1,)) -> tuple[int, float]:
+    """(z-median size, threshold) with the best foreground IoU on ``prob`` vs ``gt``."""
+    from napari_emseg.postprocess import zfilter
+
+    best = (1, 0.5, -1.0)
+    for size in sizes:
+        p = prob if size == 1 else zfilter(prob, size=size, mode="z")
+        for t in THRESHOLDS:
+            iou = dice_iou_binary(p > t, gt)["iou"]
+            if iou > best[2]:
+                best = (size, float(t), iou)
+    return best[0], best[1]
+
+
 def evaluate(name: str, checkpoint: Path | None = None, tta: bool | int = True) -> dict:
-    """Held-back metrics; threshold and z-filter chosen on training slices."""
+    """Held-back metrics; threshold and z-median size chosen on training slices."""
     from napari_emseg.models.zoo import load_model
     from napari_emseg.postprocess import zfilter
     from napari_emseg.predict import predict_volume
@@ -126,18 +144,16 @@ def evaluate(name: str, checkpoint: Path | None = None, tta: bool | int = True) 
     ckpt = checkpoint or run_dir(name) / f"{name}.pt"
     model = load_model(ckpt)
     ti, tm, vi, vm, cut = split(name)
-    # choose the threshold on a slab of training slices (never on the held-back ones)
-    slab = slice(max(0, cut - 8), cut)
-    p_train = predict_volume(ti[slab], model, tta=tta)
-    best_t, best_score = 0.5, -1.0
-    for t in np.arange(0.3, 0.75, 0.05):
-        s = dice_iou_binary(p_train > t, tm[slab] > 0)["iou"]
-        if s > best_score:
-            best_t, best_score = float(t), s
+    # choose on a slab of training slices next to the held-back ones (never on those)
+    slab = slice(max(0, cut - 12), cut)
+    p_train, g_train = predict_volume(ti[slab], model, tta=tta), tm[slab] > 0
+    _, t_plain = choose_postprocess(p_train, g_train)
+    size, t_z = choose_postprocess(p_train, g_train, ZMEDIAN_SIZES)
     p_val = predict_volume(vi, model, tta=tta)
-    res = {"threshold": round(best_t, 2), "tta": tta}
-    for suffix, prob in (("", p_val), ("_zmedian", zfilter(p_val, size=3, mode="z"))):
-        scores = dice_iou_binary(prob > best_t, vm > 0)
+    res = {"threshold": t_plain, "tta": tta, "zmedian_size": size, "zmedian_threshold": t_z}
+    for suffix, prob, t in (("", p_val, t_plain),
+                            ("_zmedian", zfilter(p_val, size=size, mode="z"), t_z)):
+        scores = dice_iou_binary(prob > t, vm > 0)
         res[f"val_iou{suffix}"] = round(scores["iou"], 4)
         res[f"val_dice_f1{suffix}"] = round(scores["dice"], 4)
     print(json.dumps({name: res}), flush=True)
