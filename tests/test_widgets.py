@@ -245,6 +245,26 @@ def test_segment_labels_equal_engine_output_and_tracking_gives_3d_ids(
     assert same_partition(inst.data, reference)
 
 
+def test_segment_3d_uses_the_layer_voxel_size(make_napari_viewer, qtbot, crop_mask, notes,
+                                              monkeypatch):
+    from napari_emseg import postprocess
+
+    seen = []
+    real = postprocess.segment
+    monkeypatch.setattr(postprocess, "segment",
+                        lambda prob, **kw: seen.append(kw.get("spacing")) or real(prob, **kw))
+    prob = _blurred_probabilities(crop_mask)[:6]
+    viewer = make_napari_viewer()
+    viewer.add_image(prob, name="em probabilities", scale=(30.0, 5.0, 5.0))
+    sw = open_widget(viewer, "Segment instances")
+    sw.method.value = ("components", 3)
+    job = sw.run()
+    wait_job(qtbot, job)
+    assert job.exception is None and not notes.errors
+    assert seen == [(6.0, 1.0, 1.0)]  # relative to the finest axis: h stays in voxels
+    np.testing.assert_array_equal(viewer.layers["em instances"].scale, [30.0, 5.0, 5.0])
+
+
 def test_segment_preview_only_touches_current_slice(make_napari_viewer, qtbot, crop_mask,
                                                     notes):
     from napari_emseg.postprocess import segment

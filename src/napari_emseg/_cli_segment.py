@@ -53,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         nargs=3,
         metavar=("Z", "Y", "X"),
-        help="voxel size, used for 3D distances",
+        help="voxel size, used for 3D distances (default: from the input's metadata, "
+        "relative to its finest axis)",
     )
     seg.add_argument(
         "--seed-method", choices=["hmaxima", "peaks", "distance"], default="hmaxima"
@@ -139,6 +140,24 @@ def _as_probabilities(vol, channel: int | None):
     return arr
 
 
+def _spacing(args: argparse.Namespace) -> tuple[float, ...] | None:
+    """--spacing, else the input's voxel size (relative to its finest axis) for 3D."""
+    if args.spacing:
+        return tuple(args.spacing)
+    if args.dims != 3:
+        return None
+    from ._voxel import read_voxel_size, relative_spacing, scale_text
+
+    sizes = read_voxel_size(args.input, ndim=3)
+    if sizes is None:
+        return None
+    spacing = relative_spacing(sizes)
+    if not args.quiet:
+        print(f"voxel size {scale_text(sizes)} (from the file): 3D spacing {spacing}",
+              file=sys.stderr)
+    return spacing
+
+
 def run_segment(args: argparse.Namespace) -> int:
     """``emseg segment``: probabilities (or raw EM + --model) → instance labels."""
     if getattr(args, "blockwise", False):
@@ -187,7 +206,7 @@ def run_segment(args: argparse.Namespace) -> int:
         closing=args.closing,
         fill=args.fill_holes,
         min_size=args.min_size,
-        spacing=tuple(args.spacing) if args.spacing else None,
+        spacing=_spacing(args),
         seed_method=args.seed_method,
         min_distance=args.min_distance,
         h=args.h,

@@ -114,7 +114,8 @@ def read_em_volume(path: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     """Read an EM volume as napari layer data; warn and return ``None`` on failure.
 
     An HDF5 file or zarr group with several arrays gives one layer per 2D/3D
-    array (named ``"<file>/<key>"``). Zarr stores and volumes over
+    array (named ``"<file>/<key>"``). A voxel size found in the metadata
+    (ImageJ TIFF, MRC, OME-Zarr, HDF5 attributes) becomes the layer scale, in nm. Zarr stores and volumes over
     :data:`napari_emseg.io.LAZY_BYTES` open lazily as dask arrays.
     """
     single = _single_path(path)
@@ -139,6 +140,9 @@ def read_em_volume(path: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         name = _layer_name(single) if key is None else f"{_layer_name(single)}/{key}"
         layer_type = layer_type_for(Path(name.replace("/", "_")), data.dtype)
         meta: dict[str, Any] = {"name": name}
+        sizes = io.read_voxel_size(single, key, ndim=data.ndim)
+        if sizes:  # physical voxel size from the file's metadata, in nm
+            meta.update(scale=sizes, units="nm")
         if not isinstance(data, np.ndarray):
             meta["multiscale"] = False
         if layer_type == "labels" and data.dtype.kind == "b":

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic import atomic_path
+from ._voxel import read_voxel_size
 
 __all__ = [
     "LAZY_BYTES",
@@ -34,6 +35,7 @@ __all__ = [
     "natural_key",
     "open_zarr_output",
     "read_volume",
+    "read_voxel_size",
     "write_labels",
     "write_volume",
 ]

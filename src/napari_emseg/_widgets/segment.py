@@ -177,6 +177,10 @@ class SegmentWidget(CancellableJobOwner, Container):
             return None
         layer, prob = chosen
         params = self.parameters()
+        if params["dims"] == 3 and prob.ndim == 3 and len(set(layer.scale[-3:])) > 1:
+            from .._voxel import relative_spacing
+
+            params["spacing"] = relative_spacing(layer.scale[-3:])  # anisotropic voxels
         tracking = self.tracking_parameters() if prob.ndim == 3 else None
         name = base_name(layer.name)
         viewer = self._viewer
