@@ -99,6 +99,31 @@ def train(name: str, minutes: float, threads: int | None, resume: bool,
           f"{(time.time() - t0) / 60:.1f} min", flush=True)
 
 
+def final_checkpoint(name: str) -> Path:
+    """The run's last weights (end of the LR schedule) as ``runs/NAME/NAME-final.pt``.
+
+    Installing these instead of the best-validation checkpoint means no choice
+    is made on the held-back slices (the validation IoU is only monitored).
+    """
+    import torch
+
+    from napari_emseg.models.zoo import load_model, save_checkpoint
+
+    best = run_dir(name) / f"{name}.pt"
+    state = torch.load(best.with_name(f"{name}.resume.pt"), map_location="cpu",
+                       weights_only=True)
+    model = load_model(best)
+    model.load_state_dict(state["model"])
+    meta = dict(model.meta)
+    history = list(state["history"])
+    meta["training"] = {**meta.get("training", {}), "steps": int(state["step"]),
+                        "seconds": round(float(state["elapsed"]), 1),
+                        "history": history[-200:], "weights": "final"}
+    meta["metrics"] = {**meta.get("metrics", {}),
+                       "val_iou": history[-1]["val_iou"] if history else None}
+    return save_checkpoint(model, best.with_name(f"{name}-final.pt"), meta)
+
+
 def _warm_start_record(init: Path) -> dict:
     """What a warm-started run started from (its training history, summarised)."""
     from napari_emseg.models.zoo import read_checkpoint
@@ -197,8 +222,13 @@ def main(argv=None) -> int:
                     help="test-time augmentation variants for --evaluate/--install (0 = off)")
     ap.add_argument("--checkpoint", type=Path, default=None,
                     help="--install/--evaluate this file instead of runs/NAME/NAME.pt")
+    ap.add_argument("--final", action="store_true",
+                    help="--install/--evaluate the run's last weights, not the best-validation "
+                         "ones (no choice made on the held-back slices)")
     args = ap.parse_args(argv)
     tta = args.tta if args.tta not in (0, 8, 16) else bool(args.tta)
+    if args.final:
+        args.checkpoint = final_checkpoint(args.name)
     if args.install:
         install(args.name, tta, args.checkpoint)
     elif args.evaluate:
