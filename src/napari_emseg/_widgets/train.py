@@ -40,7 +40,9 @@ SCRATCH = "__scratch__"
 SCRATCH_LR = 1e-3  # a new U-Net; fine-tuning uses train.FINE_TUNE_LR
 HELP = ("Paint in the annotation layer: <b>1</b> = background, <b>2</b> = foreground "
         "(3, 4, … = more classes); <b>0</b> = unlabeled, ignored by training. "
-        "A few strokes on a few slices are enough to start.")
+        "A few strokes on a few slices are enough to start. To fine-tune, paint where "
+        "the prediction is wrong (missed parts as 2, false detections as 1) and a "
+        "background line just outside some objects.")
 
 
 def annotations_name(image_name: str) -> str:
