@@ -5,7 +5,7 @@ held-back Lucchi++ crop (slices 140-164 were never trained on), fine-tunes, and
 scores the unpainted voxels before and after. Baseline in the same run: the same
 fine-tune with dense labels of the crop (100 % painted).
 
-    python benchmarks/bench_finetune.py [--model mito-2d] [--steps 60] [--lr 1e-4]
+    python benchmarks/bench_finetune.py [--model mito-2d] [--steps 60] [--lr 3e-5]
         [--strokes corrections|skeletons]
 
 Writes ``benchmarks/results/finetune_<model>_<strokes>.json``.
@@ -107,15 +107,16 @@ def iou_unpainted(prob: np.ndarray, mask: np.ndarray, painted: np.ndarray, t: fl
 
 def run_one(model_name: str, img, mask, painted, scored, steps: int, label: str,
             lr: float, layers: str = "all", optimizer: str = "adamw",
-            freeze_norm: bool | None = None) -> dict:
+            freeze_norm: bool = False) -> dict:
     """Fine-tune on ``painted``; IoU on the voxels that ``scored`` leaves unpainted."""
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
-    from napari_emseg.train import TrainConfig, fine_tune
+    from napari_emseg.train import FINE_TUNED_THRESHOLD, TrainConfig, fine_tune
 
     model = load_model(model_name)
-    t = float(model.meta.get("threshold", 0.5))
-    before = iou_unpainted(predict_volume(img, model), mask, scored, t)
+    before = iou_unpainted(predict_volume(img, model), mask, scored,
+                           float(model.meta.get("threshold", 0.5)))
+    t = FINE_TUNED_THRESHOLD  # what fine_tune stores in the fine-tuned model
     curve = [{"step": 0, "train_seconds": 0.0, "iou": round(before, 4)}]
     eval_time = 0.0
     t0 = time.perf_counter()
@@ -144,12 +145,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mito-2d")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=None, help="default: train.FINE_TUNE_LR")
     ap.add_argument("--strokes", choices=["corrections", "skeletons"], default="corrections",
                     help="corrections: strokes on the model's errors first (a user fixing "
                          "a prediction); skeletons: object skeletons + far background lines")
     args = ap.parse_args(argv)
     import torch
+
+    from napari_emseg.train import FINE_TUNE_LR
+
+    args.lr = args.lr or FINE_TUNE_LR
 
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume

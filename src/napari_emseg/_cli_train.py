@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--patch", default=None, help="patch size, e.g. 256,256 or 32,128,128")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default 2e-3 new, 1e-4 with --from)")
+                   help="peak learning rate (default 2e-3 new, 3e-5 with --from)")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--residual", action="store_true")

@@ -29,7 +29,10 @@ from ._progress import CancelCheck, Cancelled, ProgressCallback, check_cancel, r
 DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
 # Peak LR for fine-tuning a trained model from strokes; larger Adam steps undo
 # what the model knew before the strokes help (benchmarks/bench_finetune.py).
-FINE_TUNE_LR = 1e-4
+FINE_TUNE_LR = 3e-5
+# A bundled model's threshold is chosen for its own calibration; after training on
+# strokes with BCE the natural cut (0.5) applies again.
+FINE_TUNED_THRESHOLD = 0.5
 
 
 @dataclass
@@ -665,6 +668,8 @@ def fine_tune(
     if painted.min() < 0:
         raise ValueError("painted labels must be >= 0 (0 = unlabeled)")
     meta = dict(model.meta)
+    if "threshold" in meta:  # tuned for the old weights; fine-tuning recalibrates to 0.5
+        meta["threshold"] = FINE_TUNED_THRESHOLD
     n_out = model.config["out_channels"]
     n_classes = 2 if n_out == 1 else n_out
     if int(painted.max()) > n_classes:
