@@ -174,7 +174,8 @@ def test_freeze_norm_keeps_batchnorm_statistics(crop):
     img, mask = crop
     painted = np.where(mask > 0, 2, 1).astype(np.uint8)
     for freeze in (True, False):
-        model = build_model(dict(dims=2, depth=2, width=4), {"training": {"steps": 10}})
+        model = build_model(dict(dims=2, depth=2, width=4),
+                            {"training": {"steps": 10}, "threshold": 0.8})
         with torch.no_grad():
             model.down[0].norm1.running_mean.fill_(0.3)
         cfg = TrainConfig(steps=3, batch_size=2, patch=(64, 64), val_every=3, threads=2,
@@ -182,6 +183,7 @@ def test_freeze_norm_keeps_batchnorm_statistics(crop):
         res = fine_tune(model, img, painted, cfg)
         kept = bool(torch.all(res.model.down[0].norm1.running_mean == 0.3))
         assert kept is freeze
+        assert res.model.meta["threshold"] == 0.5  # the tuned 0.8 no longer applies
 
 
 def test_fine_tune_defaults_to_a_small_learning_rate_for_trained_models():
