@@ -115,8 +115,9 @@ def read_em_volume(path: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
 
     An HDF5 file or zarr group with several arrays gives one layer per 2D/3D
     array (named ``"<file>/<key>"``). A voxel size found in the metadata
-    (ImageJ TIFF, MRC, OME-Zarr, HDF5 attributes) becomes the layer scale, in nm. Zarr stores and volumes over
-    :data:`napari_emseg.io.LAZY_BYTES` open lazily as dask arrays.
+    (ImageJ TIFF, MRC, OME-Zarr, HDF5 attributes) becomes the layer scale, in
+    nm. Zarr stores and volumes over :data:`napari_emseg.io.LAZY_BYTES` open
+    lazily as dask arrays.
     """
     single = _single_path(path)
     if single is None:

@@ -25,7 +25,7 @@ def _nm(unit: Any) -> float | None:
 
 
 def _valid(sizes: list[float] | tuple[float, ...] | None) -> tuple[float, ...] | None:
-    if not sizes or any(not (s > 0) or s != s or s == float("inf") for s in sizes):
+    if not sizes or any(not 0 < s < float("inf") for s in sizes):  # NaN fails too
         return None
     return tuple(round(float(s), 6) for s in sizes)
 
@@ -49,16 +49,18 @@ def read_voxel_size(path: str | os.PathLike, key: str | None = None,
         ``None`` when the metadata does not give every axis (a 3D stack
         needs a z spacing as well).
     """
+    from . import io  # io imports this module at load time
+
     path = Path(path)
     suffix = path.suffix.lower()
     try:
         if path.is_dir():
-            sizes = _zarr_size(path, key) if _is_zarr(path) else None
-        elif suffix in (".tif", ".tiff"):
+            sizes = _zarr_size(path, key) if io._is_zarr_dir(path) else None
+        elif suffix in io.TIFF_SUFFIXES:
             sizes = _tiff_size(path)
-        elif suffix in (".mrc", ".rec", ".map", ".st", ".ali"):
+        elif suffix in io.MRC_SUFFIXES:
             sizes = _mrc_size(path)
-        elif suffix in (".h5", ".hdf5", ".hdf"):
+        elif suffix in io.HDF5_SUFFIXES:
             sizes = _hdf5_size(path, key)
         else:
             sizes = None
@@ -68,10 +70,6 @@ def read_voxel_size(path: str | os.PathLike, key: str | None = None,
     if sizes is None or len(sizes) < ndim:
         return None
     return sizes[-ndim:]
-
-
-def _is_zarr(path: Path) -> bool:
-    return any((path / m).exists() for m in (".zarray", ".zgroup", "zarr.json"))
 
 
 def _tiff_size(path: Path) -> list[float] | None:
@@ -116,7 +114,9 @@ def _mrc_size(path: Path) -> list[float] | None:
 
 def _ome_scale(attrs: dict) -> list[float] | None:
     """Level-0 scale of an OME-Zarr multiscale, spatial axes only, in nm."""
-    ms = attrs.get("multiscales") or dict(attrs.get("ome") or {}).get("multiscales")
+    from .io import _multiscales
+
+    ms = _multiscales(attrs)
     if not ms:
         return None
     axes = ms[0].get("axes") or []
@@ -172,10 +172,11 @@ def _attr_size(attrs: dict) -> list[float] | None:
 def _hdf5_size(path: Path, key: str | None) -> list[float] | None:
     import h5py
 
+    from .io import _h5_datasets
+
     with h5py.File(path, "r") as f:
         if key is None:
-            names: list[str] = []
-            f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+            names = _h5_datasets(f)
             key = names[0] if len(names) == 1 else None
         for attrs in _attr_chain(f, key):
             sizes = _attr_size({k: _plain(v) for k, v in attrs.items()})

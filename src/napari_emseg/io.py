@@ -388,9 +388,14 @@ def _zarr_arrays(group: Any, prefix: str = "") -> list[str]:
     return sorted(names)
 
 
-def _ome_level0(attrs: Any) -> str | None:
+def _multiscales(attrs: Any) -> Any:
+    """The OME-Zarr ``multiscales`` list of a group's attributes (v0.4 or v0.5), or None."""
     attrs = dict(attrs)
-    ms = attrs.get("multiscales") or dict(attrs.get("ome") or {}).get("multiscales")
+    return attrs.get("multiscales") or dict(attrs.get("ome") or {}).get("multiscales")
+
+
+def _ome_level0(attrs: Any) -> str | None:
+    ms = _multiscales(attrs)
     try:
         return str(ms[0]["datasets"][0]["path"])
     except (TypeError, KeyError, IndexError):
