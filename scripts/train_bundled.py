@@ -200,7 +200,7 @@ def install(name: str, tta: bool | int = True, checkpoint: Path | None = None) -
     meta["torch"] = str(torch.__version__)
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     dst = save_checkpoint(model, WEIGHTS / f"{name}.pt", meta)
-    csv = (run_dir(name) / f"{name}.pt").with_suffix(".csv")
+    csv = run_dir(name) / f"{name}.csv"
     if csv.exists():
         shutil.copy(csv, REPO / "benchmarks" / "results" / f"train_{name}.csv")
     print(f"installed {dst} ({dst.stat().st_size / 1e6:.1f} MB)")

@@ -111,8 +111,7 @@ def test_train_from_scratch_and_cancel(make_napari_viewer, qtbot, tmp_path, crop
     assert tw.start_from.value == SCRATCH or SCRATCH in tw.start_from.choices
     tw.start_from.value = SCRATCH
     assert not tw.new_depth.native.isHidden() and not tw.new_width.native.isHidden()
-    from napari_emseg._widgets.train import SCRATCH_LR
-    from napari_emseg.train import FINE_TUNE_LR
+    from napari_emseg.train import FINE_TUNE_LR, SCRATCH_LR
 
     assert tw.lr.value == SCRATCH_LR
     tw.start_from.value = next(v for v in tw.start_from.choices if v != SCRATCH)

@@ -30,6 +30,8 @@ DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
 # Peak LR for fine-tuning a trained model from strokes; larger Adam steps undo
 # what the model knew before the strokes help (benchmarks/bench_finetune.py).
 FINE_TUNE_LR = 3e-5
+# Peak LR when the painted strokes train a new (untrained) U-Net.
+SCRATCH_LR = 1e-3
 # A bundled model's threshold is chosen for its own calibration; after training on
 # strokes with BCE the natural cut (0.5) applies again.
 FINE_TUNED_THRESHOLD = 0.5
@@ -289,8 +291,9 @@ def foreground_iou(logits_list, targets) -> float:
 def set_train_mode(model, freeze_norm: bool = False) -> None:
     """``model.train()``, keeping BatchNorm layers in eval mode when ``freeze_norm``.
 
-    Fine-tuning on a few painted strokes with small batches would otherwise
-    overwrite the running statistics learnt from dense data.
+    Off by default: fine-tuning a trained model with frozen statistics proved
+    fragile (benchmarks/bench_finetune.py), but the option keeps the running
+    statistics learnt from dense data when that is wanted.
     """
     from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -430,7 +433,7 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     model.to(device)
-    set_train_mode(model, bool(config.freeze_norm))
+    set_train_mode(model, config.freeze_norm)
     optim = _optimizer(model, config)
     ckpt_path = Path(checkpoint) if checkpoint else None
     step, best, history, elapsed0 = 0, -1.0, [], 0.0
@@ -495,7 +498,7 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
             report(progress, step, total)
             last = step == total or (budget and time.perf_counter() - t0 >= budget)
             if step % config.val_every == 0 or last:
-                iou = validate(model, val_crops, device, bool(config.freeze_norm))
+                iou = validate(model, val_crops, device, config.freeze_norm)
                 rec = {"step": step, "seconds": round(time.perf_counter() - t0, 1),
                        "loss": round(float(np.mean(losses)), 5), "val_iou": round(iou, 4),
                        "lr": optim.param_groups[0]["lr"]}
@@ -503,7 +506,7 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
                 history.append(rec)
                 if on_log:
                     on_log(rec)
-                    set_train_mode(model, bool(config.freeze_norm))  # callbacks may predict
+                    set_train_mode(model, config.freeze_norm)  # callbacks may predict
                 if iou > best:
                     save_best(iou)
                 if ckpt_path:
@@ -516,7 +519,7 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
     finally:
         stop.set()
     if best < 0 or (cancelled and ckpt_path and not ckpt_path.exists()):
-        save_best(validate(model, val_crops, device, bool(config.freeze_norm)))
+        save_best(validate(model, val_crops, device, config.freeze_norm))
     if ckpt_path and history:
         plot_history(history, ckpt_path.with_suffix(".png"))
     if best_state:  # the result is the best model seen, the one in the checkpoint
@@ -701,7 +704,7 @@ def fine_tune(
 def fine_tune_defaults(model) -> TrainConfig:
     """A quick fine-tune: 200 steps of 4 patches, a small LR for a trained model."""
     trained = bool(getattr(model, "meta", {}).get("training"))
-    return TrainConfig(steps=200, lr=FINE_TUNE_LR if trained else 1e-3, warmup=10,
+    return TrainConfig(steps=200, lr=FINE_TUNE_LR if trained else SCRATCH_LR, warmup=10,
                        val_every=50, batch_size=4)
 
 

@@ -20,7 +20,7 @@ from magicgui.widgets import (
 )
 from napari.layers import Image, Labels
 
-from ..train import FINE_TUNE_LR
+from ..train import FINE_TUNE_LR, SCRATCH_LR
 from . import _common
 from ._common import (
     Job,
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     import napari
 
 SCRATCH = "__scratch__"
-SCRATCH_LR = 1e-3  # a new U-Net; fine-tuning uses train.FINE_TUNE_LR
 HELP = ("Paint in the annotation layer: <b>1</b> = background, <b>2</b> = foreground "
         "(3, 4, … = more classes); <b>0</b> = unlabeled, ignored by training. "
         "A few strokes on a few slices are enough to start. To fine-tune, paint where "
