@@ -106,16 +106,17 @@ def iou_unpainted(prob: np.ndarray, mask: np.ndarray, painted: np.ndarray, t: fl
 
 
 def run_one(model_name: str, img, mask, painted, scored, steps: int, label: str,
-            lr: float, layers: str = "all", optimizer: str = "adamw",
+            lr: float, before: float, layers: str = "all", optimizer: str = "adamw",
             freeze_norm: bool = False) -> dict:
-    """Fine-tune on ``painted``; IoU on the voxels that ``scored`` leaves unpainted."""
+    """Fine-tune on ``painted``; IoU on the voxels that ``scored`` leaves unpainted.
+
+    ``before`` is the bundled model's IoU on those voxels (computed once by the caller).
+    """
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
     from napari_emseg.train import FINE_TUNED_THRESHOLD, TrainConfig, fine_tune
 
     model = load_model(model_name)
-    before = iou_unpainted(predict_volume(img, model), mask, scored,
-                           float(model.meta.get("threshold", 0.5)))
     t = FINE_TUNED_THRESHOLD  # what fine_tune stores in the fine-tuned model
     curve = [{"step": 0, "train_seconds": 0.0, "iou": round(before, 4)}]
     eval_time = 0.0
@@ -160,12 +161,13 @@ def main(argv=None) -> int:
     from napari_emseg.predict import predict_volume
 
     img, mask = load_crop()
+    model = load_model(args.model)
+    prob, t = predict_volume(img, model), float(model.meta.get("threshold", 0.5))
     if args.strokes == "corrections":
-        model = load_model(args.model)
-        prob = predict_volume(img, model)
-        sparse = paint_corrections(mask, prob, float(model.meta.get("threshold", 0.5)))
+        sparse = paint_corrections(mask, prob, t)
     else:
         sparse = paint_strokes(mask)
+    before = iou_unpainted(prob, mask, sparse, t)  # both runs score the same voxels
     dense = np.where(mask > 0, 2, 1).astype(np.uint8)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
@@ -174,9 +176,9 @@ def main(argv=None) -> int:
     res = {"model": args.model, "crop": list(img.shape), "device": f"{device}: {name}",
            "steps": args.steps, "lr": args.lr, "strokes": args.strokes,
            "sparse_1pct": run_one(args.model, img, mask, sparse, sparse, args.steps,
-                                  "1% strokes", args.lr),
+                                  "1% strokes", args.lr, before),
            "dense_baseline": run_one(args.model, img, mask, dense, sparse, args.steps,
-                                    "dense", args.lr)}
+                                    "dense", args.lr, before)}
     # the dense model's IoU is scored on the same unpainted voxels as the sparse one
     res["ratio_sparse_vs_dense"] = round(res["sparse_1pct"]["after"]
                                          / max(res["dense_baseline"]["after"], 1e-9), 3)
