@@ -73,7 +73,7 @@ def run_dir(name: str) -> Path:
 
 
 def train(name: str, minutes: float, threads: int | None, resume: bool,
-          init: Path | None = None, lr: float | None = None) -> None:
+          init: Path | None = None, lr: float | None = None, snapshots: bool = False) -> None:
     from napari_emseg.train import TrainConfig, fit
 
     recipe = RECIPES[name]
@@ -88,15 +88,71 @@ def train(name: str, minutes: float, threads: int | None, resume: bool,
                               "val_slices": [cut, cut + vi.shape[0]]}}
     if init:
         meta["warm_start"] = _warm_start_record(init)
+    if snapshots and not resume:  # a new run: drop an earlier run's snapshots
+        shutil.rmtree(out / "snapshots", ignore_errors=True)
     t0 = time.time()
 
     def log(rec):
         print(json.dumps(rec), flush=True)
+        if snapshots:  # the state saved at the previous validation
+            save_snapshot(name)
 
     res = fit(ti, tm, cfg, val_images=vi, val_labels=vm, checkpoint=out / f"{name}.pt",
               meta=meta, resume=resume, init=init, on_log=log)
+    if snapshots:
+        save_snapshot(name)
     print(f"{name}: {res.steps} steps, best val IoU {res.best_iou:.4f}, "
           f"{(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+def save_snapshot(name: str) -> Path | None:
+    """Copy the run's resume state (step + weights) to ``runs/NAME/snapshots/``."""
+    import torch
+
+    state_file = run_dir(name) / f"{name}.resume.pt"
+    if not state_file.exists():
+        return None
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    out = run_dir(name) / "snapshots" / f"step-{int(state['step']):06d}.pt"
+    out.parent.mkdir(exist_ok=True)
+    torch.save({"step": int(state["step"]), "model": state["model"]}, out)
+    return out
+
+
+def averaged_checkpoint(name: str, fraction: float) -> Path:
+    """Weight average of the run's snapshots in the last ``fraction`` of its steps.
+
+    Stochastic weight averaging over the tail of the cosine schedule: the
+    snapshots (``--snapshots``) and the final state are averaged, then the
+    BatchNorm statistics are recomputed on training patches. Written to
+    ``runs/NAME/NAME-avg.pt``; like ``--final``, nothing is chosen on the
+    held-back slices.
+    """
+    import torch
+
+    from napari_emseg.models.zoo import load_model, save_checkpoint
+    from napari_emseg.train import TrainConfig, average_states, update_norm_stats
+
+    final = torch.load(run_dir(name) / f"{name}.resume.pt", map_location="cpu",
+                       weights_only=True)
+    last = int(final["step"])
+    states = {last: final["model"]}
+    for f in sorted((run_dir(name) / "snapshots").glob("*.pt")):
+        snap = torch.load(f, map_location="cpu", weights_only=True)
+        if int(snap["step"]) >= last * (1 - fraction):
+            states.setdefault(int(snap["step"]), snap["model"])
+    steps = sorted(states)
+    model = load_model(run_dir(name) / f"{name}.pt")
+    model.load_state_dict(average_states([states[s] for s in steps]))
+    ti, tm, *_ = split(name)
+    update_norm_stats(model, ti, tm, TrainConfig(**RECIPES[name]["config"]), batches=100)
+    meta = dict(model.meta)
+    meta["training"] = {**meta.get("training", {}), "steps": last,
+                        "seconds": round(float(final["elapsed"]), 1),
+                        "history": list(final["history"])[-200:],
+                        "weights": f"average of {len(steps)} snapshots, steps {steps}"}
+    print(f"averaged {len(steps)} states: steps {steps}", flush=True)
+    return save_checkpoint(model, run_dir(name) / f"{name}-avg.pt", meta)
 
 
 def final_checkpoint(name: str) -> Path:
@@ -225,16 +281,25 @@ def main(argv=None) -> int:
     ap.add_argument("--final", action="store_true",
                     help="--install/--evaluate the run's last weights, not the best-validation "
                          "ones (no choice made on the held-back slices)")
+    ap.add_argument("--snapshots", action="store_true",
+                    help="training: keep the weights of every validation step in "
+                         "runs/NAME/snapshots/ (for --average)")
+    ap.add_argument("--average", type=float, default=None, metavar="FRACTION",
+                    help="--install/--evaluate the weight average of the snapshots in the "
+                         "last FRACTION of the run's steps (BatchNorm recomputed)")
     args = ap.parse_args(argv)
     tta = args.tta if args.tta not in (0, 8, 16) else bool(args.tta)
     if args.final:
         args.checkpoint = final_checkpoint(args.name)
+    elif args.average:
+        args.checkpoint = averaged_checkpoint(args.name, args.average)
     if args.install:
         install(args.name, tta, args.checkpoint)
     elif args.evaluate:
         evaluate(args.name, args.checkpoint, tta=tta)
     else:
-        train(args.name, args.minutes, args.threads, args.resume, args.init, args.lr)
+        train(args.name, args.minutes, args.threads, args.resume, args.init, args.lr,
+              args.snapshots)
     return 0
 
 

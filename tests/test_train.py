@@ -229,3 +229,40 @@ def test_fit_warm_starts_from_a_checkpoint(crop, tmp_path):
     wrong = TrainConfig(**{**TINY, "width": 4}, steps=1)
     with pytest.raises(CheckpointError, match="architecture"):
         fit(img, mask, wrong, init=tmp_path / "src.pt")
+
+
+def test_average_states_is_the_elementwise_mean():
+    from napari_emseg.train import average_states
+
+    a = build_model(dict(dims=2, depth=2, width=4)).state_dict()
+    b = build_model(dict(dims=2, depth=2, width=4)).state_dict()
+    b = {k: (v + 2.0 if v.is_floating_point() else v + 7) for k, v in b.items()}
+    avg = average_states([a, b])
+    key = "down.0.conv1.weight"
+    torch.testing.assert_close(avg[key], (a[key] + b[key]) / 2)
+    counts = [k for k in avg if k.endswith("num_batches_tracked")]
+    assert counts and all(torch.equal(avg[k], b[k]) for k in counts)  # from the last state
+    with pytest.raises(ValueError, match="at least one"):
+        average_states([])
+    with pytest.raises(ValueError, match="different parameters"):
+        average_states([a, {key: a[key]}])
+
+
+def test_update_norm_stats_replaces_stale_batchnorm_statistics(crop):
+    from napari_emseg.train import update_norm_stats
+
+    img, mask = crop
+    model = build_model(dict(dims=2, depth=2, width=4))
+    norm = model.down[0].norm1
+    with torch.no_grad():
+        norm.running_mean.fill_(50.0)
+        norm.running_var.fill_(1e-4)
+    seen = []
+    hook = model.down[0].conv1.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    cfg = TrainConfig(dims=2, depth=2, width=4, patch=(64, 64), batch_size=4, elastic_p=0.0)
+    update_norm_stats(model, img, mask, cfg, batches=20)
+    hook.remove()
+    assert not model.training and len(seen) == 20
+    acts = torch.cat(seen).transpose(0, 1).flatten(1)  # (channels, samples)
+    torch.testing.assert_close(norm.running_mean, acts.mean(1), atol=1e-4, rtol=1e-4)
+    assert torch.all(norm.running_var > 1e-3)

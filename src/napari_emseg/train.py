@@ -717,3 +717,55 @@ def _fit_patch(cfg: TrainConfig, shape: tuple[int, ...]) -> TrainConfig:
     if cfg.dims == 3:
         new = (max(4, min(patch[0], spatial[0] + (-spatial[0]) % 4)), *new[1:])
     return TrainConfig(**{**asdict(cfg), "patch": new})
+
+
+def average_states(states: list[dict]) -> dict:
+    """Element-wise mean of model state dicts (stochastic weight averaging).
+
+    Parameters
+    ----------
+    states : list of state dicts of one architecture (e.g. snapshots of a run).
+
+    Integer buffers (BatchNorm batch counts) are taken from the last state; the
+    averaged BatchNorm statistics should be recomputed with :func:`update_norm_stats`.
+    """
+    if not states:
+        raise ValueError("average_states needs at least one state dict")
+    keys = set(states[0])
+    for k, state in enumerate(states[1:], 1):
+        if set(state) != keys:
+            raise ValueError(f"state {k} has different parameters than state 0")
+    out = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            out[key] = sum(s[key].detach().float() for s in states) / len(states)
+            out[key] = out[key].to(last.dtype)
+        else:
+            out[key] = last.clone()
+    return out
+
+
+def update_norm_stats(model, images, labels, config: TrainConfig, batches: int = 50,
+                      device: str | None = None):
+    """Recompute BatchNorm running statistics on training patches, in place.
+
+    Parameters
+    ----------
+    model : UNet (its weights just averaged, say)
+    images, labels : ndarray (Z, Y, X) or lists of them, as for :func:`fit`
+    config : TrainConfig giving patch size, batch size, context and augmentation
+    batches : number of training batches to average the statistics over
+
+    Returns the model, in eval mode.
+    """
+    import torch
+    from torch.optim.swa_utils import update_bn
+
+    images, labels = _as_list(images), _as_list(labels)
+    imgs, tgts = _prepare(images, [dense_targets(lab) for lab in labels], config)
+    sampler = PatchSampler(imgs, tgts, config, sparse=False)
+    dev = pick_device(device)
+    model.to(dev)
+    loader = (torch.from_numpy(sampler.batch()[0]) for _ in range(batches))
+    update_bn(loader, model, device=torch.device(dev))
+    return model.eval()
