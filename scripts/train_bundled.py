@@ -202,8 +202,9 @@ THRESHOLDS = np.round(np.arange(0.2, 0.951, 0.05), 2)
 ZMEDIAN_SIZES = (3, 5)
 
 
-def choose_postprocess(prob: np.ndarray, gt: np.ndarray, sizes=(1,)) -> tuple[int, float]:
-    """(z-median size, threshold) with the best foreground IoU on ``prob`` vs ``gt``."""
+def choose_postprocess(prob: np.ndarray, gt: np.ndarray,
+                       sizes=(1,)) -> tuple[int, float, float]:
+    """(z-median size, threshold, IoU) with the best foreground IoU on ``prob`` vs ``gt``."""
     from napari_emseg.postprocess import zfilter
 
     best = (1, 0.5, -1.0)
@@ -213,7 +214,7 @@ def choose_postprocess(prob: np.ndarray, gt: np.ndarray, sizes=(1,)) -> tuple[in
             iou = dice_iou_binary(p > t, gt)["iou"]
             if iou > best[2]:
                 best = (size, float(t), iou)
-    return best[0], best[1]
+    return best
 
 
 def evaluate(name: str, checkpoint: Path | None = None, tta: bool | int = True) -> dict:
@@ -228,10 +229,11 @@ def evaluate(name: str, checkpoint: Path | None = None, tta: bool | int = True) 
     # choose on a slab of training slices next to the held-back ones (never on those)
     slab = slice(max(0, cut - 12), cut)
     p_train, g_train = predict_volume(ti[slab], model, tta=tta), tm[slab] > 0
-    _, t_plain = choose_postprocess(p_train, g_train)
-    size, t_z = choose_postprocess(p_train, g_train, ZMEDIAN_SIZES)
+    _, t_plain, slab_iou = choose_postprocess(p_train, g_train)
+    size, t_z, _ = choose_postprocess(p_train, g_train, ZMEDIAN_SIZES)
     p_val = predict_volume(vi, model, tta=tta)
-    res = {"threshold": t_plain, "tta": tta, "zmedian_size": size, "zmedian_threshold": t_z}
+    res = {"threshold": t_plain, "tta": tta, "zmedian_size": size, "zmedian_threshold": t_z,
+           "train_slab_iou": round(slab_iou, 4)}
     for suffix, prob, t in (("", p_val, t_plain),
                             ("_zmedian", zfilter(p_val, size=size, mode="z"), t_z)):
         scores = dice_iou_binary(prob > t, vm > 0)
