@@ -130,11 +130,10 @@ def averaged_checkpoint(name: str, fraction: float) -> Path:
     """
     import torch
 
-    from napari_emseg.models.zoo import load_model, save_checkpoint
+    from napari_emseg.models.zoo import load_model
     from napari_emseg.train import TrainConfig, average_states, update_norm_stats
 
-    final = torch.load(run_dir(name) / f"{name}.resume.pt", map_location="cpu",
-                       weights_only=True)
+    final = _resume_state(name)
     last = int(final["step"])
     states = {last: final["model"]}
     for f in sorted((run_dir(name) / "snapshots").glob("*.pt")):
@@ -146,13 +145,9 @@ def averaged_checkpoint(name: str, fraction: float) -> Path:
     model.load_state_dict(average_states([states[s] for s in steps]))
     ti, tm, *_ = split(name)
     update_norm_stats(model, ti, tm, TrainConfig(**RECIPES[name]["config"]), batches=100)
-    meta = dict(model.meta)
-    meta["training"] = {**meta.get("training", {}), "steps": last,
-                        "seconds": round(float(final["elapsed"]), 1),
-                        "history": list(final["history"])[-200:],
-                        "weights": f"average of {len(steps)} snapshots, steps {steps}"}
     print(f"averaged {len(steps)} states: steps {steps}", flush=True)
-    return save_checkpoint(model, run_dir(name) / f"{name}-avg.pt", meta)
+    return _save_run_weights(name, model, final, "avg",
+                             f"average of {len(steps)} snapshots, steps {steps}")
 
 
 def final_checkpoint(name: str) -> Path:
@@ -161,23 +156,36 @@ def final_checkpoint(name: str) -> Path:
     Installing these instead of the best-validation checkpoint means no choice
     is made on the held-back slices (the validation IoU is only monitored).
     """
+    from napari_emseg.models.zoo import load_model
+
+    state = _resume_state(name)
+    model = load_model(run_dir(name) / f"{name}.pt")
+    model.load_state_dict(state["model"])
+    history = list(state["history"])
+    return _save_run_weights(name, model, state, "final", "final",
+                             {"val_iou": history[-1]["val_iou"] if history else None})
+
+
+def _resume_state(name: str) -> dict:
+    """The run's last training state (``runs/NAME/NAME.resume.pt``)."""
     import torch
 
-    from napari_emseg.models.zoo import load_model, save_checkpoint
+    return torch.load(run_dir(name) / f"{name}.resume.pt", map_location="cpu",
+                      weights_only=True)
 
-    best = run_dir(name) / f"{name}.pt"
-    state = torch.load(best.with_name(f"{name}.resume.pt"), map_location="cpu",
-                       weights_only=True)
-    model = load_model(best)
-    model.load_state_dict(state["model"])
+
+def _save_run_weights(name: str, model, state: dict, suffix: str, weights: str,
+                      metrics: dict | None = None) -> Path:
+    """Save ``model`` as ``runs/NAME/NAME-SUFFIX.pt`` with the run's training record."""
+    from napari_emseg.models.zoo import save_checkpoint
+
     meta = dict(model.meta)
-    history = list(state["history"])
     meta["training"] = {**meta.get("training", {}), "steps": int(state["step"]),
                         "seconds": round(float(state["elapsed"]), 1),
-                        "history": history[-200:], "weights": "final"}
-    meta["metrics"] = {**meta.get("metrics", {}),
-                       "val_iou": history[-1]["val_iou"] if history else None}
-    return save_checkpoint(model, best.with_name(f"{name}-final.pt"), meta)
+                        "history": list(state["history"])[-200:], "weights": weights}
+    if metrics:
+        meta["metrics"] = {**meta.get("metrics", {}), **metrics}
+    return save_checkpoint(model, run_dir(name) / f"{name}-{suffix}.pt", meta)
 
 
 def _warm_start_record(init: Path) -> dict:
