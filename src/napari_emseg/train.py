@@ -49,6 +49,8 @@ class TrainConfig:
     residual: bool = False
     dropout: float = 0.0
     anisotropic_levels: int = 0
+    pool_z: bool = True  # 3D: False pools only in y/x (see UNet)
+    first_kernel_z: int = 0  # 3D: z extent of the first convolution (see UNet)
     patch: tuple[int, ...] | None = None
     batch_size: int = 8
     steps: int = 500
@@ -420,7 +422,8 @@ def _make_model(config: TrainConfig, out_channels: int, model=None):
                             out_channels=out_channels, depth=config.depth,
                             width=config.width, norm=config.norm,
                             residual=config.residual, dropout=config.dropout,
-                            anisotropic_levels=config.anisotropic_levels))
+                            anisotropic_levels=config.anisotropic_levels,
+                            pool_z=config.pool_z, first_kernel_z=config.first_kernel_z))
 
 
 def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, sparse: bool,

@@ -41,11 +41,14 @@ class ConvBlock(nn.Module):
         residual: bool,
         dropout: float,
         kernel: Sequence[int],
+        first_kernel: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         conv = _conv(dims)
         pad = tuple(k // 2 for k in kernel)
-        self.conv1 = conv(cin, cout, tuple(kernel), padding=pad, bias=norm == "none")
+        k1 = tuple(first_kernel or kernel)
+        self.conv1 = conv(cin, cout, k1, padding=tuple(k // 2 for k in k1),
+                          bias=norm == "none")
         self.norm1 = _norm(norm, dims, cout)
         self.conv2 = conv(cout, cout, tuple(kernel), padding=pad, bias=norm == "none")
         self.norm2 = _norm(norm, dims, cout)
@@ -54,7 +57,12 @@ class ConvBlock(nn.Module):
         self.drop = drop(dropout) if dropout > 0 else nn.Identity()
         self.skip = None
         if residual:
-            self.skip = conv(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
+            # 1×1 projection; with a first_kernel it reaches as far along z
+            kz = first_kernel[0] if first_kernel else 1
+            sk = (kz,) + (1,) * (dims - 1)
+            sp = (kz // 2,) + (0,) * (dims - 1)
+            self.skip = (conv(cin, cout, sk, padding=sp, bias=False) if cin != cout
+                         else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.norm1(self.conv1(x)))
@@ -87,6 +95,13 @@ class UNet(nn.Module):
     anisotropic_levels : int
         3D only: the first ``anisotropic_levels`` levels use 1×3×3 kernels and
         pool only in y/x (for thick sections).
+    pool_z : bool
+        3D only: ``False`` pools only in y/x at every level (full z resolution).
+    first_kernel_z : int
+        3D only: z extent of the very first convolution (and of its residual
+        projection); 0 = that level's kernel. A 2.5D model with ``c`` context
+        slices inflates exactly into ``first_kernel_z = 2c + 1``
+        (:func:`inflate_2d`).
 
     Input spatial sizes must be divisible by :meth:`divisor`.
     """
@@ -102,14 +117,19 @@ class UNet(nn.Module):
         residual: bool = False,
         dropout: float = 0.0,
         anisotropic_levels: int = 0,
+        pool_z: bool = True,
+        first_kernel_z: int = 0,
     ) -> None:
         super().__init__()
         if dims not in (2, 3):
             raise ValueError(f"dims must be 2 or 3, got {dims!r}")
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        if dims == 2 and anisotropic_levels:
-            raise ValueError("anisotropic_levels applies to 3D models only")
+        if dims == 2 and (anisotropic_levels or not pool_z or first_kernel_z):
+            raise ValueError("anisotropic_levels, pool_z and first_kernel_z apply to 3D "
+                             "models only")
+        if first_kernel_z < 0 or first_kernel_z and first_kernel_z % 2 == 0:
+            raise ValueError(f"first_kernel_z must be 0 or odd, got {first_kernel_z}")
         self.config = dict(
             dims=dims,
             in_channels=in_channels,
@@ -121,6 +141,8 @@ class UNet(nn.Module):
             dropout=dropout,
             anisotropic_levels=anisotropic_levels,
         )
+        if not pool_z or first_kernel_z:  # older checkpoints' configs stay as they were
+            self.config.update(pool_z=pool_z, first_kernel_z=first_kernel_z)
         self.dims = dims
         chans = [width * 2**i for i in range(depth)]
         self.pools = [self._pool_size(i) for i in range(depth - 1)]
@@ -129,8 +151,11 @@ class UNet(nn.Module):
         cin = in_channels
         for level, c in enumerate(chans):
             drop = dropout if level >= depth - 2 else 0.0
+            first = None
+            if level == 0 and first_kernel_z:
+                first = (first_kernel_z, 3, 3)
             self.down.append(
-                ConvBlock(dims, cin, c, norm, residual, drop, self._kernel(level))
+                ConvBlock(dims, cin, c, norm, residual, drop, self._kernel(level), first)
             )
             cin = c
         maxpool = nn.MaxPool2d if dims == 2 else nn.MaxPool3d
@@ -151,8 +176,8 @@ class UNet(nn.Module):
     def _pool_size(self, level: int) -> tuple[int, ...]:
         if self.dims == 2:
             return (2, 2)
-        z = 1 if level < self.config["anisotropic_levels"] else 2
-        return (z, 2, 2)
+        flat = level < self.config["anisotropic_levels"] or not self.config.get("pool_z", True)
+        return (1 if flat else 2, 2, 2)
 
     def _kernel(self, level: int) -> tuple[int, ...]:
         if self.dims == 2:
@@ -178,3 +203,57 @@ class UNet(nn.Module):
             x = up(x)
             x = block(torch.cat([x, skips.pop()], dim=1))
         return self.head(x)
+
+
+_INFLATED_META = ("classes", "activation", "normalization", "threshold")
+
+
+def inflate_2d(model2d: UNet, anisotropic_levels: int = 0) -> UNet:
+    """A 3D U-Net that computes exactly what a 2D / 2.5D U-Net computes per slice.
+
+    I3D-style inflation: each 2D kernel becomes the centre z-plane of a 3D
+    kernel (the other planes are zero, free to learn z context), pooling stays
+    in y/x, and the ``2c + 1`` input slices of a 2.5D model become the z taps
+    of the first convolution. Away from the volume's first and last ``c``
+    slices the outputs are identical; training then adds 3D context.
+
+    Parameters
+    ----------
+    model2d : UNet
+        ``dims=2``, with ``in_channels = 2c + 1`` (odd).
+    anisotropic_levels : int
+        Levels of the 3D model that keep 1×3×3 kernels (cheaper, no new z taps).
+
+    Returns
+    -------
+    UNet
+        ``dims=3``, one input channel, ``.meta`` copied with ``context=0``.
+    """
+    cfg = dict(model2d.config)
+    if cfg["dims"] != 2 or cfg["in_channels"] % 2 == 0:
+        raise ValueError("inflate_2d needs a 2D model with an odd number of input "
+                         f"channels (1 or 2c + 1 slices), got {cfg}")
+    model3d = UNet(**{**cfg, "dims": 3, "in_channels": 1, "pool_z": False,
+                      "anisotropic_levels": anisotropic_levels,
+                      "first_kernel_z": cfg["in_channels"] if cfg["in_channels"] > 1 else 0})
+    own = model3d.state_dict()
+    with torch.no_grad():
+        for key, w2 in model2d.state_dict().items():
+            own[key].copy_(_inflate_tensor(w2, own[key]))
+    model3d.load_state_dict(own)
+    meta = getattr(model2d, "meta", {})
+    model3d.meta = {**{k: meta[k] for k in _INFLATED_META if k in meta},
+                    "context": 0, "dims": 3, "inflated_from": meta.get("name")}
+    return model3d
+
+
+def _inflate_tensor(w2: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 2D weight placed into a 3D one of shape ``like`` (see :func:`inflate_2d`)."""
+    if w2.ndim != 4:  # biases, norm parameters and statistics
+        return w2
+    out = torch.zeros_like(like)
+    if like.shape[1] == 1 and w2.shape[1] == like.shape[2] > 1:  # 2.5D slices -> z taps
+        out[:, 0] = w2
+    else:
+        out[:, :, like.shape[2] // 2] = w2
+    return out
