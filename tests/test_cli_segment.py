@@ -65,6 +65,23 @@ def test_segment_with_model_calls_predict(tmp_path, monkeypatch):
     assert read_labels(out).max() == 2 * 4  # 2D instances, not tracked
 
 
+@pytest.mark.parametrize(("extra", "objects"), [([], 0), (["--threshold", "0.5"], 8)])
+def test_segment_with_model_uses_its_tuned_threshold(tmp_path, monkeypatch, extra, objects):
+    pytest.importorskip("torch")
+    from napari_emseg.models import zoo
+
+    model = zoo.build_model(dict(dims=2, depth=2, width=4), {"threshold": 0.7})
+    ckpt = zoo.save_checkpoint(model, tmp_path / "tuned.pt")
+    fake = types.ModuleType("napari_emseg.predict")
+    fake.predict_volume = lambda volume, model, **kw: np.where(
+        np.asarray(volume) > 100, 0.6, 0.1).astype(np.float32)  # below 0.7, above 0.5
+    monkeypatch.setitem(sys.modules, "napari_emseg.predict", fake)
+    src, out = tmp_path / "raw.tif", tmp_path / "labels.tif"
+    tifffile.imwrite(src, (discs_stack() * 200 + 20).astype(np.uint8))
+    assert main(["segment", str(src), str(out), "--model", str(ckpt), "--quiet", *extra]) == 0
+    assert read_labels(out).max() == objects
+
+
 def test_segment_rejects_raw_em_without_model(tmp_path, capsys):
     src = tmp_path / "raw.tif"
     tifffile.imwrite(src, np.full((2, 8, 8), 3.5, np.float32))

@@ -183,7 +183,8 @@ def test_freeze_norm_keeps_batchnorm_statistics(crop):
         res = fine_tune(model, img, painted, cfg)
         kept = bool(torch.all(res.model.down[0].norm1.running_mean == 0.3))
         assert kept is freeze
-        assert res.model.meta["threshold"] == 0.5  # the tuned 0.8 no longer applies
+        # the tuned 0.8 no longer applies: the painted voxels choose the threshold
+        assert res.model.meta["threshold_source"].startswith("painted voxels")
 
 
 def test_fine_tune_defaults_to_a_small_learning_rate_for_trained_models():
@@ -266,3 +267,70 @@ def test_update_norm_stats_replaces_stale_batchnorm_statistics(crop):
     acts = torch.cat(seen).transpose(0, 1).flatten(1)  # (channels, samples)
     torch.testing.assert_close(norm.running_mean, acts.mean(1), atol=1e-4, rtol=1e-4)
     assert torch.all(norm.running_var > 1e-3)
+
+
+def test_best_threshold_separates_the_labelled_voxels():
+    from napari_emseg.train import best_threshold
+
+    rng = np.random.default_rng(0)
+    fg = rng.random(2000) < 0.3
+    prob = np.where(fg, rng.uniform(0.25, 0.6, 2000), rng.uniform(0.0, 0.2, 2000))
+    t, iou = best_threshold(prob, fg)
+    assert t == 0.25 and iou == 1.0  # 0.2 separates as well; ties go towards 0.5
+    assert best_threshold(np.full(10, 0.5), np.zeros(10, bool))[0] == 0.5  # tie -> 0.5
+
+
+def test_painted_boxes_cover_runs_of_painted_slices():
+    from napari_emseg.train import _painted_boxes
+
+    painted = np.zeros((30, 100, 100), np.uint8)
+    painted[3, 40:50, 10:20] = 1
+    painted[4, 60, 70] = 2
+    painted[20, 5, 5] = 1
+    boxes = _painted_boxes(painted, margin=1, pad=4)
+    assert boxes == [(slice(2, 6), slice(36, 65), slice(6, 75)),
+                     (slice(19, 22), slice(1, 10), slice(1, 10))]
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(crop, tmp_path_factory):
+    """A tiny model fine-tuned on strokes of every other slice, and its strokes."""
+    img, mask = crop
+    model = build_model(dict(dims=2, depth=3, width=8), {"context": 0, "threshold": 0.9,
+                                                         "training": {"steps": 1}})
+    painted = np.zeros(img.shape, np.uint8)
+    painted[::2, ::6, :] = 1 + (mask[::2, ::6, :] > 0)
+    cfg = TrainConfig(steps=30, batch_size=4, patch=(64, 64), val_every=15, lr=3e-3,
+                      warmup=3, threads=2)
+    path = tmp_path_factory.mktemp("ft") / "ft.pt"
+    return fine_tune(model, img, painted, cfg, checkpoint=path), painted
+
+
+def test_fine_tune_chooses_the_threshold_on_the_painted_voxels(crop, fine_tuned):
+    from napari_emseg.predict import predict_volume
+    from napari_emseg.train import CALIBRATION_THRESHOLDS
+
+    img, _ = crop
+    res, painted = fine_tuned
+    t = res.model.meta["threshold"]
+    assert t != 0.9 and load_model(res.checkpoint).meta["threshold"] == t
+    # independently: the whole image predicted, IoU of the painted voxels per threshold
+    prob = predict_volume(img, res.model)[painted > 0]
+    fg = painted[painted > 0] == 2
+    ious = {c: _iou(prob > c, fg) for c in CALIBRATION_THRESHOLDS}
+    assert ious[t] >= max(ious.values()) - 0.02
+
+
+def test_fine_tune_keeps_the_default_threshold_without_both_classes(crop):
+    from napari_emseg.train import FINE_TUNED_THRESHOLD
+
+    img, _ = crop
+    model = build_model(dict(dims=2, depth=2, width=4), {"threshold": 0.9,
+                                                         "training": {"steps": 1}})
+    painted = np.zeros(img.shape, np.uint8)
+    painted[2, :, :] = 1
+    painted[2, 60, 60:70] = 2  # 10 foreground voxels: too few to choose a threshold
+    cfg = TrainConfig(steps=2, batch_size=2, patch=(64, 64), val_every=2, threads=2)
+    res = fine_tune(model, img, painted, cfg)
+    assert res.model.meta["threshold"] == FINE_TUNED_THRESHOLD
+    assert "threshold_source" not in res.model.meta

@@ -87,6 +87,9 @@ def test_paint_finetune_predict_again(make_napari_viewer, qtbot, tmp_path, crop,
     # the new checkpoint loads, is offered to Predict / Save and is the current model
     model = zoo.load_model(ckpt)
     assert model.meta["training"]["painted_voxels"] == int((painted > 0).sum())
+    # the threshold was chosen on the strokes and is stored and reported
+    assert model.meta["threshold"] == result.model.meta["threshold"]
+    assert f"threshold {model.meta['threshold']:.2f} from painted voxels" in tw.status.value
     assert pw.model.value == str(ckpt.resolve()) == tw.start_from.value
     assert tw.predict_again_button.enabled
 

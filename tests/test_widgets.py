@@ -326,3 +326,35 @@ def test_save_labels_and_model(make_napari_viewer, qtbot, tmp_path, tiny, notes)
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), original(x))
+
+
+def _checkpoint_with_threshold(path, threshold: float, seed: int):
+    from napari_emseg.models import zoo
+
+    model = zoo.load_model(tiny_checkpoint(path, seed=seed))
+    return zoo.save_checkpoint(model, path, {**model.meta, "threshold": threshold})
+
+
+def test_segment_takes_the_threshold_the_model_was_tuned_to(make_napari_viewer, qtbot, crop,
+                                                            tmp_path, notes):
+    from napari_emseg._widgets._common import model_registry
+
+    tuned = _checkpoint_with_threshold(tmp_path / "a.pt", 0.7, seed=0)
+    other = _checkpoint_with_threshold(tmp_path / "b.pt", 0.3, seed=1)
+    viewer = make_napari_viewer()
+    viewer.add_image(crop, name="em")
+    pw = open_widget(viewer, "Predict")
+    sw = open_widget(viewer, "Segment instances")
+    assert sw.threshold.value == 0.5
+    model_registry(viewer).add(tuned)
+    wait_job(qtbot, pw.run())
+    assert viewer.layers["em probabilities"].metadata["emseg_threshold"] == 0.7
+    assert sw.probabilities.value is viewer.layers["em probabilities"]
+    assert sw.threshold.value == 0.7
+    sw.threshold.value = 0.45  # the user's choice survives a re-run of the same model
+    wait_job(qtbot, pw.run())
+    assert sw.threshold.value == 0.45
+    model_registry(viewer).add(other)  # a model tuned differently: its threshold applies
+    assert pw.model.value == str(other.resolve())
+    wait_job(qtbot, pw.run())
+    assert sw.threshold.value == 0.3 and not notes.errors

@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ._cli_segment import _parse_threshold
+from ._cli_segment import resolve_threshold
 from ._textbar import progress_bar
 
 __all__ = ["add_blockwise_arguments", "run_blockwise_predict", "run_blockwise_segment"]
@@ -136,7 +136,7 @@ def run_blockwise_segment(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     if getattr(args, "track", False) and int(getattr(args, "dims", 2)) != 2:
         raise ValueError("--track links 2D instances across slices: use it with --dims 2")
-    threshold = _parse_threshold(getattr(args, "threshold", 0.5))
+    threshold = resolve_threshold(args)
     quiet = getattr(args, "quiet", False)
     t0 = time.perf_counter()
     client = _client(args)

@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seg.add_argument("--method", choices=["watershed", "components"], default="watershed")
     seg.add_argument("--dims", type=int, choices=[2, 3], default=2)
     seg.add_argument(
-        "--threshold", default="0.5", help="foreground threshold in [0, 1] or 'otsu' (0.5)"
+        "--threshold", default=None,
+        help="foreground threshold in [0, 1] or 'otsu' (default: the model's tuned "
+             "threshold with --model, else 0.5)",
     )
     seg.add_argument(
         "--zfilter", type=int, default=0, metavar="N", help="median window along z (0 = off)"
@@ -91,6 +93,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--semantic", action="store_true", help="values are classes: per-class IoU/Dice"
     )
     ev.set_defaults(func=run_evaluate)
+
+
+def resolve_threshold(args: argparse.Namespace) -> float | str:
+    """``--threshold``, else the ``--model``'s tuned threshold, else 0.5."""
+    if getattr(args, "threshold", None) is not None:
+        return _parse_threshold(args.threshold)
+    if getattr(args, "model", None):
+        from .models.zoo import model_info
+
+        value = float(model_info(args.model).get("threshold", 0.5))
+        if not getattr(args, "quiet", False):
+            print(f"threshold {value:g} (tuned for {args.model})", file=sys.stderr)
+        return value
+    return 0.5
 
 
 def _parse_threshold(text: str) -> float | str:
@@ -169,7 +185,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from .io import read_volume, write_labels
     from .postprocess import segment
 
-    threshold = _parse_threshold(args.threshold)
+    threshold = resolve_threshold(args)
     if args.track and args.dims != 2:
         raise ValueError("--track links 2D instances across slices: use it with --dims 2")
     if not Path(args.input).exists():

@@ -32,9 +32,11 @@ DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
 FINE_TUNE_LR = 3e-5
 # Peak LR when the painted strokes train a new (untrained) U-Net.
 SCRATCH_LR = 1e-3
-# A bundled model's threshold is chosen for its own calibration; after training on
-# strokes with BCE the natural cut (0.5) applies again.
-FINE_TUNED_THRESHOLD = 0.5
+# A bundled model's threshold is chosen for its own calibration; after fine-tuning
+# the painted voxels choose a new one (0.5 when too few are painted).
+FINE_TUNED_THRESHOLD = 0.5  # until the painted voxels choose one (painted_threshold)
+CALIBRATION_THRESHOLDS = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2))
+MIN_CALIBRATION_VOXELS = 20  # of each class, to choose a threshold after fine-tuning
 
 
 @dataclass
@@ -674,7 +676,7 @@ def fine_tune(
     if painted.min() < 0:
         raise ValueError("painted labels must be >= 0 (0 = unlabeled)")
     meta = dict(model.meta)
-    if "threshold" in meta:  # tuned for the old weights; fine-tuning recalibrates to 0.5
+    if "threshold" in meta:  # tuned for the old weights; re-chosen on the painted voxels
         meta["threshold"] = FINE_TUNED_THRESHOLD
     n_out = model.config["out_channels"]
     n_classes = 2 if n_out == 1 else n_out
@@ -699,9 +701,102 @@ def fine_tune(
                         "painted_voxels": int((painted > 0).sum()),
                         "history_before": history_before}
     meta.pop("source", None)
-    return _train_loop(model, imgs, tgts, _val_crops(imgs, tgts, cfg, sparse=True), cfg,
-                       sparse=True, checkpoint=checkpoint, meta=meta, progress=progress,
-                       cancel=cancel, on_log=on_log, resume=False, save_state=False)
+    result = _train_loop(model, imgs, tgts, _val_crops(imgs, tgts, cfg, sparse=True), cfg,
+                         sparse=True, checkpoint=checkpoint, meta=meta, progress=progress,
+                         cancel=cancel, on_log=on_log, resume=False, save_state=False)
+    if n_out == 1 and not result.cancelled:
+        _calibrate(result, image, painted, cancel)
+    return result
+
+
+def _calibrate(result: TrainResult, image, painted, cancel) -> None:
+    """Store the threshold chosen on the painted voxels in the model and checkpoint."""
+    from .models.zoo import read_checkpoint, save_checkpoint
+
+    try:
+        found = painted_threshold(result.model, image, painted, cancel=cancel)
+    except Cancelled:
+        found = None
+    if found is None:
+        return
+    t, iou = found
+    info = {"threshold": t, "threshold_source": f"painted voxels (IoU {iou:.3f})"}
+    result.model.meta = {**result.model.meta, **info}
+    if result.checkpoint and Path(result.checkpoint).exists():
+        saved = read_checkpoint(result.checkpoint)["meta"]
+        save_checkpoint(result.model, result.checkpoint, {**saved, **info})
+
+
+def painted_threshold(model, image: np.ndarray, painted: np.ndarray, *, cancel=None,
+                      device: str | None = None) -> tuple[float, float] | None:
+    """The probability threshold that best separates painted foreground from background.
+
+    Fine-tuning shifts a model's calibration (on Lucchi++ the best threshold of
+    ``mito-2d`` fell from 0.75 to about 0.25 after 60 steps), so the user's own
+    strokes choose the new one. Only the painted region (plus the model's
+    context) is predicted.
+
+    Parameters
+    ----------
+    model : binary UNet (one sigmoid output)
+    image : ndarray (Z, Y, X) or (Y, X)
+    painted : integer ndarray, same shape (0 unlabeled, 1 background, 2 foreground)
+
+    Returns
+    -------
+    (threshold, IoU on the painted voxels), or None when fewer than
+    :data:`MIN_CALIBRATION_VOXELS` voxels of either class are painted.
+    """
+    from .predict import predict_volume
+
+    image, painted = np.asarray(image), np.asarray(painted)
+    if image.ndim == 2:
+        image, painted = image[None], painted[None]
+    if min((painted == 1).sum(), (painted == 2).sum()) < MIN_CALIBRATION_VOXELS:
+        return None
+    margin = 8 if model.config["dims"] == 3 else int(model.meta.get("context", 0) or 0)
+    # grey-value range of the whole image, as when the whole image is predicted
+    grey = normalization_range(image, model.meta.get("normalization") or DEFAULT_NORMALIZATION)
+    probs, labels = [], []
+    for box in _painted_boxes(painted, margin):
+        prob = predict_volume(image[box], model, device=device, cancel=cancel,
+                              normalization=grey)
+        sel = painted[box] > 0
+        probs.append(prob[sel])
+        labels.append(painted[box][sel] == 2)
+    return best_threshold(np.concatenate(probs), np.concatenate(labels))
+
+
+def _painted_boxes(painted: np.ndarray, margin: int, pad: int = 32) -> list[tuple[slice, ...]]:
+    """Boxes (z, y, x) around runs of painted slices, grown by ``margin`` z and ``pad`` y/x."""
+    zs = np.flatnonzero((painted > 0).any(axis=(1, 2)))
+    runs = np.split(zs, np.flatnonzero(np.diff(zs) > 2 * margin + 1) + 1)
+    boxes = []
+    for run in runs:
+        ys, xs = np.nonzero((painted[run[0] : run[-1] + 1] > 0).any(axis=0))
+        boxes.append((slice(max(0, run[0] - margin), run[-1] + margin + 1),
+                      slice(max(0, ys.min() - pad), ys.max() + pad + 1),
+                      slice(max(0, xs.min() - pad), xs.max() + pad + 1)))
+    return boxes
+
+
+def best_threshold(prob: np.ndarray, foreground: np.ndarray) -> tuple[float, float]:
+    """(threshold, IoU): the threshold in 0.05–0.95 with the best foreground IoU.
+
+    Parameters
+    ----------
+    prob : float ndarray (N,), probabilities of labelled voxels
+    foreground : bool ndarray (N,), their labels
+
+    Ties go to the threshold nearest 0.5.
+    """
+    best = (FINE_TUNED_THRESHOLD, -1.0)
+    for t in sorted(CALIBRATION_THRESHOLDS, key=lambda v: abs(v - 0.5)):
+        pred = prob > t
+        iou = float((pred & foreground).sum() / max((pred | foreground).sum(), 1))
+        if iou > best[1]:
+            best = (float(t), iou)
+    return best
 
 
 def fine_tune_defaults(model) -> TrainConfig:

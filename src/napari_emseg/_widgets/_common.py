@@ -58,7 +58,12 @@ WORKER_NICE = 10
 Work = Callable[[Callable[[int, int], None], Callable[[], bool], Callable[[dict], None]], Any]
 
 
+# layer metadata key: the threshold the predicting model was tuned to (Predict → Segment)
+THRESHOLD_KEY = "emseg_threshold"
+
+
 # ------------------------------------------------------------------ notifications
+
 def error(message: str) -> None:
     """Show ``message`` as a napari error notification (looked up at call time)."""
     log.info("napari-emseg error: %s", message)

@@ -48,6 +48,10 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 EXTENTS = (("whole volume (3D)", "volume"), ("current slice (2D)", "slice"))
 
 
+def _threshold_tag(threshold) -> dict:
+    return {} if threshold is None else {_common.THRESHOLD_KEY: float(threshold)}
+
+
 def probabilities_name(image_name: str) -> str:
     """Name of the probabilities layer of an image layer."""
     return f"{base_name(image_name)} probabilities"
@@ -218,20 +222,26 @@ def predict_job(
     name = _common.model_label(str(key)) if key else "model"
     layer_name = probabilities_name(layer.name)
 
+    tuned: dict = {}  # the model's threshold, handed to the Segment widget
+
     def work(progress, cancel, _log) -> np.ndarray:
         from .. import predict as engine
 
         net = _load_model(model, key, name, layer.name, data.shape)
+        tuned["threshold"] = getattr(net, "meta", {}).get("threshold")
         if z is not None and data.ndim == 3:
             return engine.predict_slice(data, net, z, progress=progress, cancel=cancel, **opts)
         return engine.predict_volume(data, net, progress=progress, cancel=cancel, **opts)
 
     def show(prob: np.ndarray) -> None:
         prob = np.asarray(prob, dtype=np.float32)
+        tag = _threshold_tag(tuned.get("threshold"))
+        existing = _common.find_layer(viewer, layer_name, Image)
+        if existing is not None:  # before its data changes: Segment reads it then
+            existing.metadata.update(tag)
         if z is not None and data.ndim == 3:
             extra = prob.shape[:-2]  # class axis of a multi-class model
             full = (*extra, *data.shape)
-            existing = _common.find_layer(viewer, layer_name, Image)
             if existing is not None and tuple(existing.data.shape) == full and \
                     existing.data.dtype == np.float32 and isinstance(existing.data, np.ndarray):
                 existing.data[..., z, :, :] = prob
@@ -240,7 +250,9 @@ def predict_job(
             volume = np.zeros(full, np.float32)
             volume[..., z, :, :] = prob
             prob = volume
-        _common.set_layer(viewer, layer_name, prob, "image", source=layer, **PROB_DISPLAY)
+        metadata = {**(existing.metadata if existing is not None else {}), **tag}
+        _common.set_layer(viewer, layer_name, prob, "image", source=layer, metadata=metadata,
+                          **PROB_DISPLAY)
         if key is not None:
             registry.set_current(str(key))
 
@@ -321,6 +333,7 @@ def predict_blockwise_job(
         from ..blockwise import predict_blockwise
 
         net = _load_model(model, key, name, layer.name, data.shape)
+        state["threshold"] = getattr(net, "meta", {}).get("threshold")
         last = {"t": 0.0}
 
         def blocks_done(done: int, total: int) -> None:
@@ -354,7 +367,9 @@ def predict_blockwise_job(
             index = viewer.layers.index(existing)
             viewer.layers.remove(existing)
         new = _common.set_layer(viewer, layer_name, lazy, "image", source=layer, cache=False,
-                                metadata={"emseg_target": str(target)}, **PROB_DISPLAY)
+                                metadata={"emseg_target": str(target),
+                                          **_threshold_tag(state.get("threshold"))},
+                                **PROB_DISPLAY)
         if index is not None:
             viewer.layers.move(viewer.layers.index(new), index)
         shown["layer"] = new

@@ -90,15 +90,37 @@ class SegmentWidget(CancellableJobOwner, Container):
         self.cancel_button.clicked.connect(self.cancel)
         for widget in (self.probabilities, self.method, self.track, self.otsu):
             widget.changed.connect(self._update_state)
+        self._watched = None  # the probabilities layer whose data events we follow
+        self._adopted: tuple[int, float] | None = None
+        self.probabilities.changed.connect(self._adopt_threshold)
         _common.watch_layers(napari_viewer, self._layers_changed)
         self._select_probabilities()
         self._update_state()
+        self._adopt_threshold()
 
     # -- state
     def _layers_changed(self) -> None:
         self.probabilities.reset_choices()
         self._select_probabilities()
         self._update_state()
+
+    def _adopt_threshold(self, _value=None) -> None:
+        """Take the threshold the predicting model was tuned to, once per new prediction.
+
+        Predict stores it in the layer's metadata; a value typed here stays until
+        a different layer or a model with another threshold comes along.
+        """
+        layer = self.probabilities.value
+        if layer is not self._watched:
+            if self._watched is not None:
+                self._watched.events.data.disconnect(self._adopt_threshold)
+            if layer is not None:
+                layer.events.data.connect(self._adopt_threshold)
+            self._watched = layer
+        tuned = None if layer is None else layer.metadata.get(_common.THRESHOLD_KEY)
+        if tuned is not None and self._adopted != (id(layer), tuned):
+            self._adopted = (id(layer), tuned)
+            self.threshold.value = round(float(tuned), 2)
 
     def _select_probabilities(self) -> None:
         """Prefer a layer named "... probabilities" when the choice is not one."""

@@ -365,7 +365,11 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         self.last_checkpoint = Path(result.checkpoint)
         self._registry.add(self.last_checkpoint)
         text = (f"best IoU {result.best_iou:.3f} after {result.steps} steps "
-                f"({result.seconds:.0f} s) → {self.last_checkpoint}")
+                f"({result.seconds:.0f} s)")
+        source = result.model.meta.get("threshold_source")
+        if source:  # chosen after fine-tuning
+            text += f", threshold {result.model.meta['threshold']:.2f} from {source}"
+        text += f" → {self.last_checkpoint}"
         self.status.value = ("stopped early: " if result.cancelled else "") + text
         if result.cancelled:
             _common.info(f"Training stopped; best model so far saved: {self.last_checkpoint}")
