@@ -38,7 +38,9 @@ def test_train_dense_then_fine_tune_painted(crop_files, tmp_path, capsys):
     from napari_emseg.train import FINE_TUNE_LR
 
     assert tuned.meta["training"]["config"]["lr"] == FINE_TUNE_LR  # --from: fine-tune rate
-    assert "checkpoint" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "checkpoint" in printed
+    assert f"threshold {tuned.meta['threshold']:.2f} from painted voxels" in printed
 
 
 def test_train_reports_clear_errors(crop_files, tmp_path, capsys):

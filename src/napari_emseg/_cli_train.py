@@ -105,6 +105,8 @@ def run(args) -> int:
                   resume=args.resume, progress=bar, on_log=log)
     sys.stderr.write("\n")
     state = "cancelled" if res.cancelled else "done"
+    source = res.model.meta.get("threshold_source")
+    chosen = f"threshold {res.model.meta['threshold']:.2f} from {source}; " if source else ""
     print(f"{state}: {res.steps} steps in {res.seconds:.0f} s, best IoU {res.best_iou:.4f}; "
-          f"checkpoint {res.checkpoint}")
+          f"{chosen}checkpoint {res.checkpoint}")
     return 0
