@@ -116,7 +116,12 @@ def run_one(model_name: str, img, mask, painted, scored, steps: int, label: str,
     """
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
-    from napari_emseg.train import FINE_TUNED_THRESHOLD, TrainConfig, fine_tune
+    from napari_emseg.train import (
+        FINE_TUNED_THRESHOLD,
+        TrainConfig,
+        fine_tune,
+        fine_tune_defaults,
+    )
 
     model = load_model(model_name)
     t = FINE_TUNED_THRESHOLD  # during training; at the end fine_tune picks one
@@ -137,7 +142,9 @@ def run_one(model_name: str, img, mask, painted, scored, steps: int, label: str,
         print(f"  {label}: step {rec['step']:4d}  {curve[-1]['train_seconds']:6.1f} s  "
               f"IoU {iou:.4f}", flush=True)
 
-    cfg = TrainConfig(steps=steps, lr=lr, warmup=10, batch_size=4, val_every=max(steps // 5, 1),
+    batch = fine_tune_defaults(model).batch_size  # 4 (2D) or 2 (3D), as in the API
+    cfg = TrainConfig(steps=steps, lr=lr, warmup=10, batch_size=batch,
+                      val_every=max(steps // 5, 1),
                       train_layers=layers, optimizer=optimizer, freeze_norm=freeze_norm)
     res = fine_tune(model, img, painted, cfg, on_log=on_log)
     seconds = time.perf_counter() - t0 - eval_time  # training + threshold choice
@@ -145,6 +152,7 @@ def run_one(model_name: str, img, mask, painted, scored, steps: int, label: str,
     after = iou_unpainted(predict_volume(img, res.model), mask, scored, chosen)
     return {"painted_fraction": round(float((painted > 0).mean()), 4), "before": before,
             "after": round(after, 4), "threshold": chosen, "seconds": round(seconds, 1),
+            "batch_size": batch,
             "after_at_0.5": curve[-1]["iou"], "curve_at_0.5": curve}
 
 

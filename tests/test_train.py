@@ -334,3 +334,18 @@ def test_fine_tune_keeps_the_default_threshold_without_both_classes(crop):
     res = fine_tune(model, img, painted, cfg)
     assert res.model.meta["threshold"] == FINE_TUNED_THRESHOLD
     assert "threshold_source" not in res.model.meta
+
+
+def test_fine_tuning_a_3d_model_uses_a_small_default_patch(crop, tmp_path):
+    from napari_emseg.train import FINE_TUNE_PATCH_3D, fine_tune_defaults
+
+    img, mask = crop
+    model = build_model(dict(dims=3, depth=2, width=4), {"patch": [16, 160, 160]})
+    assert fine_tune_defaults(model).batch_size == 2
+    painted = np.zeros(img.shape, np.uint8)
+    painted[4:6, ::6, :] = 1 + (mask[4:6, ::6, :] > 0)
+    cfg = TrainConfig(steps=1, batch_size=1, val_every=1, threads=2)
+    fine_tune(model, img, painted, cfg, checkpoint=tmp_path / "ft3.pt")
+    trained = load_model(tmp_path / "ft3.pt").meta["training"]["config"]["patch"]
+    assert tuple(trained) == (8, 128, 128)
+    assert FINE_TUNE_PATCH_3D == (8, 128, 128)
