@@ -177,6 +177,25 @@ def final_checkpoint(name: str) -> Path:
                              {"val_iou": history[-1]["val_iou"] if history else None})
 
 
+def inflated_checkpoint(name: str) -> Path:
+    """The recipe's 2D source inflated to 3D, untrained, as ``runs/NAME/NAME-inflated.pt``.
+
+    The 3D training starts from exactly this model, so evaluating it shows what
+    the training in 3D adds.
+    """
+    from napari_emseg.models.zoo import save_checkpoint
+
+    recipe = RECIPES[name]
+    source = WEIGHTS / f"{recipe['inflate']}.pt"
+    model = _inflated(source)
+    meta = {**model.meta, "name": name, "description": recipe["description"],
+            "patch": list(recipe["config"]["patch"]),
+            "training": {"weights": f"{recipe['inflate']} inflated to 3D, not trained in 3D",
+                         "warm_start": _warm_start_record(source), "steps": 0}}
+    run_dir(name).mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(model, run_dir(name) / f"{name}-inflated.pt", meta)
+
+
 def _resume_state(name: str) -> dict:
     """The run's last training state (``runs/NAME/NAME.resume.pt``)."""
     import torch
@@ -312,6 +331,9 @@ def main(argv=None) -> int:
     ap.add_argument("--final", action="store_true",
                     help="--install/--evaluate the run's last weights, not the best-validation "
                          "ones (no choice made on the held-back slices)")
+    ap.add_argument("--inflated", action="store_true",
+                    help="--install/--evaluate the recipe's 2D source inflated to 3D, "
+                         "untrained (mito-3d: the run's starting point)")
     ap.add_argument("--snapshots", action="store_true",
                     help="training: keep the weights of every validation step in "
                          "runs/NAME/snapshots/ (for --average)")
@@ -322,6 +344,8 @@ def main(argv=None) -> int:
     tta = args.tta or False
     if args.final:
         args.checkpoint = final_checkpoint(args.name)
+    elif args.inflated:
+        args.checkpoint = inflated_checkpoint(args.name)
     elif args.average:
         args.checkpoint = averaged_checkpoint(args.name, args.average)
     if args.install:
