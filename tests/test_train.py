@@ -340,7 +340,8 @@ def test_fine_tuning_a_3d_model_uses_a_small_default_patch(crop, tmp_path):
     from napari_emseg.train import FINE_TUNE_PATCH_3D, fine_tune_defaults
 
     img, mask = crop
-    model = build_model(dict(dims=3, depth=2, width=4), {"patch": [16, 160, 160]})
+    model = build_model(dict(dims=3, depth=2, width=4), {"patch": [16, 160, 160],
+                                                         "threshold": 0.8})
     assert fine_tune_defaults(model).batch_size == 2
     painted = np.zeros(img.shape, np.uint8)
     painted[4:6, ::6, :] = 1 + (mask[4:6, ::6, :] > 0)
@@ -348,4 +349,5 @@ def test_fine_tuning_a_3d_model_uses_a_small_default_patch(crop, tmp_path):
     fine_tune(model, img, painted, cfg, checkpoint=tmp_path / "ft3.pt")
     trained = load_model(tmp_path / "ft3.pt").meta["training"]["config"]["patch"]
     assert tuple(trained) == (8, 128, 128)
+    assert load_model(tmp_path / "ft3.pt").meta["threshold"] == 0.5  # not chosen in 3D
     assert FINE_TUNE_PATCH_3D == (8, 128, 128)
