@@ -74,7 +74,7 @@ def run(args) -> int:
 
     from ._textbar import ProgressBar
     from .io import read_volume
-    from .train import fine_tune, fit
+    from .train import fine_tune, fit, threshold_note
 
     image = np.asarray(read_volume(args.image, key=args.key))
     labels = np.asarray(read_volume(args.labels, key=args.key))
@@ -105,8 +105,8 @@ def run(args) -> int:
                   resume=args.resume, progress=bar, on_log=log)
     sys.stderr.write("\n")
     state = "cancelled" if res.cancelled else "done"
-    source = res.model.meta.get("threshold_source")
-    chosen = f"threshold {res.model.meta['threshold']:.2f} from {source}; " if source else ""
+    note = threshold_note(res.model.meta)
+    chosen = f"{note}; " if note else ""
     print(f"{state}: {res.steps} steps in {res.seconds:.0f} s, best IoU {res.best_iou:.4f}; "
           f"{chosen}checkpoint {res.checkpoint}")
     return 0

@@ -33,8 +33,8 @@ FINE_TUNE_LR = 3e-5
 # Peak LR when the painted strokes train a new (untrained) U-Net.
 SCRATCH_LR = 1e-3
 # A bundled model's threshold is chosen for its own calibration; after fine-tuning
-# the painted voxels choose a new one (0.5 when too few are painted).
-FINE_TUNED_THRESHOLD = 0.5  # until the painted voxels choose one (painted_threshold)
+# a 2D model the painted voxels choose a new one (painted_threshold), else 0.5.
+FINE_TUNED_THRESHOLD = 0.5
 CALIBRATION_THRESHOLDS = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2))
 MIN_CALIBRATION_VOXELS = 20  # of each class, to choose a threshold after fine-tuning
 # Largest default patch when fine-tuning a 3D model: a step stays ~2 s on 2 CPU cores.
@@ -729,6 +729,12 @@ def _calibrate(result: TrainResult, image, painted, cancel) -> None:
     if result.checkpoint and Path(result.checkpoint).exists():
         saved = read_checkpoint(result.checkpoint)["meta"]
         save_checkpoint(result.model, result.checkpoint, {**saved, **info})
+
+
+def threshold_note(meta: dict) -> str:
+    """``"threshold 0.25 from painted voxels (IoU …)"`` when fine-tuning chose it, else ``""``."""
+    source = meta.get("threshold_source")
+    return f"threshold {meta['threshold']:.2f} from {source}" if source else ""
 
 
 def painted_threshold(model, image: np.ndarray, painted: np.ndarray, *, cancel=None,

@@ -63,7 +63,6 @@ THRESHOLD_KEY = "emseg_threshold"
 
 
 # ------------------------------------------------------------------ notifications
-
 def error(message: str) -> None:
     """Show ``message`` as a napari error notification (looked up at call time)."""
     log.info("napari-emseg error: %s", message)

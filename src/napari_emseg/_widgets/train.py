@@ -20,7 +20,7 @@ from magicgui.widgets import (
 )
 from napari.layers import Image, Labels
 
-from ..train import FINE_TUNE_LR, SCRATCH_LR
+from ..train import FINE_TUNE_LR, SCRATCH_LR, threshold_note
 from . import _common
 from ._common import (
     Job,
@@ -366,9 +366,9 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         self._registry.add(self.last_checkpoint)
         text = (f"best IoU {result.best_iou:.3f} after {result.steps} steps "
                 f"({result.seconds:.0f} s)")
-        source = result.model.meta.get("threshold_source")
-        if source:  # chosen after fine-tuning
-            text += f", threshold {result.model.meta['threshold']:.2f} from {source}"
+        note = threshold_note(result.model.meta)  # chosen after fine-tuning
+        if note:
+            text += f", {note}"
         text += f" → {self.last_checkpoint}"
         self.status.value = ("stopped early: " if result.cancelled else "") + text
         if result.cancelled:
