@@ -149,3 +149,26 @@ def test_train_from_scratch_and_cancel(make_napari_viewer, qtbot, tmp_path, crop
     assert job.result.cancelled and job.result.steps < 50
     assert tw.last_checkpoint != first and tw.last_checkpoint.is_file()
     assert tw.status.value.startswith("stopped early")
+
+
+@pytest.mark.parametrize("dims, expected", [(2, 4), (3, 2)])
+def test_auto_batch_follows_model_dims(make_napari_viewer, qtbot, tmp_path, crop, notes,
+                                       dims, expected):
+    from napari_emseg._widgets._common import model_registry
+    from napari_emseg.models import zoo
+
+    image, mask = crop
+    tiny = tiny_checkpoint(tmp_path / f"tiny{dims}d.pt", dims=dims)
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="em")
+    tw = open_widget(viewer, "Train from annotations")
+    model_registry(viewer).add(tiny)
+    assert tw.batch.value == 0  # auto until the user sets it
+    _paint_strokes(tw.new_annotation_layer(), mask)
+    tw.steps.value, tw.val_every.value, tw.folder.value = 1, 1, tmp_path / "out"
+    tw.patch.value = "64" if dims == 2 else "4,64,64"
+    job = tw.train()
+    wait_job(qtbot, job, timeout=120_000)
+    assert job.exception is None, notes.errors
+    config = zoo.load_model(tw.last_checkpoint).meta["training"]["config"]
+    assert config["batch_size"] == expected and config["dims"] == dims

@@ -164,7 +164,8 @@ class TrainWidget(ModelChoices, JobOwner, Container):
                                step=1e-4, tooltip="Set when 'start from' changes: "
                                f"{SCRATCH_LR:g} for a new model, {FINE_TUNE_LR:g} to fine-tune")
         self.lr.native.setDecimals(6)
-        self.batch = SpinBox(label="batch", value=4, min=1, max=256)
+        self.batch = SpinBox(label="batch (0 = auto)", value=0, min=0, max=256,
+                             tooltip="Patches per step; auto: 4 for a 2D model, 2 for 3D")
         self.val_every = SpinBox(label="validate every (0 = auto)", value=0, min=0,
                                  max=1_000_000, tooltip="Steps between IoU checks / plot points")
         self.patch = LineEdit(label="patch", value="auto",
@@ -323,7 +324,7 @@ class TrainWidget(ModelChoices, JobOwner, Container):
 
         def work(progress, cancel, log):
             from ..models import zoo
-            from ..train import TrainConfig, fine_tune
+            from ..train import TrainConfig, fine_tune, fine_tune_defaults
 
             img = np.asarray(image)
             if source == SCRATCH:
@@ -342,7 +343,9 @@ class TrainWidget(ModelChoices, JobOwner, Container):
             if dims == 3 and img.ndim == 2:
                 raise ValueError(f"{_common.model_label(source)} is a 3D model but the image "
                                  "is 2D (Y, X); start from a 2D model or from scratch")
-            config = TrainConfig(**fields, patch=_expand_patch(patch, dims))
+            batch = fields["batch_size"] or fine_tune_defaults(model).batch_size
+            config = TrainConfig(**{**fields, "batch_size": batch},
+                                 patch=_expand_patch(patch, dims))
             folder.mkdir(parents=True, exist_ok=True)
             return fine_tune(model, img, painted, config, checkpoint=checkpoint,
                              progress=progress, cancel=cancel, on_log=log)
