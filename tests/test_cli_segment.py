@@ -48,8 +48,14 @@ def test_segment_components_uint8_and_otsu(tmp_path):
 
 
 def test_segment_with_model_calls_predict(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from napari_emseg.models import zoo
+
     raw = (discs_stack() * 200 + 20).astype(np.uint8)  # "EM" volume
     seen = {}
+    reads = []
+    real_read = zoo.read_checkpoint
+    monkeypatch.setattr(zoo, "read_checkpoint", lambda p: reads.append(p) or real_read(p))
 
     def fake_predict_volume(volume, model, **kw):
         seen["model"], seen["shape"] = model, np.shape(volume)
@@ -61,7 +67,8 @@ def test_segment_with_model_calls_predict(tmp_path, monkeypatch):
     src, out = tmp_path / "raw.tif", tmp_path / "labels.tif"
     tifffile.imwrite(src, raw)
     assert main(["segment", str(src), str(out), "--model", "mito-2d", "--quiet"]) == 0
-    assert seen == {"model": "mito-2d", "shape": raw.shape}
+    assert seen["shape"] == raw.shape and seen["model"].meta["name"] == "mito-2d"
+    assert reads == ["mito-2d"]  # the checkpoint is read once (threshold + prediction)
     assert read_labels(out).max() == 2 * 4  # 2D instances, not tracked
 
 

@@ -95,14 +95,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.set_defaults(func=run_evaluate)
 
 
-def resolve_threshold(args: argparse.Namespace) -> float | str:
-    """``--threshold``, else the ``--model``'s tuned threshold, else 0.5."""
+def resolve_threshold(args: argparse.Namespace, meta: dict | None = None) -> float | str:
+    """``--threshold``, else the ``--model``'s tuned threshold, else 0.5.
+
+    ``meta``: the loaded model's metadata (else the checkpoint is read for it).
+    """
     if getattr(args, "threshold", None) is not None:
         return _parse_threshold(args.threshold)
     if getattr(args, "model", None):
         from .models.zoo import model_info
 
-        value = float(model_info(args.model).get("threshold", 0.5))
+        value = float((meta or model_info(args.model)).get("threshold", 0.5))
         if not getattr(args, "quiet", False):
             print(f"threshold {value:g} (tuned for {args.model})", file=sys.stderr)
         return value
@@ -185,20 +188,25 @@ def run_segment(args: argparse.Namespace) -> int:
     from .io import read_volume, write_labels
     from .postprocess import segment
 
-    threshold = resolve_threshold(args)
     if args.track and args.dims != 2:
         raise ValueError("--track links 2D instances across slices: use it with --dims 2")
     if not Path(args.input).exists():
         raise FileNotFoundError(f"no such file or folder: {args.input}")
+    model = None
+    if args.model:
+        from .models.zoo import load_model
+
+        model = load_model(args.model)  # read once: threshold and prediction
+    threshold = resolve_threshold(args, model.meta if model is not None else None)
     t0 = time.perf_counter()
     volume = read_volume(args.input)
-    if args.model:
+    if model is not None:
         from .predict import predict_volume
 
         print(f"predicting {tuple(volume.shape)} with {args.model} ...", file=sys.stderr)
         prob = predict_volume(
             volume,
-            args.model,
+            model,
             device=args.device,
             progress=progress_bar("predict", "tiles", args.quiet),
         )
