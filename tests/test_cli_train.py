@@ -37,7 +37,9 @@ def test_train_dense_then_fine_tune_painted(crop_files, tmp_path, capsys):
     assert tuned.meta["training"]["painted_voxels"] == int((painted > 0).sum())
     from napari_emseg.train import FINE_TUNE_LR
 
-    assert tuned.meta["training"]["config"]["lr"] == FINE_TUNE_LR  # --from: fine-tune rate
+    used = tuned.meta["training"]["config"]
+    assert used["lr"] == FINE_TUNE_LR  # --from: the fine-tuning rate of a 2D model
+    assert used["batch_size"] == 4  # and its fine-tuning batch
     printed = capsys.readouterr().out
     assert "checkpoint" in printed
     assert f"threshold {tuned.meta['threshold']:.2f} from painted voxels" in printed

@@ -188,12 +188,14 @@ def test_freeze_norm_keeps_batchnorm_statistics(crop):
 
 
 def test_fine_tune_defaults_to_a_small_learning_rate_for_trained_models():
-    from napari_emseg.train import FINE_TUNE_LR, fine_tune_defaults
+    from napari_emseg.train import FINE_TUNE_LR, FINE_TUNE_LR_3D, fine_tune_defaults
 
     trained = build_model(dict(dims=2, depth=2, width=4), {"training": {"steps": 10}})
     fresh = build_model(dict(dims=2, depth=2, width=4))
+    trained_3d = build_model(dict(dims=3, depth=2, width=4), {"training": {"steps": 10}})
     assert fine_tune_defaults(trained).lr == FINE_TUNE_LR
     assert fine_tune_defaults(fresh).lr > 5 * FINE_TUNE_LR
+    assert fine_tune_defaults(trained_3d).lr == FINE_TUNE_LR_3D < FINE_TUNE_LR
     assert fine_tune_defaults(trained).freeze_norm is False
 
 

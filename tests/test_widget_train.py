@@ -114,13 +114,7 @@ def test_train_from_scratch_and_cancel(make_napari_viewer, qtbot, tmp_path, crop
     assert tw.start_from.value == SCRATCH or SCRATCH in tw.start_from.choices
     tw.start_from.value = SCRATCH
     assert not tw.new_depth.native.isHidden() and not tw.new_width.native.isHidden()
-    from napari_emseg.train import FINE_TUNE_LR, SCRATCH_LR
-
-    assert tw.lr.value == SCRATCH_LR
-    tw.start_from.value = next(v for v in tw.start_from.choices if v != SCRATCH)
-    assert tw.lr.value == pytest.approx(FINE_TUNE_LR)  # fine-tuning: a smaller rate
-    tw.start_from.value = SCRATCH
-    assert tw.lr.value == SCRATCH_LR
+    assert tw.lr.value == 0  # auto: the rate follows the model (checked below)
     layer = tw.new_annotation_layer()
     _paint_strokes(layer, mask)
     tw.new_depth.value, tw.new_width.value = 2, 4
@@ -132,6 +126,9 @@ def test_train_from_scratch_and_cancel(make_napari_viewer, qtbot, tmp_path, crop
     model = zoo.load_model(tw.last_checkpoint)
     assert model.config["depth"] == 2 and model.config["width"] == 4
     assert model.config["dims"] == 2 and model.config["out_channels"] == 1
+    from napari_emseg.train import SCRATCH_LR
+
+    assert model.meta["training"]["config"]["lr"] == SCRATCH_LR  # auto, new model
 
     # Cancel during training: stops early, keeps the best model so far, no error
     first = tw.last_checkpoint
@@ -151,19 +148,23 @@ def test_train_from_scratch_and_cancel(make_napari_viewer, qtbot, tmp_path, crop
     assert tw.status.value.startswith("stopped early")
 
 
-@pytest.mark.parametrize("dims, expected", [(2, 4), (3, 2)])
-def test_auto_batch_follows_model_dims(make_napari_viewer, qtbot, tmp_path, crop, notes,
-                                       dims, expected):
+@pytest.mark.parametrize("dims", [2, 3])
+def test_auto_batch_and_lr_follow_model_dims(make_napari_viewer, qtbot, tmp_path, crop, notes,
+                                             dims):
     from napari_emseg._widgets._common import model_registry
     from napari_emseg.models import zoo
+    from napari_emseg.train import FINE_TUNE_LR, FINE_TUNE_LR_3D
 
     image, mask = crop
-    tiny = tiny_checkpoint(tmp_path / f"tiny{dims}d.pt", dims=dims)
+    trained = zoo.build_model(dict(dims=dims, depth=2, width=4),
+                              {"name": "tiny", "training": {"steps": 10},
+                               "patch": [64, 64] if dims == 2 else [8, 64, 64]})
+    ckpt = zoo.save_checkpoint(trained, tmp_path / f"tiny{dims}d.pt")
     viewer = make_napari_viewer()
     viewer.add_image(image, name="em")
     tw = open_widget(viewer, "Train from annotations")
-    model_registry(viewer).add(tiny)
-    assert tw.batch.value == 0  # auto until the user sets it
+    model_registry(viewer).add(ckpt)
+    assert tw.batch.value == 0 and tw.lr.value == 0  # auto until the user sets them
     _paint_strokes(tw.new_annotation_layer(), mask)
     tw.steps.value, tw.val_every.value, tw.folder.value = 1, 1, tmp_path / "out"
     tw.patch.value = "64" if dims == 2 else "4,64,64"
@@ -171,4 +172,6 @@ def test_auto_batch_follows_model_dims(make_napari_viewer, qtbot, tmp_path, crop
     wait_job(qtbot, job, timeout=120_000)
     assert job.exception is None, notes.errors
     config = zoo.load_model(tw.last_checkpoint).meta["training"]["config"]
-    assert config["batch_size"] == expected and config["dims"] == dims
+    assert config["dims"] == dims
+    assert config["batch_size"] == (4 if dims == 2 else 2)
+    assert config["lr"] == (FINE_TUNE_LR if dims == 2 else FINE_TUNE_LR_3D)

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--patch", default=None, help="patch size, e.g. 256,256 or 32,128,128")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default 2e-3 new, 3e-5 with --from)")
+                   help="peak learning rate (default 2e-3 new; with --from the model's "
+                        "fine-tuning rate, 3e-5 for 2D, 1e-5 for 3D)")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--residual", action="store_true")
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args):
-    from .train import FINE_TUNE_LR, TrainConfig
+    from .train import TrainConfig
 
     kw = dict(dims=args.dims, context=args.context, width=args.width, depth=args.depth,
               residual=args.residual, device=args.device, seed=args.seed)
@@ -61,11 +62,23 @@ def _config(args):
         kw["batch_size"] = args.batch_size
     if args.lr:
         kw["lr"] = args.lr
-    elif args.source:  # fine-tuning a trained model
-        kw["lr"] = FINE_TUNE_LR
     if args.patch:
         kw["patch"] = tuple(int(v) for v in args.patch.split(","))
     return TrainConfig(**kw)
+
+
+def _with_fine_tune_defaults(args, config):
+    """Load ``--from``; its fine-tuning LR and batch size fill what the user left unset."""
+    from .models.zoo import load_model
+    from .train import fine_tune_defaults
+
+    model = load_model(args.source)
+    defaults = fine_tune_defaults(model)
+    if not args.lr:
+        config.lr = defaults.lr
+    if not args.batch_size:
+        config.batch_size = defaults.batch_size
+    return model
 
 
 def run(args) -> int:
@@ -97,7 +110,7 @@ def run(args) -> int:
                                      residual=args.residual),
                                 {"context": args.context if args.dims == 2 else 0})
         else:
-            model = args.source
+            model = _with_fine_tune_defaults(args, config)
         res = fine_tune(model, image, painted, config, checkpoint=args.out, progress=bar,
                         on_log=log)
     else:

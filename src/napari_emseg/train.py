@@ -30,6 +30,10 @@ DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
 # Peak LR for fine-tuning a trained model from strokes; larger Adam steps undo
 # what the model knew before the strokes help (benchmarks/bench_finetune.py).
 FINE_TUNE_LR = 3e-5
+# A 3D kernel has three times the taps of a 2D one, so each Adam step moves the
+# output about three times as far: 3e-5 made mito-3d over-predict after 60 steps
+# (IoU 0.939 -> 0.825 at 0.5), 1e-5 kept it (0.929; bench_finetune.py).
+FINE_TUNE_LR_3D = 1e-5
 # Peak LR when the painted strokes train a new (untrained) U-Net.
 SCRATCH_LR = 1e-3
 # A bundled model's threshold is chosen for its own calibration; after fine-tuning
@@ -810,10 +814,17 @@ def best_threshold(prob: np.ndarray, foreground: np.ndarray) -> tuple[float, flo
 
 
 def fine_tune_defaults(model) -> TrainConfig:
-    """A quick fine-tune: 200 steps of 4 patches (2 for 3D), a small LR for a trained model."""
-    trained = bool(getattr(model, "meta", {}).get("training"))
-    return TrainConfig(steps=200, lr=FINE_TUNE_LR if trained else SCRATCH_LR, warmup=10,
-                       val_every=50, batch_size=2 if model.config["dims"] == 3 else 4)
+    """A quick fine-tune: 200 steps of 4 patches (2 for 3D), a small LR for a trained model.
+
+    The LR is :data:`SCRATCH_LR` for an untrained model, else :data:`FINE_TUNE_LR`
+    (2D) or :data:`FINE_TUNE_LR_3D`.
+    """
+    three_d = model.config["dims"] == 3
+    lr = SCRATCH_LR
+    if getattr(model, "meta", {}).get("training"):
+        lr = FINE_TUNE_LR_3D if three_d else FINE_TUNE_LR
+    return TrainConfig(steps=200, lr=lr, warmup=10, val_every=50,
+                       batch_size=2 if three_d else 4)
 
 
 def _fine_tune_patch(model, trained_patch) -> tuple[int, ...] | None:

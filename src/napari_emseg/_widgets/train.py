@@ -20,7 +20,7 @@ from magicgui.widgets import (
 )
 from napari.layers import Image, Labels
 
-from ..train import FINE_TUNE_LR, SCRATCH_LR, threshold_note
+from ..train import FINE_TUNE_LR, FINE_TUNE_LR_3D, SCRATCH_LR, threshold_note
 from . import _common
 from ._common import (
     Job,
@@ -160,9 +160,9 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         self.minutes = FloatSpinBox(label="time budget (min, 0 = off)", value=0.0, min=0.0,
                                     max=10_000.0, step=1.0,
                                     tooltip="Stop after this many minutes (steps ignored)")
-        self.lr = FloatSpinBox(label="learning rate", value=SCRATCH_LR, min=1e-6, max=1.0,
-                               step=1e-4, tooltip="Set when 'start from' changes: "
-                               f"{SCRATCH_LR:g} for a new model, {FINE_TUNE_LR:g} to fine-tune")
+        self.lr = FloatSpinBox(label="learning rate (0 = auto)", value=0.0, min=0.0, max=1.0,
+                               step=1e-4, tooltip=f"auto: {SCRATCH_LR:g} for a new model; to "
+                               f"fine-tune, {FINE_TUNE_LR:g} (2D) or {FINE_TUNE_LR_3D:g} (3D)")
         self.lr.native.setDecimals(6)
         self.batch = SpinBox(label="batch (0 = auto)", value=0, min=0, max=256,
                              tooltip="Patches per step; auto: 4 for a 2D model, 2 for 3D")
@@ -194,9 +194,8 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         self.predict_again_button.clicked.connect(self.predict_again)
         for widget in (self.image, self.annotations, self.minutes):
             widget.changed.connect(self._update_state)
-        self.start_from.changed.connect(self._suggest_lr)
+        self.start_from.changed.connect(self._update_state)
         self._follow_registry(napari_viewer)
-        self._suggest_lr()
         self._layers_changed()
 
     # -- choices and state
@@ -226,11 +225,6 @@ class TrainWidget(ModelChoices, JobOwner, Container):
                     f"{tuple(layer_array(painted).shape)} but image {image.name!r} has "
                     f"{tuple(layer_array(image).shape)}")
         return None
-
-    def _suggest_lr(self, _value=None) -> None:
-        """Fine-tuning needs a smaller learning rate than training from scratch."""
-        self.lr.value = SCRATCH_LR if self.start_from.value == SCRATCH else FINE_TUNE_LR
-        self._update_state()
 
     def _update_state(self, _value=None) -> None:
         scratch = self.start_from.value == SCRATCH
@@ -343,8 +337,9 @@ class TrainWidget(ModelChoices, JobOwner, Container):
             if dims == 3 and img.ndim == 2:
                 raise ValueError(f"{_common.model_label(source)} is a 3D model but the image "
                                  "is 2D (Y, X); start from a 2D model or from scratch")
-            batch = fields["batch_size"] or fine_tune_defaults(model).batch_size
-            config = TrainConfig(**{**fields, "batch_size": batch},
+            defaults = fine_tune_defaults(model)  # what "0 = auto" stands for
+            config = TrainConfig(**{**fields, "lr": fields["lr"] or defaults.lr,
+                                    "batch_size": fields["batch_size"] or defaults.batch_size},
                                  patch=_expand_patch(patch, dims))
             folder.mkdir(parents=True, exist_ok=True)
             return fine_tune(model, img, painted, config, checkpoint=checkpoint,
