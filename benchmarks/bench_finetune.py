@@ -3,11 +3,11 @@
 Starts from a bundled model, paints strokes taken from the ground truth of a
 held-back Lucchi++ crop (slices 140-164 were never trained on), fine-tunes, and
 scores the unpainted voxels before (at the model's tuned threshold) and after (at
-the threshold ``fine_tune`` chooses on the painted voxels; the curve during
+the threshold ``fine_tune`` chooses on the painted voxels, 0.5 for 3D; the curve during
 training uses 0.5). Baseline in the same run: the same fine-tune with dense
 labels of the crop (100 % painted).
 
-    python benchmarks/bench_finetune.py [--model mito-2d] [--steps 60] [--lr 3e-5]
+    python benchmarks/bench_finetune.py [--model mito-2d] [--steps 60] [--lr LR]
         [--strokes corrections|skeletons]
 
 Writes ``benchmarks/results/finetune_<model>_<strokes>.json``.
@@ -160,22 +160,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mito-2d")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=None, help="default: train.FINE_TUNE_LR")
+    ap.add_argument("--lr", type=float, default=None, help="default: the model's fine-tuning LR "
+                    "(train.fine_tune_defaults: FINE_TUNE_LR, or FINE_TUNE_LR_3D for 3D)")
     ap.add_argument("--strokes", choices=["corrections", "skeletons"], default="corrections",
                     help="corrections: strokes on the model's errors first (a user fixing "
                          "a prediction); skeletons: object skeletons + far background lines")
     args = ap.parse_args(argv)
     import torch
 
-    from napari_emseg.train import FINE_TUNE_LR, FINE_TUNED_THRESHOLD
-
-    args.lr = args.lr or FINE_TUNE_LR
-
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
+    from napari_emseg.train import FINE_TUNED_THRESHOLD, fine_tune_defaults
 
     img, mask = load_crop()
     model = load_model(args.model)
+    args.lr = args.lr or fine_tune_defaults(model).lr
     prob, t = predict_volume(img, model), float(model.meta.get("threshold", 0.5))
     if args.strokes == "corrections":
         sparse = paint_corrections(mask, prob, t)
