@@ -94,9 +94,8 @@ def train(name: str, minutes: float, threads: int | None, resume: bool,
     if init:
         meta["warm_start"] = _warm_start_record(init)
     elif recipe.get("inflate") and not resume:
-        init = WEIGHTS / f"{recipe['inflate']}.pt"
-        meta["warm_start"] = {**_warm_start_record(init), "inflated_2d_to_3d": True}
-        init = _inflated(init)
+        source, meta["warm_start"] = _inflation_source(recipe)
+        init = _inflated(source)
     if snapshots and not resume:  # a new run: drop an earlier run's snapshots
         shutil.rmtree(out / "snapshots", ignore_errors=True)
     t0 = time.time()
@@ -186,12 +185,12 @@ def inflated_checkpoint(name: str) -> Path:
     from napari_emseg.models.zoo import save_checkpoint
 
     recipe = RECIPES[name]
-    source = WEIGHTS / f"{recipe['inflate']}.pt"
+    source, record = _inflation_source(recipe)
     model = _inflated(source)
     meta = {**model.meta, "name": name, "description": recipe["description"],
             "patch": list(recipe["config"]["patch"]),
             "training": {"weights": f"{recipe['inflate']} inflated to 3D, not trained in 3D",
-                         "warm_start": _warm_start_record(source), "steps": 0}}
+                         "warm_start": record, "steps": 0}}
     run_dir(name).mkdir(parents=True, exist_ok=True)
     return save_checkpoint(model, run_dir(name) / f"{name}-inflated.pt", meta)
 
@@ -218,6 +217,12 @@ def _save_run_weights(name: str, model, state: dict, suffix: str, weights: str,
     return save_checkpoint(model, run_dir(name) / f"{name}-{suffix}.pt", meta)
 
 
+def _inflation_source(recipe: dict) -> tuple[Path, dict]:
+    """The bundled 2D checkpoint a 3D recipe inflates, and its warm-start record."""
+    source = WEIGHTS / f"{recipe['inflate']}.pt"
+    return source, {**_warm_start_record(source), "inflated_2d_to_3d": True}
+
+
 def _inflated(checkpoint: Path):
     """The 2D model in ``checkpoint`` as an equivalent 3D U-Net (I3D inflation)."""
     from napari_emseg.models.unet import inflate_2d
@@ -232,9 +237,12 @@ def _warm_start_record(init: Path) -> dict:
 
     info = read_checkpoint(init)["meta"]
     training = info.get("training", {})
-    return {"file": Path(init).name, "steps": training.get("steps"),
-            "seconds": training.get("seconds"), "device": training.get("device"),
-            "val_iou": info.get("metrics", {}).get("val_iou")}
+    record = {"file": Path(init).name, "steps": training.get("steps"),
+              "seconds": training.get("seconds"), "device": training.get("device"),
+              "val_iou": info.get("metrics", {}).get("val_iou")}
+    if info.get("warm_start"):  # the chain of earlier runs it grew from
+        record["warm_start"] = info["warm_start"]
+    return record
 
 
 def dice_iou_binary(pred: np.ndarray, gt: np.ndarray) -> dict:

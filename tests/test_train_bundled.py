@@ -59,3 +59,19 @@ def test_choose_postprocess_picks_the_threshold_that_fits(tb):
     prob = np.where(gt, 0.72, 0.5) + rng.normal(0, 0.02, gt.shape)
     size, t, iou = tb.choose_postprocess(prob, gt)
     assert size == 1 and 0.55 <= t <= 0.65 and iou == pytest.approx(1.0)
+
+
+def test_warm_start_record_keeps_the_chain_of_runs(tb, tmp_path):
+    from napari_emseg.models.zoo import build_model, save_checkpoint
+
+    first = save_checkpoint(build_model(dict(dims=2, depth=2, width=4),
+                                        {"training": {"steps": 30, "seconds": 60.0}}),
+                            tmp_path / "first.pt")
+    record = tb._warm_start_record(first)
+    assert record["file"] == "first.pt" and record["steps"] == 30
+    assert "warm_start" not in record
+    second = save_checkpoint(build_model(dict(dims=2, depth=2, width=4),
+                                         {"training": {"steps": 20}, "warm_start": record}),
+                             tmp_path / "second.pt")
+    chain = tb._warm_start_record(second)
+    assert chain["steps"] == 20 and chain["warm_start"] == record
