@@ -70,14 +70,10 @@ def _config(args):
 def _with_fine_tune_defaults(args, config):
     """Load ``--from``; its fine-tuning LR and batch size fill what the user left unset."""
     from .models.zoo import load_model
-    from .train import fine_tune_defaults
+    from .train import fine_tune_settings
 
     model = load_model(args.source)
-    defaults = fine_tune_defaults(model)
-    if not args.lr:
-        config.lr = defaults.lr
-    if not args.batch_size:
-        config.batch_size = defaults.batch_size
+    config.lr, config.batch_size = fine_tune_settings(model, args.lr, args.batch_size)
     return model
 
 

@@ -827,6 +827,12 @@ def fine_tune_defaults(model) -> TrainConfig:
                        batch_size=2 if three_d else 4)
 
 
+def fine_tune_settings(model, lr: float | None, batch_size: int | None) -> tuple[float, int]:
+    """``(lr, batch_size)``, each taken from :func:`fine_tune_defaults` when 0/None ("auto")."""
+    defaults = fine_tune_defaults(model)
+    return lr or defaults.lr, batch_size or defaults.batch_size
+
+
 def _fine_tune_patch(model, trained_patch) -> tuple[int, ...] | None:
     """The model's training patch; for 3D at most :data:`FINE_TUNE_PATCH_3D` (CPU speed)."""
     if model.config["dims"] != 3:

@@ -318,7 +318,7 @@ class TrainWidget(ModelChoices, JobOwner, Container):
 
         def work(progress, cancel, log):
             from ..models import zoo
-            from ..train import TrainConfig, fine_tune, fine_tune_defaults
+            from ..train import TrainConfig, fine_tune, fine_tune_settings
 
             img = np.asarray(image)
             if source == SCRATCH:
@@ -337,9 +337,8 @@ class TrainWidget(ModelChoices, JobOwner, Container):
             if dims == 3 and img.ndim == 2:
                 raise ValueError(f"{_common.model_label(source)} is a 3D model but the image "
                                  "is 2D (Y, X); start from a 2D model or from scratch")
-            defaults = fine_tune_defaults(model)  # what "0 = auto" stands for
-            config = TrainConfig(**{**fields, "lr": fields["lr"] or defaults.lr,
-                                    "batch_size": fields["batch_size"] or defaults.batch_size},
+            lr, batch = fine_tune_settings(model, fields["lr"], fields["batch_size"])  # 0 = auto
+            config = TrainConfig(**{**fields, "lr": lr, "batch_size": batch},
                                  patch=_expand_patch(patch, dims))
             folder.mkdir(parents=True, exist_ok=True)
             return fine_tune(model, img, painted, config, checkpoint=checkpoint,
