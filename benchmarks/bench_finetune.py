@@ -108,7 +108,7 @@ def iou_unpainted(prob: np.ndarray, mask: np.ndarray, painted: np.ndarray, t: fl
 
 
 def run_one(model_name: str, img, mask, painted, scored, steps: int, label: str,
-            lr: float, before: float, layers: str = "all", optimizer: str = "adamw",
+            lr: float, batch: int, before: float, layers: str = "all", optimizer: str = "adamw",
             freeze_norm: bool = False) -> dict:
     """Fine-tune on ``painted``; IoU on the voxels that ``scored`` leaves unpainted.
 
@@ -120,7 +120,6 @@ def run_one(model_name: str, img, mask, painted, scored, steps: int, label: str,
         FINE_TUNED_THRESHOLD,
         TrainConfig,
         fine_tune,
-        fine_tune_defaults,
     )
 
     model = load_model(model_name)
@@ -142,7 +141,6 @@ def run_one(model_name: str, img, mask, painted, scored, steps: int, label: str,
         print(f"  {label}: step {rec['step']:4d}  {curve[-1]['train_seconds']:6.1f} s  "
               f"IoU {iou:.4f}", flush=True)
 
-    batch = fine_tune_defaults(model).batch_size  # 4 (2D) or 2 (3D), as in the API
     cfg = TrainConfig(steps=steps, lr=lr, warmup=10, batch_size=batch,
                       val_every=max(steps // 5, 1),
                       train_layers=layers, optimizer=optimizer, freeze_norm=freeze_norm)
@@ -170,11 +168,12 @@ def main(argv=None) -> int:
 
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
-    from napari_emseg.train import FINE_TUNED_THRESHOLD, fine_tune_defaults
+    from napari_emseg.train import FINE_TUNED_THRESHOLD, fine_tune_settings
 
     img, mask = load_crop()
     model = load_model(args.model)
-    args.lr = args.lr or fine_tune_defaults(model).lr
+    # as in the API: batch 4 (2D) or 2 (3D); LR per fine_tune_defaults unless given
+    args.lr, batch = fine_tune_settings(model, args.lr, None)
     prob, t = predict_volume(img, model), float(model.meta.get("threshold", 0.5))
     if args.strokes == "corrections":
         sparse = paint_corrections(mask, prob, t)
@@ -191,9 +190,9 @@ def main(argv=None) -> int:
            "steps": args.steps, "lr": args.lr, "strokes": args.strokes,
            "threshold_before": t, "before_at_0.5": round(before_half, 4),
            "sparse_1pct": run_one(args.model, img, mask, sparse, sparse, args.steps,
-                                  "1% strokes", args.lr, before),
+                                  "1% strokes", args.lr, batch, before),
            "dense_baseline": run_one(args.model, img, mask, dense, sparse, args.steps,
-                                    "dense", args.lr, before)}
+                                    "dense", args.lr, batch, before)}
     # the dense model's IoU is scored on the same unpainted voxels as the sparse one
     res["ratio_sparse_vs_dense"] = round(res["sparse_1pct"]["after"]
                                          / max(res["dense_baseline"]["after"], 1e-9), 3)
