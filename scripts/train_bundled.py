@@ -78,13 +78,14 @@ def run_dir(name: str) -> Path:
 
 
 def train(name: str, minutes: float, threads: int | None, resume: bool,
-          init: Path | None = None, lr: float | None = None, snapshots: bool = False) -> None:
+          init: Path | None = None, lr: float | None = None, snapshots: bool = False,
+          seed: int = 0) -> None:
     from napari_emseg.train import TrainConfig, fit
 
     recipe = RECIPES[name]
     ti, tm, vi, vm, cut = split(name)
     config = dict(recipe["config"], **({"lr": lr} if lr else {}))
-    cfg = TrainConfig(**config, minutes=minutes, threads=threads,
+    cfg = TrainConfig(**config, minutes=minutes, threads=threads, seed=seed,
                       class_names=recipe["classes"])
     out = run_dir(name)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,6 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--init", type=Path, default=None,
                     help="warm start: begin from this checkpoint with a fresh LR schedule")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training: seed for weights init, patch sampling and augmentation")
     ap.add_argument("--evaluate", action="store_true")
     ap.add_argument("--install", action="store_true")
     ap.add_argument("--tta", type=int, default=8,
@@ -362,7 +365,7 @@ def main(argv=None) -> int:
         evaluate(args.name, args.checkpoint, tta=tta)
     else:
         train(args.name, args.minutes, args.threads, args.resume, args.init, args.lr,
-              args.snapshots)
+              args.snapshots, args.seed)
     return 0
 
 
