@@ -58,6 +58,7 @@ RECIPES = {
                     steps=20000, label_bias=0.0),
         classes=["background", "membrane"],
         description="2D residual U-Net, neuronal membranes in ssTEM",
+        boundary_tolerance=2,  # also report boundary F1 within 2 px (fixed before looking)
     ),
 }
 
@@ -294,8 +295,20 @@ def evaluate(name: str, checkpoint: Path | None = None, tta: bool | int = True) 
         scores = dice_iou_binary(prob > t, vm > 0)
         res[f"val_iou{suffix}"] = round(scores["iou"], 4)
         res[f"val_dice_f1{suffix}"] = round(scores["dice"], 4)
+    tolerance = RECIPES[name].get("boundary_tolerance")
+    if tolerance:
+        res.update(_boundary_scores(p_val > t_plain, vm > 0, tolerance))
     print(json.dumps({name: res}), flush=True)
     return res
+
+
+def _boundary_scores(pred: np.ndarray, gt: np.ndarray, tolerance: float) -> dict:
+    """Pixel error and boundary F1 within ``tolerance`` px (membrane maps)."""
+    from napari_emseg.metrics import boundary_f1
+
+    f1 = boundary_f1(pred, gt, tolerance)["f1"]
+    return {"val_pixel_error": round(float((pred != gt).mean()), 4),
+            f"val_boundary_f1_{tolerance:g}px": round(f1, 4)}
 
 
 def install(name: str, tta: bool | int = True, checkpoint: Path | None = None) -> Path:

@@ -155,3 +155,33 @@ def test_fixture_identical_labels_score_perfect(fixtures_dir):
     assert res["instances"]["thresholds"]["0.75"]["ap"] == 1.0
     assert res["voi"]["total"] == pytest.approx(0.0, abs=1e-12)
     assert res["adapted_rand"]["error"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_boundary_f1_tolerance():
+    gt = np.zeros((2, 40, 40), bool)
+    gt[:, 20, 5:35] = True  # a horizontal membrane in each slice
+    near = np.roll(gt, 1, axis=1)  # one pixel off
+    far = np.roll(gt, 4, axis=1)  # four pixels off
+    assert M.boundary_f1(gt, gt)["f1"] == 1.0
+    assert M.boundary_f1(near, gt, tolerance=0)["f1"] == 0.0  # strict pixel F1
+    assert M.boundary_f1(near, gt, tolerance=2)["f1"] == 1.0
+    assert M.boundary_f1(far, gt, tolerance=2)["f1"] == 0.0
+    # plain pixel F1 equals the Dice of the boundary class
+    rng = np.random.default_rng(0)
+    a, b = rng.random((2, 32, 32)) > 0.7
+    dice = M.class_scores(a.astype(np.uint8), b.astype(np.uint8), classes=[1])[1]["dice"]
+    assert M.boundary_f1(a, b, tolerance=0)["f1"] == pytest.approx(dice)
+
+
+def test_boundary_f1_partial_and_empty():
+    gt = np.zeros((30, 30), bool)
+    gt[10, :] = True
+    pred = gt.copy()
+    pred[:, 20] = True  # 30 true + 29 extra pixels, of which 2 lie within 2 px of gt
+    r = M.boundary_f1(pred, gt, tolerance=2)
+    assert r["recall"] == 1.0
+    assert r["precision"] == pytest.approx((30 + 4) / 59)
+    assert M.boundary_f1(np.zeros_like(gt), gt)["f1"] == 0.0
+    assert math.isnan(M.boundary_f1(np.zeros_like(gt), np.zeros_like(gt))["f1"])
+    with pytest.raises(ValueError, match="2D or 3D"):
+        M.boundary_f1(np.zeros(5, bool), np.zeros(5, bool))
