@@ -75,3 +75,30 @@ def test_warm_start_record_keeps_the_chain_of_runs(tb, tmp_path):
                              tmp_path / "second.pt")
     chain = tb._warm_start_record(second)
     assert chain["steps"] == 20 and chain["warm_start"] == record
+
+
+def test_boundary_scores_for_membrane_maps(tb):
+    gt = np.zeros((2, 32, 32), bool)
+    gt[:, 16, :] = True
+    pred = np.roll(gt, 1, axis=1)  # every membrane pixel one row off
+    res = tb._boundary_scores(pred, gt, tb.RECIPES["membrane-2d"]["boundary_tolerance"])
+    assert res["val_boundary_f1_2px"] == 1.0
+    assert res["val_pixel_error"] == pytest.approx(2 * 32 / 1024)
+
+
+def test_seed_reaches_the_training_config(tb, monkeypatch, tmp_path):
+    import napari_emseg.train as train_module
+
+    seen = {}
+
+    def fake_fit(images, labels, cfg, **kwargs):
+        seen["seed"] = cfg.seed
+        return train_module.TrainResult(model=None, checkpoint=None, best_iou=0.0,
+                                        history=[], steps=0, seconds=0.0)
+
+    small = np.zeros((2, 64, 64), np.uint8)
+    monkeypatch.setattr(tb, "split", lambda name: (small, small, small, small, 2))
+    monkeypatch.setattr(tb, "run_dir", lambda name: tmp_path / name)
+    monkeypatch.setattr(train_module, "fit", fake_fit)
+    tb.main(["membrane-2d", "--minutes", "1", "--seed", "3"])
+    assert seen == {"seed": 3}
