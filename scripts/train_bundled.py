@@ -304,11 +304,11 @@ def evaluate(name: str, checkpoint: Path | None = None, tta: bool | int = True) 
 
 def _boundary_scores(pred: np.ndarray, gt: np.ndarray, tolerance: float) -> dict:
     """Pixel error and boundary F1 within ``tolerance`` px (membrane maps)."""
-    from napari_emseg.metrics import boundary_f1
+    from napari_emseg.metrics import evaluate
 
-    f1 = boundary_f1(pred, gt, tolerance)["f1"]
-    return {"val_pixel_error": round(float((pred != gt).mean()), 4),
-            f"val_boundary_f1_{tolerance:g}px": round(f1, 4)}
+    scores = evaluate(pred, gt, boundary=tolerance)["boundary"]
+    return {"val_pixel_error": round(scores["pixel_error"], 4),
+            f"val_boundary_f1_{tolerance:g}px": round(scores["f1"], 4)}
 
 
 def install(name: str, tta: bool | int = True, checkpoint: Path | None = None) -> Path:

@@ -130,3 +130,20 @@ def test_evaluate_semantic_and_shape_mismatch(tmp_path, capsys):
     tifffile.imwrite(b, np.zeros((2, 8, 9), np.uint8))
     assert main(["evaluate", str(a), str(b)]) == 2
     assert "shape" in capsys.readouterr().err
+
+
+def test_evaluate_boundary_map(tmp_path, capsys):
+    gt = np.zeros((2, 32, 32), np.uint8)
+    gt[:, 16, :] = 1  # one membrane line per slice
+    pred = np.roll(gt, 1, axis=1)  # one pixel off
+    a, b, report = tmp_path / "a.tif", tmp_path / "b.tif", tmp_path / "m.json"
+    tifffile.imwrite(a, pred)
+    tifffile.imwrite(b, gt)
+    assert main(["evaluate", str(a), str(b), "--boundary", "2", "--per-slice",
+                 "--json", str(report)]) == 0
+    assert "boundary F1 within 2 px 1.0000" in capsys.readouterr().out
+    data = json.loads(report.read_text())["boundary"]
+    assert data["pixel_f1"] == 0.0 and data["f1"] == 1.0
+    assert data["pixel_error"] == pytest.approx(2 * 64 / 2048)  # 32 missed + 32 extra a slice
+    assert main(["evaluate", str(a), str(b), "--boundary", "-1"]) == 2
+    assert "tolerance" in capsys.readouterr().err

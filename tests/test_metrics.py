@@ -185,3 +185,14 @@ def test_boundary_f1_partial_and_empty():
     assert math.isnan(M.boundary_f1(np.zeros_like(gt), np.zeros_like(gt))["f1"])
     with pytest.raises(ValueError, match="2D or 3D"):
         M.boundary_f1(np.zeros(5, bool), np.zeros(5, bool))
+
+
+def test_evaluate_boundary_mode_per_slice():
+    gt = np.zeros((3, 20, 20), np.uint8)
+    gt[:, 10, :] = 1
+    pred = gt.copy()
+    pred[2] = np.roll(gt[2], 5, axis=0)  # last slice far off
+    out = M.evaluate(pred, gt, boundary=1, per_slice=True)
+    assert set(out) == {"shape", "boundary", "per_slice"}
+    assert out["boundary"]["f1"] == pytest.approx(2 / 3)
+    assert [row["f1"] for row in out["per_slice"]] == [1.0, 1.0, 0.0]

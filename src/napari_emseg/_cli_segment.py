@@ -80,7 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="score instance labels against ground truth",
         description="Foreground IoU/Dice, instance AP (Hungarian matching), VOI and "
-        "adapted Rand error of PRED against GT.",
+        "adapted Rand error of PRED against GT (or, with --boundary, membrane-map "
+        "scores).",
     )
     ev.add_argument("pred", metavar="PRED", help="predicted labels")
     ev.add_argument("gt", metavar="GT", help="ground-truth labels")
@@ -91,6 +92,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--per-slice", action="store_true", help="also score every z-slice")
     ev.add_argument(
         "--semantic", action="store_true", help="values are classes: per-class IoU/Dice"
+    )
+    ev.add_argument(
+        "--boundary", type=float, metavar="PX", default=None,
+        help="nonzero = membrane/boundary: pixel error, pixel F1 and boundary F1 "
+        "with matches within PX pixels in each slice",
     )
     ev.set_defaults(func=run_evaluate)
 
@@ -268,6 +274,13 @@ def format_table(result: dict) -> str:
                 f"{c:>8} {_fmt(s['iou']):>8} {_fmt(s['dice']):>8} "
                 f"{s['pred_voxels']:>12} {s['gt_voxels']:>12}"
             )
+    elif "boundary" in result:
+        b = result["boundary"]
+        lines.append(f"pixel error {_fmt(b['pixel_error'])}, pixel F1 {_fmt(b['pixel_f1'])}")
+        lines.append(
+            f"boundary F1 within {b['tolerance']:g} px {_fmt(b['f1'])} "
+            f"(precision {_fmt(b['precision'])}, recall {_fmt(b['recall'])})"
+        )
     else:
         inst = result["instances"]
         fg = result["foreground"]
@@ -324,7 +337,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     pred = np.asarray(read_volume(args.pred))
     gt = np.asarray(read_volume(args.gt))
     result = evaluate(
-        pred, gt, thresholds=args.thresholds, per_slice=args.per_slice, semantic=args.semantic
+        pred, gt, thresholds=args.thresholds, per_slice=args.per_slice,
+        semantic=args.semantic, boundary=args.boundary,
     )
     result = _json_safe({"pred": str(args.pred), "gt": str(args.gt), **result})
     print(format_table(result))

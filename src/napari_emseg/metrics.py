@@ -300,6 +300,19 @@ def boundary_f1(pred, gt, tolerance: float = 2.0) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
+def _boundary_summary(p: np.ndarray, g: np.ndarray, tolerance: float,
+                      per_slice: bool) -> dict[str, object]:
+    scores = boundary_f1(p, g, tolerance)
+    out: dict[str, object] = {"boundary": {
+        "tolerance": float(tolerance), "pixel_error": float((p != g).mean()),
+        "pixel_f1": boundary_f1(p, g, 0)["f1"], **scores}}
+    if per_slice and p.ndim == 3:
+        out["per_slice"] = [{"z": z, "pixel_f1": boundary_f1(p[z], g[z], 0)["f1"],
+                             "f1": boundary_f1(p[z], g[z], tolerance)["f1"]}
+                            for z in range(p.shape[0])]
+    return out
+
+
 def adapted_rand_error(
     pred, gt, *, ignore_labels: Sequence[int] = (0,)
 ) -> tuple[float, float, float]:
@@ -380,6 +393,7 @@ def evaluate(
     thresholds: Sequence[float] = (0.5, 0.75),
     per_slice: bool = False,
     semantic: bool = False,
+    boundary: float | None = None,
 ) -> dict[str, object]:
     """All metrics of a prediction against ground truth, as a JSON-ready dict.
 
@@ -393,6 +407,9 @@ def evaluate(
         Also score every z-slice of a 3D volume on its own (2D metrics).
     semantic : bool
         Treat values as classes: per-class IoU/Dice only.
+    boundary : float, optional
+        Treat nonzero values as a boundary (membrane) map: pixel error, pixel
+        F1 and :func:`boundary_f1` within this many pixels, only.
 
     Returns
     -------
@@ -403,10 +420,14 @@ def evaluate(
         {"z", "iou", "dice", "n_pred", "n_gt", "ap@τ", "voi_split",
         "voi_merge", "are"}, ...]]}``.  Semantic: ``{"shape", "classes":
         {str(class): {"iou", "dice", ...}}, ["per_slice": [{"z", "iou/<c>",
-        ...}]]}``.
+        ...}]]}``.  Boundary: ``{"shape", "boundary": {"tolerance",
+        "pixel_error", "pixel_f1", "precision", "recall", "f1"}, ["per_slice":
+        [{"z", "pixel_f1", "f1"}, ...]]}``.
     """
     p, g = _check_pair(pred, gt)
     out: dict[str, object] = {"shape": list(p.shape)}
+    if boundary is not None:
+        return {**out, **_boundary_summary(p > 0, g > 0, boundary, per_slice)}
     slices = range(p.shape[0]) if per_slice and p.ndim == 3 else range(0)
     if semantic:
         scores = class_scores(p, g)
