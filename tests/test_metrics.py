@@ -196,3 +196,5 @@ def test_evaluate_boundary_mode_per_slice():
     assert set(out) == {"shape", "boundary", "per_slice"}
     assert out["boundary"]["f1"] == pytest.approx(2 / 3)
     assert [row["f1"] for row in out["per_slice"]] == [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="one mode"):
+        M.evaluate(pred, gt, boundary=1, semantic=True)

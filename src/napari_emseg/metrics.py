@@ -427,6 +427,8 @@ def evaluate(
     p, g = _check_pair(pred, gt)
     out: dict[str, object] = {"shape": list(p.shape)}
     if boundary is not None:
+        if semantic:
+            raise ValueError("choose one mode: semantic (classes) or boundary (membrane map)")
         return {**out, **_boundary_summary(p > 0, g > 0, boundary, per_slice)}
     slices = range(p.shape[0]) if per_slice and p.ndim == 3 else range(0)
     if semantic:
