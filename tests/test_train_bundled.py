@@ -57,8 +57,36 @@ def test_choose_postprocess_picks_the_threshold_that_fits(tb):
     gt = np.zeros((4, 32, 32), bool)
     gt[:, 8:24, 8:24] = True
     prob = np.where(gt, 0.72, 0.5) + rng.normal(0, 0.02, gt.shape)
-    size, t, iou = tb.choose_postprocess(prob, gt)
+    size, t, iou = tb.choose_postprocess([prob], [gt])
     assert size == 1 and 0.55 <= t <= 0.65 and iou == pytest.approx(1.0)
+
+
+def test_choose_postprocess_pools_the_volumes(tb):
+    """One threshold for two volumes: the one that fits both, not either alone."""
+    gt = np.zeros((2, 16, 16), bool)
+    gt[:, 4:12, 4:12] = True
+    low = np.where(gt, 0.45, 0.1)   # needs a threshold below 0.45
+    high = np.where(gt, 0.9, 0.35)  # needs one of 0.35 or above
+    _, t, iou = tb.choose_postprocess([low, high], [gt, gt])
+    assert 0.35 <= t < 0.45 and iou == pytest.approx(1.0)
+    _, t_low, _ = tb.choose_postprocess([low], [gt])
+    assert t_low < 0.35
+
+
+def test_split_lists_each_volume_with_binary_masks(tb, monkeypatch, tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((20, 8, 8), np.uint8))
+    tifffile.imwrite(tmp_path / "am.tif", np.full((20, 8, 8), 7, np.uint16))
+    tifffile.imwrite(tmp_path / "b.tif", np.zeros((10, 8, 8), np.uint8))
+    tifffile.imwrite(tmp_path / "bm.tif", np.zeros((10, 8, 8), np.uint8))
+    monkeypatch.setattr(tb, "DATA", tmp_path)
+    monkeypatch.setitem(tb.RECIPES, "two", dict(data=[("a.tif", "am.tif", 0.15),
+                                                      ("b.tif", "bm.tif", 3)]))
+    ti, tm, vi, vm, cuts = tb.split("two")
+    assert cuts == [17, 7]
+    assert [v.shape[0] for v in vi] == [3, 3]
+    assert tm[0].dtype == np.uint8 and set(np.unique(tm[0])) == {1}
 
 
 def test_warm_start_record_keeps_the_chain_of_runs(tb, tmp_path):

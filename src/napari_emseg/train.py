@@ -68,6 +68,7 @@ class TrainConfig:
     warmup: int = 50
     loss: str = "bce_dice"
     label_bias: float = 0.5
+    balance_volumes: bool = False  # sample each training volume equally often (else by size)
     elastic_p: float = 0.25
     val_every: int = 100
     val_slices: int = 8
@@ -159,7 +160,7 @@ class PatchSampler:
             if hot.size > 2_000_000:
                 hot = np.sort(self.rng.choice(hot, 2_000_000, replace=False))
             self.hot.append(hot)
-        sizes = np.array([t.size for t in targets], dtype=float)
+        sizes = np.array([1.0 if config.balance_volumes else t.size for t in targets])
         self.weights = sizes / sizes.sum()
         self.label_bias = 1.0 if sparse else config.label_bias
 

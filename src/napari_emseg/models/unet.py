@@ -257,3 +257,36 @@ def _inflate_tensor(w2: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     else:
         out[:, :, like.shape[2] // 2] = w2
     return out
+
+
+def collapse_context(model2d: UNet) -> UNet:
+    """A plain 2D U-Net (one input slice) from a 2.5D one (``2c + 1`` slices).
+
+    The first convolution's weights (and its residual projection) are summed
+    over the input slices, so the new model computes exactly what the 2.5D
+    model computes when each slice is fed as its own neighbours. Use it where
+    the sections are much thicker than those the 2.5D model was trained on.
+
+    Parameters
+    ----------
+    model2d : UNet
+        ``dims=2`` with any number of input channels.
+
+    Returns
+    -------
+    UNet
+        ``in_channels=1``, ``.meta`` copied with ``context=0``.
+    """
+    cfg = dict(model2d.config)
+    if cfg["dims"] != 2:
+        raise ValueError(f"collapse_context needs a 2D model, got dims={cfg['dims']}")
+    model = UNet(**{**cfg, "in_channels": 1})
+    n_in = cfg["in_channels"]
+    state = {}
+    for key, w in model2d.state_dict().items():
+        takes_input = key in ("down.0.conv1.weight", "down.0.skip.weight")
+        state[key] = w.sum(dim=1, keepdim=True) if takes_input and n_in > 1 else w
+    model.load_state_dict(state)
+    model.train(model2d.training)
+    model.meta = {**getattr(model2d, "meta", {}), "context": 0}
+    return model
