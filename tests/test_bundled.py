@@ -12,7 +12,13 @@ import tifffile
 pytest.importorskip("torch")
 
 from napari_emseg.metrics import class_scores  # noqa: E402
-from napari_emseg.models.zoo import list_models, load_model, resolve  # noqa: E402
+from napari_emseg.models.zoo import (  # noqa: E402
+    list_models,
+    load_model,
+    read_checkpoint,
+    resolve,
+    weights_sha256,
+)
 from napari_emseg.predict import predict_volume  # noqa: E402
 
 FIXTURES = {  # model -> (image, mask, bar on foreground F1)
@@ -34,6 +40,17 @@ def test_bundled_model_is_small_and_documents_itself(name):
     assert meta["training"]["device"]
     held = meta["metrics"]["held_back"]
     assert 0 < held["val_iou"] <= 1 and held["threshold"] == meta["threshold"]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_bundled_checkpoint_carries_a_hash_that_verifies(name):
+    import torch
+
+    raw = torch.load(resolve(name), map_location="cpu", weights_only=True)
+    stored = raw["meta"].get("weights_sha256")
+    assert isinstance(stored, str) and len(stored) == 64
+    assert weights_sha256(raw["state_dict"]) == stored
+    assert read_checkpoint(name)["meta"]["weights_sha256"] == stored  # verified on load
 
 
 @pytest.mark.parametrize("name", BUNDLED)

@@ -297,9 +297,12 @@ def test_write_labels_uint32_when_needed(tmp_path, ext):
 def test_write_labels_zarr_formats(tmp_path, fmt):
     labels = np.arange(3 * 10 * 10, dtype=np.uint32).reshape(3, 10, 10)
     io.write_labels(tmp_path / "l.zarr", labels, zarr_format=fmt)
-    marker = ".zarray" if fmt == 2 else "zarr.json"
-    assert (tmp_path / "l.zarr" / marker).exists()
+    # an OME-NGFF label image: a group holding the array "0"
+    group, array = (".zgroup", ".zarray") if fmt == 2 else ("zarr.json", "zarr.json")
+    assert (tmp_path / "l.zarr" / group).exists()
+    assert (tmp_path / "l.zarr" / "0" / array).exists()
     np.testing.assert_array_equal(io.read_volume(tmp_path / "l.zarr"), labels)
+    assert io.is_labels_file(tmp_path / "l.zarr")
 
 
 def test_write_labels_dask_and_2d(tmp_path):

@@ -48,3 +48,17 @@ def test_npe2_validate():
     exe = Path(sys.executable).with_name("npe2")
     out = subprocess.run([str(exe), "validate", "napari-emseg"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_reader_patterns_are_the_em_formats_only():
+    from napari_emseg import io
+
+    root = yaml.safe_load(ROOT_MANIFEST.read_text())
+    (reader,) = root["contributions"]["readers"]
+    patterns = reader["filename_patterns"]
+    em = io.HDF5_SUFFIXES + io.MRC_SUFFIXES + io.ZARR_SUFFIXES
+    assert sorted(patterns) == sorted(f"*{s}" for s in em)
+    assert reader["accepts_directories"] is True  # zarr stores and slice folders
+    # plain images stay with napari's own reader: no catch-all, no TIFF / PNG / JPEG
+    assert not {"*", "*.*"} & set(patterns)
+    assert not {f"*{s}" for s in io.SLICE_SUFFIXES} & set(patterns)

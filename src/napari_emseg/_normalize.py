@@ -1,6 +1,12 @@
-"""Intensity normalisation shared by training, prediction and blockwise runs."""
+"""Intensity normalisation shared by training, prediction and blockwise runs.
+
+Only finite grey values count: NaN and Inf voxels are left out of the range
+and normalised to 0, i.e. treated as the volume's low grey value.
+"""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -39,7 +45,7 @@ def normalization_range(volume, spec: dict | None) -> tuple[float, float]:
         return 0.0, 1.0
     if mode == "fixed":
         return float(spec["low"]), float(spec["high"])
-    sample = _sample(volume).astype(np.float32, copy=False)
+    sample = _finite(_sample(volume).astype(np.float32, copy=False))
     if mode == "minmax":
         lo, hi = float(sample.min()), float(sample.max())
     elif mode == "percentile":
@@ -52,10 +58,40 @@ def normalization_range(volume, spec: dict | None) -> tuple[float, float]:
     return lo, hi
 
 
+def _finite(sample: np.ndarray) -> np.ndarray:
+    """The finite values of a float sample; an error when there are none."""
+    keep = np.isfinite(sample)
+    if keep.all():
+        return sample
+    if not keep.any():
+        raise ValueError("the volume holds no finite grey values (only NaN/Inf)")
+    return sample[keep]
+
+
+def count_nonfinite(volume) -> int:
+    """Number of NaN/Inf voxels of an in-memory array (0 for integer types)."""
+    volume = np.asarray(volume)
+    if volume.dtype.kind not in "fc":
+        return 0
+    return int(volume.size - np.count_nonzero(np.isfinite(volume)))
+
+
+def warn_nonfinite(volume, what: str = "volume") -> int:
+    """Warn when ``volume`` holds NaN/Inf voxels; returns how many."""
+    n = count_nonfinite(volume)
+    if n:
+        warnings.warn(f"{what} has {n} NaN/Inf voxel(s) of {np.size(volume)}; they are "
+                      "treated as its low grey value", stacklevel=3)
+    return n
+
+
 def apply_normalization(block, lo: float, hi: float) -> np.ndarray:
-    """``(block - lo) / (hi - lo)`` as float32 (a new array)."""
+    """``(block - lo) / (hi - lo)`` as float32 (a new array); NaN/Inf become 0."""
+    block = np.asarray(block)
     out = np.asarray(block, dtype=np.float32) - np.float32(lo)
     out *= np.float32(1.0 / (hi - lo))
+    if block.dtype.kind in "fc":
+        out[~np.isfinite(out)] = 0.0
     return out
 
 

@@ -1,5 +1,11 @@
 """npe2 reader: EM volumes (multi-page TIFF, slice folders, zarr, HDF5, MRC).
 
+The manifest offers it to napari for EM containers (zarr, HDF5, MRC) and
+folders (zarr stores, slice folders); plain image files (TIFF, PNG, JPEG)
+are left to napari's own reader. Labels written by
+:func:`napari_emseg.io.write_labels` open as a Labels layer at their voxel
+size, whatever their name.
+
 ``get_reader`` returns ``None`` for anything it cannot read, after a cheap
 probe (headers and metadata only), so napari can fall back to other readers.
 The returned reader function never raises into napari: if reading fails after
@@ -47,7 +53,7 @@ def _keys(path: Path) -> list[str | None]:
 
 
 def _can_read(path: Path) -> bool:
-    if not path.exists():
+    if not (path.is_file() or path.is_dir()):  # missing, or a pipe / socket / device
         return False
     if path.is_dir():
         if not (io._is_zarr_dir(path) or io._list_slices(path)):
@@ -110,6 +116,13 @@ def layer_type_for(path: Path, dtype: Any) -> str:
     return "labels" if named and is_int else "image"
 
 
+def _layer_type(path: Path, key: str | None, name: str, dtype: Any) -> str:
+    """``"labels"`` for integer data marked as labels in the file, else by its name."""
+    if np.dtype(dtype).kind in "iub" and io.is_labels_file(path, key):
+        return "labels"
+    return layer_type_for(Path(name.replace("/", "_")), dtype)
+
+
 def read_em_volume(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[LayerData] | None:
     """Read an EM volume as napari layer data; warn and return ``None`` on failure.
 
@@ -139,7 +152,7 @@ def read_em_volume(path: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
             errors.append(str(exc))
             continue
         name = _layer_name(single) if key is None else f"{_layer_name(single)}/{key}"
-        layer_type = layer_type_for(Path(name.replace("/", "_")), data.dtype)
+        layer_type = _layer_type(single, key, name, data.dtype)
         meta: dict[str, Any] = {"name": name}
         sizes = io.read_voxel_size(single, key, ndim=data.ndim)
         if sizes:  # physical voxel size from the file's metadata, in nm

@@ -73,10 +73,17 @@ def read_voxel_size(path: str | os.PathLike, key: str | None = None,
 
 
 def _tiff_size(path: Path) -> list[float] | None:
-    """ImageJ (``unit``, ``spacing``) or centimetre-based TIFF resolution tags."""
+    """Voxel size from a TIFF's metadata.
+
+    In order: ``voxel_size_nm`` (labels written by napari-emseg), ImageJ
+    (``unit``, ``spacing``), or centimetre-based resolution tags.
+    """
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
+        shaped = tif.shaped_metadata if tif.is_shaped else None
+        if shaped and shaped[0].get("voxel_size_nm"):
+            return [float(s) for s in shaped[0]["voxel_size_nm"]]
         page = tif.pages[0]
         ij = tif.imagej_metadata or {}
         tags = page.tags

@@ -7,8 +7,11 @@ zarr target (``block_shape``), so two blocks never write the same chunk.
   volume border), runs :func:`napari_emseg.predict.predict_volume` on it with
   a normalisation range computed once over the whole source, and writes the
   block's core.  A small marker file per finished block
-  (``<target>/.emseg_done/<z>_<y>_<x>``) makes runs **resumable**: after a
-  crash or a cancel only the missing blocks are computed.
+  (``<target>/.emseg_done/<z>_<y>_<x>``, holding the SHA-256 of the block as
+  read back from the target) makes runs **resumable**: after a crash or a
+  cancel only the missing blocks are computed, and a block whose data no
+  longer matches its marker (deleted, changed or corrupt chunk) is computed
+  again.
 * :func:`label_blockwise` labels each block (connected components, or a
   seeded watershed on the block plus its halo), **stitches ids across block
   faces** with a union-find over the face pairs, and renumbers the ids to
@@ -41,6 +44,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -253,6 +257,44 @@ def _done_blocks(target: Path) -> set[tuple[int, ...]]:
     return out
 
 
+def _block_digest(arr, core) -> str:
+    """SHA-256 of one block's values as stored in the target."""
+    return hashlib.sha256(np.ascontiguousarray(arr[(..., *core)]).tobytes()).hexdigest()
+
+
+def _mark_done(target: str | Path, index, digest: str) -> None:
+    """Write a block's marker (its digest) atomically: a killed write leaves no marker."""
+    marker = _done_path(target, index)
+    tmp = marker.with_name(f".{marker.name}.tmp")
+    tmp.write_text(digest)
+    os.replace(tmp, marker)
+
+
+def _marker_matches(arr, target: Path, index, shape, block) -> bool:
+    """Whether the block's stored data still has the digest its marker recorded."""
+    try:
+        recorded = _done_path(target, index).read_text().strip()
+        return bool(recorded) and recorded == _block_digest(arr, _core(index, shape, block))
+    except Exception:  # unreadable marker or chunk: not done
+        return False
+
+
+def _verified_blocks(target: Path, grid, shape, block, workers: int) -> set[tuple[int, ...]]:
+    """Blocks marked done whose data verifies; stale markers are removed, with a warning."""
+    marked = sorted(_done_blocks(target) & set(grid))
+    arr = _open_array(target, mode="r")
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        ok = list(pool.map(lambda i: _marker_matches(arr, target, i, shape, block), marked))
+    bad = [i for i, good in zip(marked, ok, strict=True) if not good]
+    for index in bad:
+        _done_path(target, index).unlink(missing_ok=True)
+    if bad:
+        warnings.warn(f"{len(bad)} finished block(s) of {target} do not match their checksum "
+                      "(missing, changed or corrupt chunks); computing them again",
+                      stacklevel=3)
+    return {i for i, good in zip(marked, ok, strict=True) if good}
+
+
 def _check_zarr_target(target: Path) -> None:
     if target.suffix.lower() != ".zarr":
         raise ValueError(f"blockwise output must be a .zarr folder, got {target.name!r}")
@@ -350,12 +392,12 @@ def _model_token(model) -> str:
         return f"file:{path}:{st.st_size}:{int(st.st_mtime)}"
     state = getattr(model, "state_dict", None)
     if callable(state):
+        from .models.zoo import weights_sha256
+
         h = hashlib.sha1()
         h.update(json.dumps(getattr(model, "config", None), sort_keys=True,
                             default=str).encode())
-        for name, t in state().items():
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(weights_sha256(state()).encode())
         return f"state:{h.hexdigest()}"
     name = getattr(model, "__qualname__", type(model).__qualname__)
     return f"callable:{getattr(model, '__module__', '?')}.{name}"
@@ -607,7 +649,7 @@ def _predict_block(index, model_payload=None, *, src_spec, target: str, token: s
     if out_dtype == "uint8":
         prob = np.round(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
     arr[(..., *core)] = prob
-    _done_path(target, index).touch()
+    _mark_done(target, index, _block_digest(arr, core))
     return 1
 
 
@@ -746,7 +788,8 @@ def predict_blockwise(
             (target / DONE_DIR).mkdir(exist_ok=True)
 
         grid = block_grid(shape, block)
-        done = _done_blocks(target)
+        done = set() if resume_attrs is None else \
+            _verified_blocks(target, grid, shape, block, workers)
         todo = [i for i in grid if i not in done]
         total = len(grid)
         count = {"done": total - len(todo)}

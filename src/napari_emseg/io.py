@@ -8,6 +8,12 @@ Writers are atomic: data goes to a temporary sibling that is renamed onto the
 target only once complete, so a failed write never leaves a partial file and
 keeps an older file intact.
 
+Labels keep their voxel size and reopen as labels whatever their name: a TIFF
+gets resolution tags (pixels per cm) and ``voxel_size_nm`` plus a
+``napari_emseg_layer: labels`` entry in its JSON description; a zarr store is
+an OME-NGFF label image (a group with ``multiscales`` scale in nanometres,
+``image-label`` and the array ``0``). :func:`is_labels_file` recognises both.
+
 This module imports no Qt, napari or torch.
 """
 
@@ -31,6 +37,7 @@ __all__ = [
     "LAZY_BYTES",
     "SLICE_SUFFIXES",
     "VOLUME_SUFFIXES",
+    "is_labels_file",
     "list_keys",
     "natural_key",
     "open_zarr_output",
@@ -54,6 +61,8 @@ ZARR_SUFFIXES = (".zarr",)
 VOLUME_SUFFIXES = SLICE_SUFFIXES + HDF5_SUFFIXES + MRC_SUFFIXES + ZARR_SUFFIXES
 
 _ZARR_MARKERS = (".zarray", ".zgroup", "zarr.json")
+#: Key of the TIFF description entry that marks a file written by :func:`write_labels`.
+TIFF_LAYER_KEY = "napari_emseg_layer"
 
 
 # --------------------------------------------------------------------------- #
@@ -121,6 +130,8 @@ def _existing(path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
+    if not (path.is_file() or path.is_dir()):
+        raise ValueError(f"{path} is not a regular file or folder (a pipe, socket or device?)")
     return path
 
 
@@ -224,6 +235,42 @@ def list_keys(path: str | os.PathLike) -> list[str]:
             raise ValueError(f"cannot open HDF5 file {path}: {exc} (corrupt?)") from exc
         return sorted(names)
     return []
+
+
+def is_labels_file(path: str | os.PathLike, key: str | None = None) -> bool:
+    """Whether ``path`` holds labels by its metadata, not its name.
+
+    True for files written by :func:`write_labels` and for OME-Zarr label
+    images (``image-label``); False for anything else, never an error.
+    """
+    path = Path(path)
+    try:
+        if _is_zarr_dir(path):
+            return _zarr_is_labels(path, key)
+        if path.is_file() and path.suffix.lower() in TIFF_SUFFIXES:
+            return _tiff_description(path).get(TIFF_LAYER_KEY) == "labels"
+    except Exception:  # metadata is a hint: unreadable means "no"
+        return False
+    return False
+
+
+def _tiff_description(path: Path) -> dict:
+    """The JSON description tifffile wrote (shaped TIFF), or ``{}``."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        meta = tif.shaped_metadata if tif.is_shaped else None
+    return dict(meta[0]) if meta else {}
+
+
+def _zarr_is_labels(path: Path, key: str | None) -> bool:
+    node = _open_zarr(path)
+    chain = [node] if key is None else [node[key], node]
+    for item in chain:
+        attrs = dict(item.attrs)
+        if "image-label" in attrs or "image-label" in dict(attrs.get("ome") or {}):
+            return True
+    return False
 
 
 # TIFF ---------------------------------------------------------------------- #
@@ -585,6 +632,7 @@ def write_labels(
     path: str | os.PathLike,
     labels: Any,
     *,
+    voxel_size: Sequence[float] | None = None,
     overwrite: bool = True,
     compression: str = "zlib",
     chunks: Sequence[int] | None = None,
@@ -599,6 +647,10 @@ def write_labels(
     labels : array-like, shape (Z, Y, X) or (Y, X)
         Non-negative integer ids (0 = background); numpy or dask. Saved as
         uint16 when every id fits, else uint32.
+    voxel_size : sequence of float, optional
+        Size of a voxel in nm, one value per axis (ZYX or YX); read back by
+        :func:`read_voxel_size`. The file is marked as labels either way
+        (TIFF description entry, or an OME-NGFF label image for zarr).
     overwrite : bool
         Replace an existing file (atomically). ``False`` raises
         ``FileExistsError`` instead.
@@ -617,9 +669,36 @@ def write_labels(
     """
     path, kind = _target(path, overwrite)
     labels = _as_array(labels, "labels")
+    sizes = _voxel_sizes(voxel_size, labels.ndim)
     dtype = _labels_dtype(labels)
-    _write(path, kind, labels, dtype, compression, chunks, zarr_format, predictor=False)
+    if kind == "tiff":
+        _write_tiff(path, labels, dtype, compression, predictor=False,
+                    **_labels_tiff_tags(sizes, labels.ndim))
+    else:
+        _write_ome_labels(path, labels, dtype, chunks, zarr_format, sizes)
     return path
+
+
+def _voxel_sizes(voxel_size: Sequence[float] | None, ndim: int) -> list[float] | None:
+    """``voxel_size`` checked: ``ndim`` finite sizes > 0 (nm), or None."""
+    if voxel_size is None:
+        return None
+    sizes = [float(s) for s in voxel_size]
+    if len(sizes) != ndim or not all(0 < s < float("inf") for s in sizes):
+        raise ValueError(f"voxel_size must be {ndim} positive sizes in nm (one per axis), "
+                         f"got {list(voxel_size)}")
+    return sizes
+
+
+def _labels_tiff_tags(sizes: list[float] | None, ndim: int) -> dict[str, Any]:
+    """imwrite arguments marking labels and (if known) their voxel size."""
+    meta: dict[str, Any] = {TIFF_LAYER_KEY: "labels"}
+    if sizes is None:
+        return {"metadata": meta}
+    meta["voxel_size_nm"] = sizes
+    nm_per_cm = 1e7  # resolution tags: pixels per centimetre, read by Fiji and others
+    return {"metadata": meta, "resolution": (nm_per_cm / sizes[-1], nm_per_cm / sizes[-2]),
+            "resolutionunit": "CENTIMETER"}
 
 
 def write_volume(
@@ -687,7 +766,7 @@ def _iter_pages(data: Any, dtype: np.dtype):
 
 
 def _write_tiff(path: Path, data: Any, dtype: np.dtype, compression: str,
-                predictor: bool) -> None:
+                predictor: bool, metadata: dict | None = None, **tags: Any) -> None:
     import tifffile
 
     comp = None if compression in (None, "none", "None") else compression
@@ -705,8 +784,9 @@ def _write_tiff(path: Path, data: Any, dtype: np.dtype, compression: str,
             shape=tuple(data.shape),
             dtype=dtype,
             bigtiff=nbytes > 2**31,
-            metadata={"axes": axes},
+            metadata={"axes": axes, **(metadata or {})},
             photometric="minisblack",
+            **tags,
             **kwargs,
         )
 
@@ -739,15 +819,54 @@ def _create_zarr(path: Path, shape: Sequence[int], dtype: Any,
 def _write_zarr(path: Path, data: Any, dtype: np.dtype, chunks: Sequence[int] | None,
                 zarr_format: int | None = None) -> None:
     with atomic_path(path) as tmp:
-        out = _create_zarr(tmp, data.shape, dtype, chunks, zarr_format)
-        if hasattr(data, "compute"):  # dask: write slab by slab
-            step = out.chunks[0]
-            for start in range(0, data.shape[0], step):
-                out[start:start + step] = np.asarray(data[start:start + step]).astype(
-                    dtype, copy=False
-                )
-        else:
-            out[...] = np.asarray(data).astype(dtype, copy=False)
+        _fill(_create_zarr(tmp, data.shape, dtype, chunks, zarr_format), data, dtype)
+
+
+def _fill(out: Any, data: Any, dtype: np.dtype) -> None:
+    """Copy ``data`` into the zarr array ``out`` (dask: slab by slab)."""
+    if hasattr(data, "compute"):
+        step = out.chunks[0]
+        for start in range(0, data.shape[0], step):
+            out[start:start + step] = np.asarray(data[start:start + step]).astype(
+                dtype, copy=False
+            )
+    else:
+        out[...] = np.asarray(data).astype(dtype, copy=False)
+
+
+def _write_ome_labels(path: Path, data: Any, dtype: np.dtype, chunks: Sequence[int] | None,
+                      zarr_format: int | None, sizes: list[float] | None) -> None:
+    """An OME-NGFF label image: a group with the array ``0`` and its scale."""
+    import zarr
+
+    fmt = zarr_format or _default_zarr_format()
+    with atomic_path(path) as tmp:
+        kwargs = {"zarr_format": fmt} if _zarr_major() >= 3 else {}
+        group = zarr.open_group(str(tmp), mode="w", **kwargs)
+        _fill(_create_zarr(tmp / "0", data.shape, dtype, chunks, fmt), data, dtype)
+        group.attrs.update(_ome_label_attrs(path.stem, data.ndim, sizes, fmt))
+
+
+def _default_zarr_format() -> int:
+    import zarr
+
+    if _zarr_major() < 3:
+        return 2
+    return int(zarr.config.get("default_zarr_format", 3))
+
+
+def _ome_label_attrs(name: str, ndim: int, sizes: list[float] | None, fmt: int) -> dict:
+    """OME-NGFF attributes: v0.4 for zarr format 2, v0.5 (under ``"ome"``) for 3."""
+    axes = []
+    for axis in "zyx"[-ndim:]:
+        axes.append({"name": axis, "type": "space", **({"unit": "nanometer"} if sizes else {})})
+    scale = {"type": "scale", "scale": sizes or [1.0] * ndim}
+    multiscale = {"name": name, "axes": axes,
+                  "datasets": [{"path": "0", "coordinateTransformations": [scale]}]}
+    if fmt == 2:
+        return {"multiscales": [{"version": "0.4", **multiscale}],
+                "image-label": {"version": "0.4"}}
+    return {"ome": {"version": "0.5", "multiscales": [multiscale], "image-label": {}}}
 
 
 def open_zarr_output(

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ._normalize import apply_normalization, normalization_range
+from ._normalize import apply_normalization, normalization_range, warn_nonfinite
 from ._progress import CancelCheck, ProgressCallback, check_cancel, report
 
 DEFAULT_PATCH = {2: (256, 256), 3: (32, 128, 128)}
@@ -578,7 +578,18 @@ def _run(vol: np.ndarray, pred: _Predictor, plan: _Plan, lo, hi, device, amp, tt
                 continue
             done += len(chunk)
             report(progress, done, total)
-        return runner.finish()
+        return _check_finite(runner.finish())
+
+
+def _check_finite(out: np.ndarray) -> np.ndarray:
+    """``out`` unchanged; an error when the model produced NaN or Inf."""
+    if not np.isfinite(out).all():
+        bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+        raise FloatingPointError(
+            f"the model produced NaN/Inf for {bad} of {out.size} output values "
+            "(broken weights, or a float16 overflow: try amp=False)"
+        )
+    return out
 
 
 def _norm_range(volume, normalization, pred: _Predictor) -> tuple[float, float]:
@@ -636,6 +647,8 @@ def predict_volume(
     ----------
     volume : array-like, (Z, Y, X) or (Y, X)
         Raw grey values (numpy, dask or zarr; read into memory). Not modified.
+        NaN/Inf voxels are counted in a warning and treated as the low grey
+        value; a NaN/Inf in the model's output raises ``FloatingPointError``.
     model : UNet, str, path or callable
         A model with ``.meta`` (see :mod:`napari_emseg.models.zoo`), a bundled
         model name or checkpoint path, or any callable mapping float tensors
@@ -681,6 +694,7 @@ def predict_volume(
     pred = _resolve_model(model, device, dims, activation, context)
     lo, hi = _norm_range(volume, normalization, pred)
     vol = np.asarray(volume)
+    warn_nonfinite(vol)
     if vol.ndim == 2:
         vol = vol[np.newaxis]
     shape3 = vol.shape

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 from napari.layers import Labels
 
+from .._writer import layer_voxel_size
 from . import _common
 from ._common import Job, JobOwner, ModelChoices, layer_array, layer_picker, model_registry
 
@@ -93,7 +94,11 @@ class SaveWidget(ModelChoices, JobOwner, Container):
 
     # -- actions
     def save_labels(self, _value=None) -> Job | None:
-        """Write the chosen Labels layer to the chosen .tif/.tiff/.zarr (atomic)."""
+        """Write the chosen Labels layer to the chosen .tif/.tiff/.zarr (atomic).
+
+        The layer's scale is saved as the voxel size, so the file reopens as
+        a Labels layer at the same scale.
+        """
         layer = self.labels_layer.value
         if layer is None:
             _common.error("Save: no Labels layer to save")
@@ -106,12 +111,13 @@ class SaveWidget(ModelChoices, JobOwner, Container):
             _common.error(f"Save: {path.name!r} must end in .tif, .tiff or .zarr")
             return None
         data = layer_array(layer)
+        sizes = layer_voxel_size(layer.scale, getattr(layer, "units", None), data.ndim)
 
         def work(progress, cancel, _log):
             from ..io import write_labels
 
             progress(0, 1)
-            out = write_labels(path, data)
+            out = write_labels(path, data, voxel_size=sizes)
             progress(1, 1)
             return out
 

@@ -9,10 +9,15 @@ A checkpoint is a ``torch.save`` of a plain dict::
      "state_dict": {...}}
 
 It is read with ``torch.load(weights_only=True)``: no pickle is executed.
+``meta["weights_sha256"]`` (written since checkpoint hashes were introduced)
+is the :func:`weights_sha256` of the state dict; loading verifies it, so a
+file with damaged weights is refused instead of predicting slightly wrong.
+Older checkpoints without it still load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from importlib import resources
 from pathlib import Path
@@ -64,6 +69,34 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     )
 
 
+def weights_sha256(state_dict: dict) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of every tensor, in key order."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _verify_weights(ckpt: dict, path: Path) -> None:
+    """Compare the stored weights hash (if any) with the loaded weights."""
+    expected = ckpt["meta"].get("weights_sha256") if isinstance(ckpt["meta"], dict) else None
+    if expected is None:
+        return  # saved before checkpoints carried a hash
+    try:
+        actual = weights_sha256(ckpt["state_dict"])
+    except Exception as exc:
+        raise CheckpointError(f"{path} has unreadable weights: {exc}") from None
+    if actual != expected:
+        raise CheckpointError(
+            f"{path} is corrupt: its weights do not match the checksum saved with them "
+            "(copy or download the file again)"
+        )
+
+
 def read_checkpoint(name_or_path: str | os.PathLike) -> dict:
     """Load and validate the raw checkpoint dict (weights stay on the CPU)."""
     import torch
@@ -85,6 +118,7 @@ def read_checkpoint(name_or_path: str | os.PathLike) -> dict:
     for key in ("config", "meta", "state_dict"):
         if key not in ckpt:
             raise CheckpointError(f"{path} lacks the {key!r} entry")
+    _verify_weights(ckpt, path)
     return ckpt
 
 
@@ -173,6 +207,7 @@ def save_checkpoint(model, path: str | os.PathLike, meta: dict | None = None) ->
     full_meta.pop("source", None)
     full_meta["dims"] = model.config["dims"]
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    full_meta["weights_sha256"] = weights_sha256(state)
     ckpt = {"format": FORMAT, "version": VERSION, "config": _plain(dict(model.config)),
             "meta": _plain(full_meta), "state_dict": state}
     path = Path(path)
