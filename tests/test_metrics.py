@@ -142,7 +142,7 @@ def test_inputs_checked_and_not_mutated():
     with pytest.raises(ValueError, match="negative"):
         M.adapted_rand_error(np.array([-1, 0]), np.array([0, 0]))
     e = np.zeros((0, 4), np.uint32)
-    assert M.adapted_rand_error(e, e) == (0.0, 1.0, 1.0)
+    assert all(math.isnan(v) for v in M.adapted_rand_error(e, e))  # n/a, not perfect
     assert M.variation_of_information(e, e) == (0.0, 0.0)
 
 
@@ -198,3 +198,164 @@ def test_evaluate_boundary_mode_per_slice():
     assert [row["f1"] for row in out["per_slice"]] == [1.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="one mode"):
         M.evaluate(pred, gt, boundary=1, semantic=True)
+
+
+# ------------------------------------------------- neurons: V_rand / V_info
+def test_v_rand_v_info_clean_split_hand_computed():
+    gt = np.array([1, 1, 1, 1])
+    pred = np.array([1, 1, 2, 2])  # one cell cut in two halves
+    r = M.foreground_restricted_scores(pred, gt)
+    # p = (1/2, 1/2): sum p^2 = 1/2, sum s^2 = 1/2, sum t^2 = 1
+    assert r["v_rand"]["split"] == pytest.approx(0.5)
+    assert r["v_rand"]["merge"] == pytest.approx(1.0)
+    assert r["v_rand"]["score"] == pytest.approx(0.5 / (0.25 + 0.5))
+    # H(S) = 1 bit, H(T) = 0, I = 0: nothing merged, all information split
+    assert r["v_info"]["split"] == pytest.approx(0.0)
+    assert r["v_info"]["merge"] == pytest.approx(1.0)
+    assert r["v_info"]["score"] == pytest.approx(0.0)
+    perfect = M.foreground_restricted_scores(pred * 3, pred)
+    assert all(v == pytest.approx(1.0) for k in perfect for v in perfect[k].values())
+
+
+def test_v_rand_v_info_with_backgrounds_hand_computed():
+    gt = np.array([0, 1, 1, 1, 2, 2])  # first voxel: gt background, left out
+    pred = np.array([5, 5, 5, 0, 7, 7])  # fourth voxel: pred background, a singleton
+    r = M.foreground_restricted_scores(pred, gt)
+    # 5 voxels; joint cells (5,1): 2, singleton: 1, (7,2): 2
+    sum_p2 = (4 + 1 + 4) / 25
+    sum_s2 = (4 + 1 + 4) / 25
+    sum_t2 = (9 + 4) / 25
+    assert r["v_rand"]["split"] == pytest.approx(sum_p2 / sum_t2)  # 9/13
+    assert r["v_rand"]["merge"] == pytest.approx(sum_p2 / sum_s2)  # 1
+    assert r["v_rand"]["score"] == pytest.approx(sum_p2 / (0.5 * sum_s2 + 0.5 * sum_t2))  # 9/11
+    h_s = -(2 * 0.4 * math.log2(0.4) + 0.2 * math.log2(0.2))
+    h_t = -(0.6 * math.log2(0.6) + 0.4 * math.log2(0.4))
+    info = h_s + h_t - h_s  # every pred object lies in one gt object: H(S,T) = H(S)
+    assert r["v_info"]["split"] == pytest.approx(info / h_s)
+    assert r["v_info"]["merge"] == pytest.approx(1.0)
+    assert r["v_info"]["score"] == pytest.approx(info / (0.5 * h_s + 0.5 * h_t))
+
+
+def test_v_scores_merge_hand_computed():
+    gt = np.array([[1, 1, 2], [2, 3, 3]])
+    pred = np.ones((2, 3), np.uint8)  # everything merged into one object
+    r = M.foreground_restricted_scores(pred, gt)
+    # t = (1/3, 1/3, 1/3), s = (1): sum p^2 = sum t^2 = 1/3, sum s^2 = 1
+    assert r["v_rand"]["split"] == pytest.approx(1.0)
+    assert r["v_rand"]["merge"] == pytest.approx(1 / 3)
+    assert r["v_rand"]["score"] == pytest.approx((1 / 3) / (0.5 + 1 / 6))
+    assert r["v_info"]["merge"] == pytest.approx(0.0) and r["v_info"]["split"] == 1.0
+
+
+def test_segmentation_scores_ignore_gt_background():
+    gt = np.array([[0, 1, 1], [0, 2, 2]])
+    pred = np.array([[9, 1, 1], [9, 2, 3]])
+    s = M.segmentation_scores(pred, gt)
+    assert (s["n_pred"], s["n_gt"]) == (3, 2)  # id 9 only covers gt background
+    # on the 4 foreground voxels: gt (1,1,2,2), pred (1,1,2,3)
+    assert s["voi"]["split"] == pytest.approx(0.5)  # H(pred|gt) = 1/2 * 1 bit
+    assert s["voi"]["merge"] == pytest.approx(0.0)
+    # adapted Rand: pairs together in both 2 + 0 = 2 (ordered: 2*1 + 0), in pred 2, in gt 4
+    assert s["adapted_rand"]["precision"] == pytest.approx(1.0)
+    assert s["adapted_rand"]["recall"] == pytest.approx(2 / 4)
+    assert s["adapted_rand"]["error"] == pytest.approx(1 - 2 * 2 / (2 + 4))
+    # V_rand: sum p^2 = (4 + 1 + 1)/16, sum s^2 = same, sum t^2 = 8/16
+    assert s["v_rand"]["score"] == pytest.approx((6 / 16) / (0.5 * 6 / 16 + 0.5 * 8 / 16))
+    empty = M.segmentation_scores(pred, np.zeros_like(gt))
+    assert empty["adapted_rand"]["error"] is None and empty["v_rand"]["score"] is None
+    assert empty["voi"]["total"] is None
+
+
+def test_evaluate_segmentation_mode_per_slice():
+    gt = np.zeros((2, 4, 4), np.uint16)
+    gt[:, :, :2], gt[:, :, 2:] = 1, 2
+    pred = gt.astype(np.uint32)
+    pred[1, :, 2:] = 1  # slice 1: the two cells merged
+    out = M.evaluate(pred, gt, segmentation=True, per_slice=True)
+    assert set(out) == {"shape", "segmentation", "per_slice", "slice_mean"}
+    rows = out["per_slice"]
+    assert rows[0]["v_rand"] == pytest.approx(1.0) and rows[0]["are"] == pytest.approx(0.0)
+    assert rows[1]["v_rand"] == pytest.approx(0.5 / (0.5 + 0.25))  # sum t^2 = 1/2, s^2 = 1
+    assert rows[1]["voi_merge"] == pytest.approx(1.0) and rows[1]["v_info"] == 0.0
+    assert out["slice_mean"]["v_rand"] == pytest.approx((1 + 2 / 3) / 2)
+    with pytest.raises(ValueError, match="one mode"):
+        M.evaluate(pred, gt, segmentation=True, detection=2.0)
+
+
+def test_evaluate_empty_ground_truth_reports_rand_as_na():
+    pred = np.zeros((4, 4), np.uint32)
+    pred[1:3, 1:3] = 5
+    out = M.evaluate(pred, np.zeros((4, 4), np.uint8))
+    assert out["adapted_rand"] == {"error": None, "precision": None, "recall": None}
+    assert out["instances"]["thresholds"]["0.5"]["ap"] == 0.0
+
+
+def test_evaluate_splits_a_binary_ground_truth_into_components():
+    gt = np.zeros((1, 10, 10), np.uint8)
+    gt[0, 1:4, 1:4] = 1
+    gt[0, 6:9, 6:9] = 1  # two objects, one value
+    pred = np.zeros((1, 10, 10), np.uint32)
+    pred[0, 1:4, 1:4] = 3
+    pred[0, 6:9, 6:9] = 8
+    out = M.evaluate(pred, gt)
+    assert out["instances"]["n_gt"] == 2
+    assert out["instances"]["thresholds"]["0.75"]["ap"] == 1.0
+    assert out["notes"] == [
+        "ground truth is a binary mask: split into 2 connected components (3D, face connectivity)"
+    ]
+    assert "notes" not in M.evaluate(pred, pred)
+
+
+# ------------------------------------------------ detection of synaptic sites
+def _sites():
+    """Three true sites and three predictions on 2 x 40 x 40 voxels of 50 x 4 x 4 nm."""
+    gt = np.zeros((2, 40, 40), np.uint16)
+    gt[0, 2:5, 2:5] = 1  # A: a 3 x 3 blob
+    gt[0, 20, 20] = 2  # B: a point
+    gt[0, 37, 37] = 3  # C: a point nobody finds
+    pred = np.zeros((2, 40, 40), np.uint16)
+    pred[0, 3, 3] = 1  # inside A
+    pred[1, 20, 22] = 2  # next section, 2 px off B: hypot(50, 8) nm
+    pred[0, 37, 2] = 3  # far from everything
+    return pred, gt
+
+
+def test_detection_scores_hand_computed():
+    pred, gt = _sites()
+    d_b = math.hypot(50, 8)  # P2 <-> B
+    d_p3 = math.hypot(17 * 4, 18 * 4)  # P3 -> B, its nearest site
+    d_c = math.sqrt(50**2 + 17**2 * 16 + 15**2 * 16)  # C -> P2, its nearest prediction
+    r = M.detection_scores(pred, gt, max_distance=60, spacing=(50, 4, 4))
+    assert (r["n_pred"], r["n_gt"], r["correct"], r["found"]) == (3, 3, 2, 2)
+    assert r["precision"] == pytest.approx(2 / 3) and r["recall"] == pytest.approx(2 / 3)
+    assert r["f1"] == pytest.approx(2 / 3)
+    assert r["mean_distance_pred_to_gt"] == pytest.approx((0 + d_b + d_p3) / 3)
+    # A's 9 voxels lie 0 (1), 4 (4) and 4*sqrt(2) (4) nm from P1
+    a_sum = 4 * 4 + 4 * 4 * math.sqrt(2)
+    assert r["mean_distance_gt_to_pred"] == pytest.approx((a_sum + d_b + d_c) / 11)
+    wide = M.detection_scores(pred, gt, max_distance=100, spacing=(50, 4, 4))
+    assert d_p3 < 100 < d_c
+    assert (wide["correct"], wide["found"]) == (3, 2)
+    assert wide["f1"] == pytest.approx(2 * 1 * (2 / 3) / (1 + 2 / 3))
+    # in voxels (no spacing) P2 is 1.0 * hypot(1, 2) from B
+    vox = M.detection_scores(pred, gt, max_distance=math.hypot(1, 2))
+    assert (vox["correct"], vox["found"]) == (2, 2)
+
+
+def test_detection_blobs_masks_and_empty_sides():
+    gt = np.zeros((30, 30), bool)
+    gt[2:6, 2:6] = gt[20:25, 20:25] = True  # a mask: two sites
+    pred = np.zeros((30, 30), np.uint32)
+    pred[4:8, 4:8] = 7  # overlaps the first site
+    r = M.detection_scores(pred, gt, max_distance=0)
+    assert (r["n_gt"], r["found"], r["correct"]) == (2, 1, 1)
+    assert (r["precision"], r["recall"]) == (1.0, 0.5)
+    none = M.detection_scores(np.zeros_like(pred), gt, max_distance=5)
+    assert none["precision"] is None and none["recall"] == 0.0 and none["f1"] == 0.0
+    assert none["mean_distance_pred_to_gt"] is None
+    both = M.detection_scores(np.zeros_like(pred), np.zeros_like(gt), max_distance=5)
+    assert both["f1"] is None and both["recall"] is None
+    with pytest.raises(ValueError, match="max_distance"):
+        M.detection_scores(pred, gt, max_distance=-1)
+    out = M.evaluate(pred, gt.astype(np.uint8), detection=0)
+    assert out["detection"]["n_gt"] == 2 and "binary" in out["notes"][0]

@@ -1,9 +1,13 @@
 """``emseg segment`` and ``emseg evaluate`` sub-commands.
 
 ``emseg segment PROB OUT`` turns a probability volume into instance labels
-(see :func:`napari_emseg.postprocess.segment`); with ``--model`` the input
+(see :func:`napari_emseg.postprocess.segment`); with ``--from-membranes``
+PROB is a membrane (boundary) map and the output is neurites traced through z
+(:func:`napari_emseg.neurons.segment_neurons`).  With ``--model`` the input
 is a raw EM volume that is first run through the model.  ``emseg evaluate
-PRED GT`` prints a table of metrics and optionally writes them as JSON.
+PRED GT`` prints a table of metrics (instances, ``--semantic``,
+``--boundary``, ``--segmentation`` for neurons, ``--detection`` for
+synaptic sites) and optionally writes them as JSON.
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seg.add_argument("input", metavar="PROB", help="probability volume (or raw EM with --model)")
     seg.add_argument("output", metavar="OUT", help="label volume to write (.tif or .zarr)")
     seg.add_argument("--model", metavar="NAME|PATH", help="predict INPUT with this model first")
+    seg.add_argument(
+        "--from-membranes", action="store_true",
+        help="PROB is a membrane (boundary) map: neurites = watershed from distance-transform "
+             "seeds in the cell interiors (boundary < --threshold), linked through z "
+             "(--no-track to keep 2D ids); uses --dims, --h, --min-distance, --min-size, "
+             "--spacing, --iou, --max-gap, --min-slices",
+    )
     seg.add_argument("--method", choices=["watershed", "components"], default="watershed")
     seg.add_argument("--dims", type=int, choices=[2, 3], default=2)
     seg.add_argument(
@@ -48,7 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seg.add_argument("--closing", type=int, default=0, metavar="R", help="closing radius")
     seg.add_argument("--fill-holes", action="store_true", help="fill holes in the mask")
     seg.add_argument(
-        "--min-size", type=int, default=0, metavar="VOXELS", help="remove smaller objects"
+        "--min-size", type=int, default=None, metavar="VOXELS",
+        help="remove smaller objects (default 0); with --from-membranes: merge smaller "
+             "fragments into their neighbours (default 50, pixels per section for --dims 2)",
     )
     seg.add_argument(
         "--spacing",
@@ -61,10 +74,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seg.add_argument(
         "--seed-method", choices=["hmaxima", "peaks", "distance"], default="hmaxima"
     )
-    seg.add_argument("--h", type=float, default=2.0, help="h-maxima height (distance units)")
-    seg.add_argument("--min-distance", type=int, default=5, help="peak distance (pixels)")
+    seg.add_argument("--h", type=float, default=None,
+                     help="h-maxima height in distance units (default 2; --from-membranes: "
+                          "the engine's default)")
+    seg.add_argument("--min-distance", type=float, default=None,
+                     help="peak distance in pixels (default 5; --from-membranes: seeds closer "
+                          "than this are joined, the engine's default)")
     seg.add_argument("--seed-threshold", type=float, default=None, help="distance seed level")
-    seg.add_argument("--track", action="store_true", help="link 2D instances across z")
+    seg.add_argument("--track", action=argparse.BooleanOptionalAction, default=None,
+                     help="link 2D instances across z (default: off, on with --from-membranes)")
     seg.add_argument("--iou", type=float, default=0.3, help="tracking IoU threshold (0.3)")
     seg.add_argument("--max-gap", type=int, default=1, help="slices an object may skip (1)")
     seg.add_argument("--min-slices", type=int, default=1, help="drop shorter objects (1)")
@@ -81,7 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score instance labels against ground truth",
         description="Foreground IoU/Dice, instance AP (Hungarian matching), VOI and "
         "adapted Rand error of PRED against GT (or, with --boundary, membrane-map "
-        "scores).",
+        "scores; --segmentation, neuron scores; --detection, synaptic-site scores). "
+        "A ground truth holding only 0 and 1 is split into connected components.",
     )
     ev.add_argument("pred", metavar="PRED", help="predicted labels")
     ev.add_argument("gt", metavar="GT", help="ground-truth labels")
@@ -97,6 +116,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--boundary", type=float, metavar="PX", default=None,
         help="nonzero = membrane/boundary: pixel error, pixel F1 and boundary F1 "
         "with matches within PX pixels in each slice",
+    )
+    ev.add_argument(
+        "--segmentation", action="store_true",
+        help="neurons: VOI split/merge, adapted Rand error and the ISBI 2012 V_rand / V_info, "
+             "on the voxels where GT is nonzero",
+    )
+    ev.add_argument(
+        "--detection", type=float, metavar="DIST_NM", default=None,
+        help="synaptic sites: object precision/recall/F1 (a site is found by a prediction "
+             "overlapping it or within DIST_NM) and mean distances in nm",
+    )
+    ev.add_argument(
+        "--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
+        help="voxel size in nm for --detection (default: from GT's metadata)",
     )
     ev.set_defaults(func=run_evaluate)
 
@@ -185,6 +218,8 @@ def _spacing(args: argparse.Namespace) -> tuple[float, ...] | None:
 
 def run_segment(args: argparse.Namespace) -> int:
     """``emseg segment``: probabilities (or raw EM + --model) → instance labels."""
+    if args.from_membranes:
+        _check_membrane_options(args)
     if getattr(args, "blockwise", False):
         from ._cli_blockwise import run_blockwise_segment
 
@@ -192,7 +227,6 @@ def run_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .io import read_volume, write_labels
-    from .postprocess import segment
 
     if args.track and args.dims != 2:
         raise ValueError("--track links 2D instances across slices: use it with --dims 2")
@@ -203,7 +237,10 @@ def run_segment(args: argparse.Namespace) -> int:
         from .models.zoo import load_model
 
         model = load_model(args.model)  # read once: threshold and prediction
-    threshold = resolve_threshold(args, model.meta if model is not None else None)
+    if args.from_membranes:  # a membrane model's tuned threshold is for pixels, not cells
+        threshold = _parse_threshold(args.threshold) if args.threshold is not None else None
+    else:
+        threshold = resolve_threshold(args, model.meta if model is not None else None)
     t0 = time.perf_counter()
     volume = read_volume(args.input)
     if model is not None:
@@ -225,7 +262,61 @@ def run_segment(args: argparse.Namespace) -> int:
         prob = _as_probabilities(prob, None)
     else:
         prob = _as_probabilities(volume, args.channel)
-    labels = segment(
+    if args.from_membranes:
+        labels = _segment_neurons(args, prob, threshold)
+        noun = "neurites"
+    else:
+        labels = _segment_instances(args, prob, threshold)
+        noun = "objects"
+    path = write_labels(args.output, labels)
+    n = int(labels.max()) if labels.size else 0
+    print(
+        f"{n} {noun}, shape {tuple(np.shape(labels))}, written to {path} "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
+    return 0
+
+
+def _check_membrane_options(args: argparse.Namespace) -> None:
+    """Refuse options of the mitochondria path that --from-membranes would ignore."""
+    if getattr(args, "blockwise", False):
+        raise ValueError("--from-membranes does not run --blockwise")
+    unused = [flag for flag, on in (
+        ("--method components", args.method != "watershed"),
+        ("--zfilter", bool(args.zfilter)), ("--opening", bool(args.opening)),
+        ("--closing", bool(args.closing)), ("--fill-holes", args.fill_holes),
+        ("--seed-method", args.seed_method != "hmaxima"),
+        ("--seed-threshold", args.seed_threshold is not None)) if on]
+    if unused:
+        raise ValueError(f"not used with --from-membranes: {', '.join(unused)}")
+
+
+def _segment_neurons(args: argparse.Namespace, prob, threshold: float | str | None):
+    """``--from-membranes``: :func:`napari_emseg.neurons.segment_neurons` with the given flags."""
+    from .neurons import segment_neurons
+    from .postprocess import otsu_threshold
+
+    if threshold == "otsu":
+        threshold = otsu_threshold(prob)
+    return segment_neurons(
+        prob, dims=args.dims, spacing=_spacing(args),
+        track=args.track is not False, iou=args.iou, max_gap=args.max_gap,
+        min_slices=args.min_slices, progress=progress_bar("neurons", "", args.quiet),
+        **_given(threshold=threshold, h=args.h, min_distance=args.min_distance,
+                 min_size=args.min_size),
+    )
+
+
+def _given(**kwargs) -> dict:
+    """The keyword arguments that were given (not None): the engine's defaults apply to the rest."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _segment_instances(args: argparse.Namespace, prob, threshold: float | str):
+    """Mitochondria-style instances: :func:`napari_emseg.postprocess.segment`."""
+    from .postprocess import segment
+
+    return segment(
         prob,
         method=args.method,
         dims=args.dims,
@@ -235,25 +326,17 @@ def run_segment(args: argparse.Namespace) -> int:
         opening=args.opening,
         closing=args.closing,
         fill=args.fill_holes,
-        min_size=args.min_size,
         spacing=_spacing(args),
         seed_method=args.seed_method,
-        min_distance=args.min_distance,
-        h=args.h,
         seed_threshold=args.seed_threshold,
-        track=args.track,
+        track=bool(args.track),
         iou_threshold=args.iou,
         max_gap=args.max_gap,
         min_slices=args.min_slices,
         progress=progress_bar("segment", "", args.quiet),
+        **_given(min_size=args.min_size, h=args.h,
+                 min_distance=None if args.min_distance is None else int(args.min_distance)),
     )
-    path = write_labels(args.output, labels)
-    n = int(labels.max()) if labels.size else 0
-    print(
-        f"{n} objects, shape {tuple(np.shape(labels))}, written to {path} "
-        f"({time.perf_counter() - t0:.1f} s)"
-    )
-    return 0
 
 
 def _fmt(x) -> str:
@@ -267,6 +350,7 @@ def _fmt(x) -> str:
 def format_table(result: dict) -> str:
     """Plain-text table of an :func:`napari_emseg.metrics.evaluate` result."""
     lines = [f"shape: {' x '.join(map(str, result['shape']))}"]
+    lines += [f"note: {note}" for note in result.get("notes", [])]
     if "classes" in result:
         lines.append(f"{'class':>8} {'IoU':>8} {'Dice':>8} {'pred vox':>12} {'gt vox':>12}")
         for c, s in result["classes"].items():
@@ -274,6 +358,10 @@ def format_table(result: dict) -> str:
                 f"{c:>8} {_fmt(s['iou']):>8} {_fmt(s['dice']):>8} "
                 f"{s['pred_voxels']:>12} {s['gt_voxels']:>12}"
             )
+    elif "segmentation" in result:
+        lines += _segmentation_lines(result["segmentation"])
+    elif "detection" in result:
+        lines += _detection_lines(result["detection"], result.get("unit", "voxels"))
     elif "boundary" in result:
         b = result["boundary"]
         lines.append(f"pixel error {_fmt(b['pixel_error'])}, pixel F1 {_fmt(b['pixel_f1'])}")
@@ -309,7 +397,34 @@ def format_table(result: dict) -> str:
         lines.append(f"{'z':>5} " + " ".join(f"{k:>10}" for k in keys))
         for row in result["per_slice"]:
             lines.append(f"{row['z']:>5} " + " ".join(f"{_fmt(row[k]):>10}" for k in keys))
+        if result.get("slice_mean"):
+            mean = result["slice_mean"]
+            lines.append(f"{'mean':>5} " + " ".join(f"{_fmt(mean[k]):>10}" for k in keys))
     return "\n".join(lines)
+
+
+def _segmentation_lines(seg: dict) -> list[str]:
+    v, r, vr, vi = seg["voi"], seg["adapted_rand"], seg["v_rand"], seg["v_info"]
+    return [
+        f"objects on the GT foreground: pred {seg['n_pred']}, gt {seg['n_gt']}",
+        f"VOI split {_fmt(v['split'])}, merge {_fmt(v['merge'])}, total {_fmt(v['total'])} "
+        "(bits, GT foreground)",
+        f"adapted Rand error {_fmt(r['error'])} "
+        f"(precision {_fmt(r['precision'])}, recall {_fmt(r['recall'])})",
+        f"V_rand {_fmt(vr['score'])} (split {_fmt(vr['split'])}, merge {_fmt(vr['merge'])})",
+        f"V_info {_fmt(vi['score'])} (split {_fmt(vi['split'])}, merge {_fmt(vi['merge'])})",
+    ]
+
+
+def _detection_lines(det: dict, unit: str) -> list[str]:
+    return [
+        f"sites: pred {det['n_pred']}, gt {det['n_gt']}; found within "
+        f"{det['max_distance']:g} {unit}: {det['found']} of gt, {det['correct']} of pred",
+        f"precision {_fmt(det['precision'])}, recall {_fmt(det['recall'])}, "
+        f"F1 {_fmt(det['f1'])}",
+        f"mean distance pred -> gt {_fmt(det['mean_distance_pred_to_gt'])} {unit}, "
+        f"gt -> pred {_fmt(det['mean_distance_gt_to_pred'])} {unit}",
+    ]
 
 
 def _json_safe(obj):
@@ -324,6 +439,19 @@ def _json_safe(obj):
     return obj
 
 
+def _detection_spacing(args: argparse.Namespace, ndim: int) -> tuple[float, ...] | None:
+    """Voxel size in nm: --spacing, else GT's metadata, else None (distances in voxels)."""
+    if args.spacing:
+        return tuple(args.spacing)[-ndim:]
+    from ._voxel import read_voxel_size
+
+    sizes = read_voxel_size(args.gt, ndim=ndim)
+    if sizes is None:
+        print("voxel size unknown (give --spacing Z Y X in nm): distances in voxels",
+              file=sys.stderr)
+    return sizes
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     """``emseg evaluate``: print a metrics table and optionally write JSON."""
     import numpy as np
@@ -336,11 +464,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"no such file or folder: {p}")
     pred = np.asarray(read_volume(args.pred))
     gt = np.asarray(read_volume(args.gt))
+    extra: dict = {}
+    spacing = None
+    if args.detection is not None:
+        spacing = _detection_spacing(args, gt.ndim)
+        extra["unit"] = "nm" if spacing is not None else "voxels"
+        extra["spacing"] = list(spacing) if spacing is not None else None
     result = evaluate(
         pred, gt, thresholds=args.thresholds, per_slice=args.per_slice,
-        semantic=args.semantic, boundary=args.boundary,
+        semantic=args.semantic, boundary=args.boundary, segmentation=args.segmentation,
+        detection=args.detection, spacing=spacing,
     )
-    result = _json_safe({"pred": str(args.pred), "gt": str(args.gt), **result})
+    result = _json_safe({"pred": str(args.pred), "gt": str(args.gt), **extra, **result})
     print(format_table(result))
     if args.json:
         from ._atomic import atomic_path

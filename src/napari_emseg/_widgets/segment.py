@@ -1,4 +1,8 @@
-"""Segment dock widget: probabilities → "<image> instances" / "<image> objects 3D"."""
+"""Segment dock widget: probabilities → "<image> instances" / "<image> objects 3D".
+
+With a "from membranes" method the input is a membrane (boundary) map and the
+output is ``"<image> neurites"``, from :func:`napari_emseg.neurons.segment_neurons`.
+"""
 
 from __future__ import annotations
 
@@ -27,8 +31,22 @@ METHODS = (
     ("seeded watershed 3D", ("watershed", 3)),
     ("connected components 2D (per slice)", ("components", 2)),
     ("connected components 3D", ("components", 3)),
+    ("from membranes 2D: neurons traced through z", ("membranes", 2)),
+    ("from membranes 3D: neurons (FIB-SEM)", ("membranes", 3)),
 )
 SEED_METHODS = ("hmaxima", "peaks", "distance")
+#: the widgets whose values differ between the two pipelines (swapped on a method change)
+_SWAPPED = ("threshold", "h", "min_distance", "min_size")
+
+
+def _neuron_defaults() -> dict:
+    """The engine's defaults of :func:`segment_neurons` for the swapped widgets."""
+    import inspect
+
+    from ..neurons import segment_neurons
+
+    params = inspect.signature(segment_neurons).parameters
+    return {name: params[name].default for name in _SWAPPED}
 
 
 def _check_probabilities(layer: Image | None) -> str | None:
@@ -45,8 +63,9 @@ class SegmentWidget(CancellableJobOwner, Container):
     """Dock widget: threshold, z-filter, watershed / components, tracking, size filter.
 
     Writes Labels ``"<image> instances"`` (and ``"<image> objects 3D"`` with
-    tracking on, ids consistent across z). "Preview slice" runs on the slice
-    shown and writes ``"<image> preview"``.
+    tracking on, ids consistent across z); a "from membranes" method reads a
+    membrane map and writes ``"<image> neurites"`` (tracked inside the engine).
+    "Preview slice" runs on the slice shown and writes ``"<image> preview"``.
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -92,6 +111,9 @@ class SegmentWidget(CancellableJobOwner, Container):
             widget.changed.connect(self._update_state)
         self._watched = None  # the probabilities layer whose data events we follow
         self._adopted: tuple[int, float] | None = None
+        self._other_values = _neuron_defaults()  # of the pipeline not shown
+        self._membranes = False
+        self.method.changed.connect(self._swap_values)
         self.probabilities.changed.connect(self._adopt_threshold)
         _common.watch_layers(napari_viewer, self._layers_changed)
         self._select_probabilities()
@@ -120,7 +142,10 @@ class SegmentWidget(CancellableJobOwner, Container):
         tuned = None if layer is None else layer.metadata.get(_common.THRESHOLD_KEY)
         if tuned is not None and self._adopted != (id(layer), tuned):
             self._adopted = (id(layer), tuned)
-            self.threshold.value = round(float(tuned), 2)
+            if self._membranes:  # a pixel threshold: it belongs to the instances pipeline
+                self._other_values["threshold"] = round(float(tuned), 2)
+            else:
+                self.threshold.value = round(float(tuned), 2)
 
     def _select_probabilities(self) -> None:
         """Prefer a layer named "... probabilities" when the choice is not one."""
@@ -132,14 +157,28 @@ class SegmentWidget(CancellableJobOwner, Container):
                 self.probabilities.value = layer
                 return
 
+    def _swap_values(self, _value=None) -> None:
+        """Entering or leaving "from membranes": swap threshold, h, distance and size values."""
+        membranes = self.method.value[0] == "membranes"
+        if membranes == self._membranes:
+            return
+        shown = {name: getattr(self, name).value for name in _SWAPPED}
+        for name, value in self._other_values.items():
+            widget = getattr(self, name)
+            widget.value = type(widget.value)(value)  # SpinBox values are int
+        self._other_values, self._membranes = shown, membranes
+
     def _update_state(self, _value=None) -> None:
         method, dims = self.method.value
-        for widget in self._seeds:
-            widget.enabled = method == "watershed"
+        membranes = method == "membranes"
+        self.seed_method.enabled = method == "watershed"
+        self.min_distance.enabled = self.h.enabled = method != "components"
+        for widget in (self.zfilter, self.zfilter_mode, self.otsu):
+            widget.enabled = not membranes
         self.track.enabled = dims == 2
         for widget in self._tracking:
             widget.enabled = dims == 2 and bool(self.track.value)
-        self.threshold.enabled = not self.otsu.value
+        self.threshold.enabled = membranes or not self.otsu.value
         problem = _check_probabilities(self.probabilities.value)
         self.reason.value = problem or ""
         self.reason.visible = bool(problem)
@@ -162,6 +201,14 @@ class SegmentWidget(CancellableJobOwner, Container):
             params.update(seed_method=self.seed_method.value,
                           min_distance=int(self.min_distance.value), h=float(self.h.value))
         return params
+
+    def neuron_parameters(self) -> dict:
+        """Keyword arguments for :func:`napari_emseg.neurons.segment_neurons`."""
+        return {"dims": self.method.value[1], "threshold": float(self.threshold.value),
+                "min_distance": float(self.min_distance.value), "h": float(self.h.value),
+                "min_size": int(self.min_size.value), "track": bool(self.track.value),
+                "iou": float(self.iou_threshold.value), "max_gap": int(self.max_gap.value),
+                "min_slices": int(self.min_slices.value)}
 
     def tracking_parameters(self) -> dict | None:
         """Keyword arguments for ``track_slices``, or None when tracking is off."""
@@ -198,6 +245,8 @@ class SegmentWidget(CancellableJobOwner, Container):
         if chosen is None:
             return None
         layer, prob = chosen
+        if self.method.value[0] == "membranes":
+            return self._run_neurons(layer, prob)
         params = self.parameters()
         if params["dims"] == 3 and prob.ndim == 3 and len(set(layer.scale[-3:])) > 1:
             from .._voxel import relative_spacing
@@ -234,6 +283,27 @@ class SegmentWidget(CancellableJobOwner, Container):
 
         return self._start(work, show, f"Segment {layer.name!r}")
 
+    def _run_neurons(self, layer: Image, prob) -> Job | None:
+        """Neurites from the membrane map: one call of the engine, into ``"<image> neurites"``."""
+        params = self.neuron_parameters()
+        if params["dims"] == 3 and prob.ndim == 3 and len(set(layer.scale[-3:])) > 1:
+            from .._voxel import relative_spacing
+
+            params["spacing"] = relative_spacing(layer.scale[-3:])  # anisotropic voxels
+        name = f"{base_name(layer.name)} neurites"
+        viewer = self._viewer
+
+        def work(progress, cancel, _log):
+            from ..neurons import segment_neurons
+
+            return segment_neurons(prob, **params, progress=progress, cancel=cancel)
+
+        def show(labels: np.ndarray) -> None:
+            _common.set_layer(viewer, name, labels, "labels", source=layer)
+            self.status.value = f"{int(labels.max())} neurites"
+
+        return self._start(work, show, f"Neurons from {layer.name!r}")
+
     def preview(self, _value=None) -> Job | None:
         """Segment only the slice shown (2D), into the ``"<image> preview"`` layer."""
         chosen = self._chosen_probabilities()
@@ -241,15 +311,18 @@ class SegmentWidget(CancellableJobOwner, Container):
             return None
         layer, prob = chosen
         z = _common.current_index(self._viewer, layer) if prob.ndim == 3 else None
-        params = {**self.parameters(), "dims": 2}
+        membranes = self.method.value[0] == "membranes"
+        params = {**(self.neuron_parameters() if membranes else self.parameters()), "dims": 2}
         name = f"{base_name(layer.name)} preview"
         viewer = self._viewer
 
         def work(progress, cancel, _log):
+            from ..neurons import segment_neurons
             from ..postprocess import segment
 
             plane = np.asarray(prob[z] if z is not None else prob)
-            return segment(plane, **params, progress=progress, cancel=cancel)
+            run = segment_neurons if membranes else segment
+            return run(plane, **params, progress=progress, cancel=cancel)
 
         def show(labels: np.ndarray) -> None:
             if z is None:
