@@ -380,7 +380,7 @@ def test_cli_helpers(tmp_path, blobs, capsys):
     zarr.open_array(str(prob), mode="w", shape=SHAPE, dtype=np.float32)[:] = blobs
     out = tmp_path / "lab.zarr"
     args = parser.parse_args([str(prob), str(out), "--blockwise", "--block", "8,48,48"])
-    assert args.blockwise and args.block == "8,48,48" and args.scheduler is None
+    assert args.blockwise and args.block == (8, 48, 48) and args.scheduler is None
     args.method, args.dims, args.threshold, args.quiet = "components", 3, "0.5", True
     assert run_blockwise_segment(args) == 0
     assert bijective(zarr.open_array(str(out), mode="r")[:], ndi.label(blobs > 0.5)[0])

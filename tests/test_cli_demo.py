@@ -10,7 +10,8 @@ import tifffile
 
 pytest.importorskip("torch")
 
-from napari_emseg._sample_data import load_sample  # noqa: E402
+from napari_emseg._sample_data import SAMPLE_SCALE, load_sample  # noqa: E402
+from napari_emseg._voxel import read_voxel_size  # noqa: E402
 from napari_emseg.cli import main  # noqa: E402
 from napari_emseg.models.zoo import build_model, list_models, save_checkpoint  # noqa: E402
 
@@ -24,6 +25,8 @@ def test_demo_writes_labels_probabilities_and_overview(tmp_path, capsys):
     labels = tifffile.imread(out / "instances.tif")
     prob = tifffile.imread(out / "probabilities.tif")
     assert labels.shape == prob.shape == image.shape
+    assert read_voxel_size(out / "instances.tif") == read_voxel_size(out / "probabilities.tif") \
+        == SAMPLE_SCALE
     assert prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objects"] == len(np.unique(labels)) - 1
@@ -41,3 +44,28 @@ def test_demo_with_bundled_model_finds_mitochondria(tmp_path):
 def test_demo_unknown_model_is_a_clean_error(tmp_path, capsys):
     assert main(["demo", "--model", "no-such-model", "--out", str(tmp_path)]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+def test_demo_show_without_a_display_is_one_line(tmp_path, monkeypatch, capsys):
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("sys.platform", "linux")
+    out = tmp_path / "demo"
+    assert main(["demo", "--show", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "--show needs a display" in err and "DISPLAY" in err
+    assert not out.exists()  # nothing was computed or written
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    assert main(["demo", "--show", "--out", str(out)]) == 2
+    assert "QT_QPA_PLATFORM=offscreen" in capsys.readouterr().err
+
+
+def test_demo_keeps_earlier_results_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "summary.json").write_text('{"mine": true}')
+    assert main(["demo", "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "summary.json").read_text() == '{"mine": true}'
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]

@@ -85,3 +85,102 @@ def test_predict_is_registered():
     args = parser.parse_args(["predict", "a.tif", "b.tif"])
     assert args.model == "mito-2d" and args.overlap == 0.25 and args.patch is None
     assert callable(args.func)
+
+
+def _imagej_tif(path, image, voxel):
+    """An ImageJ TIFF with voxel size ``voxel`` (Z, Y, X) in nm, as Fiji writes it."""
+    tifffile.imwrite(path, image, imagej=True, resolution=(1 / voxel[2], 1 / voxel[1]),
+                     metadata={"spacing": voxel[0], "unit": "nm", "axes": "ZYX"})
+    assert io.read_voxel_size(path) == voxel
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+def test_predict_keeps_the_voxel_size(tmp_path, checkpoint, image, suffix):
+    pytest.importorskip("zarr")
+    src = _imagej_tif(tmp_path / "in.tif", image[:2, :64, :64], (40.0, 6.0, 6.0))
+    out = tmp_path / f"prob{suffix}"
+    assert cli.main(["predict", str(src), str(out), "--model", str(checkpoint), "--quiet",
+                     "--device", "cpu"]) == 0
+    assert io.read_voxel_size(out) == (40.0, 6.0, 6.0)
+    given = tmp_path / f"given{suffix}"
+    assert cli.main(["predict", str(src), str(given), "--model", str(checkpoint), "--quiet",
+                     "--device", "cpu", "--voxel-size", "30,5,5"]) == 0
+    assert io.read_voxel_size(given) == (30.0, 5.0, 5.0)
+
+
+def test_predict_tta_count_matches_the_api(tmp_path, checkpoint, image):
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, image[:1, :64, :64])
+    out = tmp_path / "p.tif"
+    assert cli.main(["predict", str(src), str(out), "--model", str(checkpoint), "--quiet",
+                     "--device", "cpu", "--tta", "4"]) == 0
+    expected = predict_volume(image[:1, :64, :64], zoo.load_model(checkpoint), tta=4,
+                              device="cpu")
+    np.testing.assert_allclose(tifffile.imread(out), expected, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fine_checkpoint(tmp_path_factory):
+    """A 2D model trained at 5 nm pixels (its card says so)."""
+    torch.manual_seed(4)
+    model = UNet(dims=2, in_channels=1, out_channels=1, depth=2, width=4, norm="batch").eval()
+    path = tmp_path_factory.mktemp("ckpt") / "fine.pt"
+    zoo.save_checkpoint(model, path, {"name": "fine", "patch": [32, 32],
+                                      "voxel_size_nm": [5.0, 5.0, 5.0]})
+    return path
+
+
+def test_predict_resamples_to_the_models_voxel_size(tmp_path, fine_checkpoint, image, capsys):
+    src = _imagej_tif(tmp_path / "in.tif", image[:2, :32, :48], (30.0, 10.0, 10.0))
+    out = tmp_path / "p.tif"
+    assert cli.main(["predict", str(src), str(out), "--model", str(fine_checkpoint),
+                     "--quiet", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "resampled to the model's voxel size (zoom 1×2×2)" in err
+    assert tifffile.imread(out).shape == (2, 32, 48)  # back at the input's shape
+    plain = tmp_path / "plain.tif"
+    assert cli.main(["predict", str(src), str(plain), "--model", str(fine_checkpoint),
+                     "--quiet", "--device", "cpu", "--no-resample"]) == 0
+    assert "resampled" not in capsys.readouterr().err
+    expected = predict_volume(image[:2, :32, :48], zoo.load_model(fine_checkpoint),
+                              device="cpu")
+    np.testing.assert_allclose(tifffile.imread(plain), expected, rtol=0, atol=1e-6)
+
+
+def test_predict_adapt_reestimates_batchnorm(tmp_path, checkpoint, image, capsys):
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, (image[:2, :64, :64] // 2 + 100).astype(np.uint8))  # other contrast
+    plain, adapted = tmp_path / "plain.tif", tmp_path / "adapted.tif"
+    base = ["--model", str(checkpoint), "--quiet", "--device", "cpu"]
+    assert cli.main(["predict", str(src), str(plain), *base]) == 0
+    assert "BatchNorm" not in capsys.readouterr().err
+    assert cli.main(["predict", str(src), str(adapted), *base, "--adapt"]) == 0
+    assert "BatchNorm statistics re-estimated on this volume" in capsys.readouterr().err
+    assert not np.allclose(tifffile.imread(plain), tifffile.imread(adapted))
+
+
+def test_predict_help_shows_defaults_and_bundled_models(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.25)" in text and "(default: mito-2d)" in text
+    for name in zoo.list_models():
+        assert name in text
+    for flag in ("--adapt", "--voxel-size", "--no-resample", "--overwrite", "--tta [N]"):
+        assert flag in text
+
+
+def test_predict_blockwise_takes_shapes_and_resumes(tmp_path, checkpoint, image, capsys):
+    pytest.importorskip("zarr")
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, image[:2, :64, :64])
+    out = tmp_path / "p.zarr"
+    argv = ["predict", str(src), str(out), "--model", str(checkpoint), "--quiet", "--device",
+            "cpu", "--blockwise", "--block", "2x32x32", "--halo", "0,8,8"]
+    assert cli.main(argv) == 0
+    first = np.asarray(io.read_volume(out))
+    assert first.shape == (2, 64, 64)
+    assert cli.main(argv) == 0  # an unfinished or finished OUT of ours is resumed, not refused
+    np.testing.assert_array_equal(np.asarray(io.read_volume(out)), first)
+    assert "written to" in capsys.readouterr().out

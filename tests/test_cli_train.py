@@ -10,6 +10,7 @@ pytest.importorskip("torch")
 
 from napari_emseg.cli import main  # noqa: E402
 from napari_emseg.models.zoo import load_model  # noqa: E402
+from napari_emseg.train import threshold_note  # noqa: E402
 
 TINY = ["--steps", "4", "--patch", "64,64", "--width", "4", "--depth", "2",
         "--batch-size", "2"]
@@ -42,7 +43,8 @@ def test_train_dense_then_fine_tune_painted(crop_files, tmp_path, capsys):
     assert used["batch_size"] == 4  # and its fine-tuning batch
     printed = capsys.readouterr().out
     assert "checkpoint" in printed
-    assert f"threshold {tuned.meta['threshold']:.2f} from painted voxels" in printed
+    note = threshold_note(tuned.meta)  # only when the strokes confirmed a new threshold
+    assert note in printed if note else "from painted voxels" not in printed
 
 
 def test_train_reports_clear_errors(crop_files, tmp_path, capsys):
@@ -53,3 +55,33 @@ def test_train_reports_clear_errors(crop_files, tmp_path, capsys):
     assert "single class" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing.tif"), str(empty), str(tmp_path / "y.pt")]) == 2
     assert not (tmp_path / "x.pt").exists()
+
+
+def _parsed(*argv: str):
+    from napari_emseg._cli_train import _config
+    from napari_emseg.cli import build_parser
+
+    return _config(build_parser().parse_args(["train", "i.tif", "l.tif", "o.pt", *argv]))
+
+
+def test_steps_epochs_and_minutes_map_to_the_config():
+    assert _parsed("--steps", "7").steps == 7
+    assert _parsed("--epochs", "2").steps == 200
+    timed = _parsed("--minutes", "0.5")
+    assert timed.minutes == 0.5 and timed.steps >= 10**9  # the budget decides
+    assert _parsed().steps == 500  # the engine's default
+    assert _parsed("--patch", "32x64").patch == (32, 64)
+
+
+def test_train_help_describes_every_option_and_shows_defaults(capsys):
+    from napari_emseg.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        assert action.help, f"{action.option_strings or action.dest} has no help text"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 16)" in text and "(default: 4)" in text  # --width, --depth
+    assert "mito-2d" in text  # --from lists the bundled models

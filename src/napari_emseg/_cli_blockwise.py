@@ -12,6 +12,8 @@ import shutil
 import time
 from pathlib import Path
 
+from . import _cli_common as common
+from ._cli_common import check_output
 from ._cli_segment import resolve_threshold
 from ._textbar import progress_bar
 
@@ -44,15 +46,16 @@ def add_blockwise_arguments(parser: argparse.ArgumentParser) -> None:
         help="process block by block into a chunked .zarr OUT (bounded memory, resumable)")
     add("--scheduler", metavar="ADDRESS", default=None,
         help="run the blocks on this dask.distributed scheduler (e.g. tcp://host:8786)")
-    add("--block", metavar="Z,Y,X", default="64,512,512",
-        help="block (= zarr chunk) size for --blockwise (64,512,512)")
-    add("--halo", metavar="Z,Y,X", default=None,
-        help="context read around each block (default from the model's patch)")
-    add("--workers", type=int, default=1, metavar="N",
-        help="local threads for --blockwise without --scheduler (1)")
-    add("--scheduler-timeout", type=float, default=10.0, metavar="S",
-        help="seconds to wait for --scheduler (10)")
-    add("--overwrite", action="store_true", help="replace an existing OUT")
+    add("--block", metavar="Z,Y,X", type=common.shape((1, 3), name="block"),
+        default="64,512,512", help="block (= zarr chunk) size for --blockwise")
+    add("--halo", metavar="Z,Y,X", type=common.shape((1, 3), minimum=0, name="halo"),
+        default=None, help="context read around each block (default: from the model's patch)")
+    add("--workers", type=common.positive_int, default=1, metavar="N",
+        help="local threads for --blockwise without --scheduler")
+    add("--scheduler-timeout", type=common.positive_float, default=10.0, metavar="S",
+        help="seconds to wait for --scheduler")
+    add("--overwrite", action="store_true",
+        help="replace an existing OUT (without it, --blockwise resumes an unfinished OUT)")
 
 
 def _client(args):
@@ -67,7 +70,8 @@ def _client(args):
 def _zarr_output(path: str) -> Path:
     out = Path(path)
     if out.suffix.lower() != ".zarr":
-        raise ValueError(f"--blockwise writes a chunked zarr: OUT must end in .zarr, got {out.name}")
+        raise ValueError("--blockwise writes a chunked zarr: OUT must end in .zarr, "
+                         f"got {out.name}")
     return out
 
 
@@ -75,7 +79,7 @@ def _predict_kwargs(args) -> dict:
     kwargs = {}
     for name in ("device", "patch", "overlap", "batch_size", "tta", "amp"):
         value = getattr(args, name, None)
-        if value is not None and value is not False:
+        if value is not None and value is not False and not (name == "tta" and value == 0):
             kwargs[name] = value
     if getattr(args, "no_amp", False):
         kwargs["amp"] = False
@@ -87,6 +91,9 @@ def run_blockwise_predict(args: argparse.Namespace) -> int:
     from .blockwise import predict_blockwise
 
     out = _zarr_output(args.output)
+    for flag in ("adapt", "voxel_size"):
+        if getattr(args, flag, None):
+            raise ValueError(f"--{flag.replace('_', '-')} is not available with --blockwise")
     model = getattr(args, "model", None)
     if not model:
         raise ValueError("--blockwise prediction needs a model (--model NAME|PATH)")
@@ -132,8 +139,9 @@ def run_blockwise_segment(args: argparse.Namespace) -> int:
     if used:
         flags = ", ".join("--" + u.replace("_", "-") for u in used)
         raise ValueError(f"{flags} not supported with --blockwise")
-    if out.exists() and not getattr(args, "overwrite", False):
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    overwrite = bool(getattr(args, "overwrite", False))
+    model = getattr(args, "model", None)
+    check_output(out, [args.input, model], overwrite)
     if getattr(args, "track", False) and int(getattr(args, "dims", 2)) != 2:
         raise ValueError("--track links 2D instances across slices: use it with --dims 2")
     threshold = resolve_threshold(args)
@@ -143,8 +151,9 @@ def run_blockwise_segment(args: argparse.Namespace) -> int:
     workers = max(1, int(getattr(args, "workers", 1) or 1))
     try:
         source = args.input
-        if getattr(args, "model", None):
+        if model:
             prob_path = out.with_name(out.stem + "_probabilities.zarr")
+            check_output(prob_path, [args.input, model], overwrite, resume=True)
             prob = predict_blockwise(
                 args.input, prob_path, args.model, block_shape=args.block, halo=args.halo,
                 client=client, workers=workers, overwrite=bool(args.overwrite),

@@ -7,58 +7,57 @@ import sys
 import time
 from pathlib import Path
 
-from ._textbar import ProgressBar
+from . import _cli_common as common
+from ._cli_common import check_output, memory_guard, model_help
+from ._textbar import progress_bar
 
 DEFAULT_MODEL = "mito-2d"
 OUTPUT_SUFFIXES = (".tif", ".tiff", ".zarr")
 
 
-def _parse_patch(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"patch must be integers separated by commas (e.g. 256,256), got {text!r}"
-        ) from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"patch sizes must be positive, got {text!r}")
-    return values
-
-
-def _parse_overlap(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"overlap must be in [0, 1), got {text}")
-    return value
-
-
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``predict`` sub-command to ``emseg``'s sub-parsers."""
     p = subparsers.add_parser(
         "predict",
         help="predict foreground probabilities of an EM volume",
         description=(
             "Tiled U-Net prediction of an EM volume (TIFF, slice folder, zarr, HDF5, MRC). "
-            "Writes float32 probabilities (or 0-255 uint8 with --uint8) to a .tif/.tiff "
-            "or .zarr file."
+            "Writes float32 probabilities (or 0-255 uint8 with --uint8) with the input's "
+            "voxel size to a .tif/.tiff or .zarr file. When the volume's voxel size differs "
+            "from the model's by more than 25 %, it is predicted at the model's voxel size."
         ),
     )
-    p.add_argument("input", help="input volume (file or folder)")
-    p.add_argument("output", help="output .tif, .tiff or .zarr")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"bundled model name or checkpoint file (default: {DEFAULT_MODEL})")
-    p.add_argument("--key", default=None, help="dataset inside an HDF5 file or zarr group")
-    p.add_argument("--tta", action="store_true",
-                   help="test-time augmentation: average 8 (2D) / 16 (3D) flips and rotations")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    p.add_argument("--patch", type=_parse_patch, default=None,
-                   help="tile size, e.g. 256,256 (2D) or 32,128,128 (3D); default from model")
-    p.add_argument("--overlap", type=_parse_overlap, default=0.25,
-                   help="tile overlap fraction in [0, 1) (default 0.25)")
-    p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
+    p.add_argument("input", metavar="IN", help="input volume (file or folder)")
+    p.add_argument("output", metavar="OUT",
+                   help="output .tif, .tiff or .zarr (never one of the inputs)")
+    p.add_argument("--model", metavar="NAME|PATH", default=DEFAULT_MODEL, help=model_help())
+    p.add_argument("--key", default=None,
+                   help="dataset inside an HDF5 file or zarr group (default: the only one)")
+    p.add_argument("--tta", type=common.tta_count, nargs="?", const=True, default=0,
+                   metavar="N",
+                   help="test-time augmentation: average N flips/rotations (4 = flips, 8 = "
+                        "flips and rotations); --tta alone: all (8 in 2D, 16 in 3D)")
+    p.add_argument("--device", type=common.device, default=None,
+                   help=f"{common.DEVICE_CHOICES} (default: the best available)")
+    p.add_argument("--patch", type=common.shape((2, 3), name="patch"), default=None,
+                   metavar="[Z,]Y,X",
+                   help="tile size, e.g. 256,256 (2D) or 32,128,128 (3D) (default: the model's)")
+    p.add_argument("--overlap", type=common.fraction, default=0.25,
+                   help="tile overlap fraction in [0, 1)")
+    p.add_argument("--batch-size", type=common.positive_int, default=None, metavar="N",
+                   help="tiles per forward pass (default: from the device's memory)")
     p.add_argument("--no-amp", action="store_true", help="no bf16/fp16 autocast on CUDA")
     p.add_argument("--uint8", action="store_true",
                    help="store probabilities as uint8 0-255 instead of float32")
+    p.add_argument("--adapt", action="store_true",
+                   help="re-estimate the model's BatchNorm statistics on this volume first "
+                        "(label-free adaptation to a new microscope or stain)")
+    p.add_argument("--voxel-size", type=common.voxel_size, default=None, metavar="Z,Y,X",
+                   help="voxel size of IN in nm (default: from the file's metadata)")
+    p.add_argument("--no-resample", action="store_true",
+                   help="predict at the volume's own voxel size even when it differs from "
+                        "the model's")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     from ._cli_blockwise import add_blockwise_arguments
 
@@ -66,46 +65,69 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _check_output(args: argparse.Namespace) -> Path:
+    """OUT: a .tif/.tiff/.zarr that is no input and replaces nothing unasked."""
+    out = Path(args.output)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output {out.name!r} must end in .tif, .tiff or .zarr")
+    return check_output(out, [args.input, args.model], args.overwrite,
+                         resume=args.blockwise)
+
+
+def _voxel_size(args: argparse.Namespace, ndim: int) -> tuple[float, ...] | None:
+    """--voxel-size, else the input's metadata; ``ndim`` values (nm) or None."""
+    from ._voxel import read_voxel_size
+
+    if args.voxel_size is None:
+        return read_voxel_size(args.input, key=args.key, ndim=ndim)
+    if len(args.voxel_size) < ndim:
+        raise ValueError(f"--voxel-size needs {ndim} values (Z,Y,X) for a {ndim}D volume, "
+                         f"got {len(args.voxel_size)}")
+    return tuple(args.voxel_size[-ndim:])
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    """predict_volume arguments from the flags."""
+    return dict(patch=args.patch, overlap=args.overlap, batch_size=args.batch_size,
+                device=args.device, amp=not args.no_amp, tta=args.tta)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``emseg predict``; returns the exit code."""
-    if getattr(args, "blockwise", False):
+    out = _check_output(args)
+    if args.blockwise:
         from ._cli_blockwise import run_blockwise_predict
 
         return run_blockwise_predict(args)
     import numpy as np
 
     from . import io
-    from .predict import predict_volume
-
-    out_path = Path(args.output)
-    if out_path.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ValueError(f"output {out_path.name!r} must end in .tif, .tiff or .zarr")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    volume = io.read_volume(args.input, key=args.key)
+    from ._voxel import scale_text
+    from .adapt import describe, predict_adapted
     from .models import zoo
 
+    volume = io.read_volume(args.input, key=args.key)
     model = zoo.load_model(args.model)
+    voxel = _voxel_size(args, volume.ndim)
     meta = model.meta
     if not args.quiet:
-        print(f"emseg predict: {Path(args.input).name} {tuple(volume.shape)} "
-              f"{volume.dtype} with {meta.get('name') or args.model} "
+        print(f"emseg predict: {Path(args.input).name} {tuple(volume.shape)} {volume.dtype}, "
+              f"voxel {scale_text(voxel)}, with {meta.get('name') or args.model} "
               f"({meta['dims']}D, context {meta.get('context', 0)})", file=sys.stderr)
-    progress = None if args.quiet else ProgressBar("predict", "tiles")
     t0 = time.perf_counter()
-    try:
-        prob = predict_volume(
-            volume, model, patch=args.patch, overlap=args.overlap,
-            batch_size=args.batch_size, device=args.device, amp=not args.no_amp,
-            tta=args.tta, progress=progress,
-        )
-    except MemoryError as exc:
-        print(f"emseg predict: error: {exc}", file=sys.stderr)
-        return 2
-    if args.uint8:
-        prob = np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
-    io.write_volume(out_path, prob)
+    with memory_guard(volume.shape, volume.dtype):
+        prob, info = predict_adapted(
+            volume, model, voxel_size=voxel, adapt=args.adapt,
+            resample_to_model=not args.no_resample,
+            progress=progress_bar("predict", "tiles", args.quiet), **_engine_kwargs(args))
+        if args.uint8:
+            prob = np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
+    done = describe(info)
+    if done:
+        print(f"emseg predict: {done}", file=sys.stderr)
+    spatial = voxel if voxel is not None and len(voxel) == min(prob.ndim, 3) else None
+    io.write_volume(out, prob, voxel_size=spatial)
     if not args.quiet:
-        print(f"emseg predict: wrote {out_path} {tuple(prob.shape)} {prob.dtype} "
+        print(f"emseg predict: wrote {out} {tuple(prob.shape)} {prob.dtype} "
               f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from . import _cli_common as common
+from ._cli_common import check_output, memory_guard, model_help
+
+CROP_HINT = "train on a crop of the volume (a few hundred slices are plenty)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,34 +21,51 @@ def register(sub: argparse._SubParsersAction) -> None:
         "With --from MODEL the model is fine-tuned; with --painted the labels follow the "
         "napari painting convention (0 unlabeled, 1 background, 2.. classes).",
     )
-    p.add_argument("image", help="EM volume (TIFF, slice folder, zarr, HDF5, MRC)")
-    p.add_argument("labels", help="label volume of the same shape")
-    p.add_argument("out", help="checkpoint to write (.pt)")
-    p.add_argument("--from", dest="source", default=None,
-                   help="bundled model name or checkpoint to fine-tune")
+    p.add_argument("image", metavar="IMAGE", help="EM volume (TIFF, slice folder, zarr, HDF5, MRC)")
+    p.add_argument("labels", metavar="LABELS", help="label volume of the same shape")
+    p.add_argument("out", metavar="OUT", help="checkpoint to write (.pt; never one of the inputs)")
+    p.add_argument("--from", dest="source", metavar="NAME|PATH", default=None,
+                   help=model_help("fine-tune this model") + " (default: a new U-Net)")
     p.add_argument("--painted", action="store_true",
                    help="labels are painted (0 unlabeled, 1 background, 2.. classes)")
-    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
-    p.add_argument("--context", type=int, default=0,
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2,
+                   help="2: a 2D U-Net run slice by slice; 3: a 3D U-Net")
+    p.add_argument("--context", type=common.non_negative_int, default=0, metavar="N",
                    help="2D only: adjacent slices each side fed as channels (2.5D)")
-    p.add_argument("--steps", type=int, default=None, help="training steps")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="alternative to --steps: passes of 100 steps each")
-    p.add_argument("--minutes", type=float, default=None, help="time budget")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--patch", default=None, help="patch size, e.g. 256,256 or 32,128,128")
-    p.add_argument("--lr", type=float, default=None,
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=common.positive_int, default=None, metavar="N",
+                        help="training steps (default: 500, or until --minutes)")
+    length.add_argument("--epochs", type=common.positive_int, default=None, metavar="N",
+                        help="alternative to --steps: passes of 100 steps each")
+    p.add_argument("--minutes", type=common.positive_float, default=None,
+                   help="time budget; stops early when it runs out (default: none)")
+    p.add_argument("--batch-size", type=common.positive_int, default=None, metavar="N",
+                   help="patches per step (default: 8 new; with --from the model's "
+                        "fine-tuning batch)")
+    p.add_argument("--patch", type=common.shape((2, 3), name="patch"), default=None,
+                   metavar="[Z,]Y,X",
+                   help="patch size, e.g. 256,256 or 32,128,128 (default: 256,256 for 2D, "
+                        "32,128,128 for 3D)")
+    p.add_argument("--lr", type=common.positive_float, default=None,
                    help="peak learning rate (default 2e-3 new; with --from the model's "
                         "fine-tuning rate, 3e-5 for 2D, 1e-5 for 3D)")
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--residual", action="store_true")
-    p.add_argument("--ignore-label", type=int, default=None,
-                   help="dense labels: value to ignore in the loss")
-    p.add_argument("--device", default=None)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--key", default=None, help="dataset inside HDF5/zarr inputs")
+    p.add_argument("--width", type=common.positive_int, default=16,
+                   help="channels of the first U-Net level (doubled at each level)")
+    p.add_argument("--depth", type=common.positive_int, default=4,
+                   help="resolution levels of the U-Net (depth - 1 poolings)")
+    p.add_argument("--residual", action="store_true",
+                   help="residual convolution blocks (Res-U-Net)")
+    p.add_argument("--ignore-label", type=common.non_negative_int, default=None,
+                   help="dense labels: value to ignore in the loss (default: none)")
+    p.add_argument("--device", type=common.device, default=None,
+                   help=f"{common.DEVICE_CHOICES} (default: the best available)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT's .resume.pt state")
+    p.add_argument("--seed", type=common.non_negative_int, default=0,
+                   help="random seed (weights, patch sampling)")
+    p.add_argument("--key", default=None,
+                   help="dataset inside HDF5/zarr inputs (default: the only one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=run)
 
 
@@ -51,19 +74,15 @@ def _config(args):
 
     kw = dict(dims=args.dims, context=args.context, width=args.width, depth=args.depth,
               residual=args.residual, device=args.device, seed=args.seed)
-    steps = args.steps or (args.epochs * 100 if args.epochs else None)
-    if steps:
+    steps = args.steps if args.steps is not None else (
+        args.epochs * 100 if args.epochs is not None else None)
+    if steps is not None:
         kw["steps"] = steps
-    elif args.minutes:
+    elif args.minutes is not None:
         kw["steps"] = 10**9
-    if args.minutes:
-        kw["minutes"] = args.minutes
-    if args.batch_size:
-        kw["batch_size"] = args.batch_size
-    if args.lr:
-        kw["lr"] = args.lr
-    if args.patch:
-        kw["patch"] = tuple(int(v) for v in args.patch.split(","))
+    for name in ("minutes", "batch_size", "lr", "patch"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
     return TrainConfig(**kw)
 
 
@@ -77,41 +96,78 @@ def _with_fine_tune_defaults(args, config):
     return model
 
 
+def _check_resume(out: str) -> None:
+    """``--resume``: a resume state that exists must be readable (else a clean error)."""
+    import torch
+
+    from .train import _resume_path
+
+    path = _resume_path(Path(out))
+    if not path.exists():
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = {"model", "optim", "step", "best", "history", "elapsed"} - set(state)
+    except Exception as exc:  # truncated, not torch, not a dict
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"--resume: {path} is corrupt ({cause}); delete it to start over") \
+            from None
+    if missing:
+        lacking = ", ".join(sorted(missing))
+        raise ValueError(f"--resume: {path} is not a training state (no {lacking}); "
+                         "delete it to start over")
+
+
+def _new_model(args, painted):
+    """A fresh U-Net for painted labels without ``--from``."""
+    from .models.zoo import build_model
+
+    n_out = max(1, int(painted.max()) - 1)
+    in_channels = 2 * args.context + 1 if args.dims == 2 else 1
+    return build_model(dict(dims=args.dims, in_channels=in_channels, out_channels=n_out,
+                            depth=args.depth, width=args.width, residual=args.residual),
+                       {"context": args.context if args.dims == 2 else 0})
+
+
+def _train(args, image, labels, config, bar, log):
+    """One engine call: :func:`fine_tune` (--from / --painted) or :func:`fit`."""
+    import numpy as np
+
+    from .train import fine_tune, fit
+
+    if args.source or args.painted:
+        painted = labels if args.painted else np.where(labels > 0, labels + 1, 1)
+        model = (_with_fine_tune_defaults(args, config) if args.source
+                 else _new_model(args, painted))
+        return fine_tune(model, image, painted, config, checkpoint=args.out, progress=bar,
+                         on_log=log)
+    return fit(image, labels, config, checkpoint=args.out, ignore_label=args.ignore_label,
+               resume=args.resume, progress=bar, on_log=log)
+
+
 def run(args) -> int:
     """Run ``emseg train``."""
     import numpy as np
 
     from ._textbar import ProgressBar
     from .io import read_volume
-    from .train import fine_tune, fit, threshold_note
+    from .train import threshold_note
 
-    image = np.asarray(read_volume(args.image, key=args.key))
-    labels = np.asarray(read_volume(args.labels, key=args.key))
+    check_output(args.out, [args.image, args.labels, args.source],
+                 args.overwrite or args.resume)
+    if args.resume:
+        _check_resume(args.out)
+    image = read_volume(args.image, key=args.key)
+    labels = read_volume(args.labels, key=args.key)
     config = _config(args)
 
     def log(rec):
         sys.stderr.write(f"\n  step {rec['step']}: loss {rec['loss']:.4f}, "
                          f"val IoU {rec['val_iou']:.4f}\n")
 
-    bar = ProgressBar("training", "steps")
-    if args.source or args.painted:
-        painted = labels if args.painted else np.where(labels > 0, labels + 1, 1)
-        if args.source is None:
-            from .models.zoo import build_model
-
-            n_out = max(1, int(painted.max()) - 1)
-            model = build_model(dict(dims=args.dims, in_channels=2 * args.context + 1
-                                     if args.dims == 2 else 1, out_channels=n_out,
-                                     depth=args.depth, width=args.width,
-                                     residual=args.residual),
-                                {"context": args.context if args.dims == 2 else 0})
-        else:
-            model = _with_fine_tune_defaults(args, config)
-        res = fine_tune(model, image, painted, config, checkpoint=args.out, progress=bar,
-                        on_log=log)
-    else:
-        res = fit(image, labels, config, checkpoint=args.out, ignore_label=args.ignore_label,
-                  resume=args.resume, progress=bar, on_log=log)
+    with memory_guard(image.shape, image.dtype, hint=CROP_HINT):
+        res = _train(args, np.asarray(image), np.asarray(labels), config,
+                     ProgressBar("training", "steps"), log)
     sys.stderr.write("\n")
     state = "cancelled" if res.cancelled else "done"
     note = threshold_note(res.model.meta)

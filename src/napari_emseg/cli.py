@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = ("_cli_predict", "_cli_train", "_cli_segment", "_cli_demo")
 def build_parser() -> argparse.ArgumentParser:
     """The ``emseg`` argument parser with every available sub-command."""
     from . import __version__
+    from ._cli_common import HelpFormatter
 
     parser = argparse.ArgumentParser(
         prog="emseg", description="Segment electron-microscopy volumes (napari-emseg)."
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter  # every --help shows the defaults
     return parser
 
 
@@ -45,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("emseg: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
-        print(f"emseg {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, MemoryError) as exc:
+        from ._cli_common import cli_words
+
+        print(f"emseg {args.command}: error: {cli_words(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -13,6 +13,9 @@ gets resolution tags (pixels per cm) and ``voxel_size_nm`` plus a
 ``napari_emseg_layer: labels`` entry in its JSON description; a zarr store is
 an OME-NGFF label image (a group with ``multiscales`` scale in nanometres,
 ``image-label`` and the array ``0``). :func:`is_labels_file` recognises both.
+Probability volumes keep their voxel size too (``write_volume(voxel_size=)``),
+and every zarr store written here carries a ``napari_emseg`` attribute, so
+:func:`is_emseg_zarr` tells our outputs (safe to replace) from anything else.
 
 This module imports no Qt, napari or torch.
 """
@@ -37,6 +40,7 @@ __all__ = [
     "LAZY_BYTES",
     "SLICE_SUFFIXES",
     "VOLUME_SUFFIXES",
+    "is_emseg_zarr",
     "is_labels_file",
     "list_keys",
     "natural_key",
@@ -63,6 +67,8 @@ VOLUME_SUFFIXES = SLICE_SUFFIXES + HDF5_SUFFIXES + MRC_SUFFIXES + ZARR_SUFFIXES
 _ZARR_MARKERS = (".zarray", ".zgroup", "zarr.json")
 #: Key of the TIFF description entry that marks a file written by :func:`write_labels`.
 TIFF_LAYER_KEY = "napari_emseg_layer"
+#: Attribute that marks a zarr store (array or group) written by napari-emseg.
+ZARR_MARKER = "napari_emseg"
 
 
 # --------------------------------------------------------------------------- #
@@ -84,6 +90,22 @@ def _is_zarr_dir(path: Path) -> bool:
     return path.is_dir() and (
         path.suffix.lower() in ZARR_SUFFIXES or any((path / m).exists() for m in _ZARR_MARKERS)
     )
+
+
+def is_emseg_zarr(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a zarr store that napari-emseg wrote (safe to replace).
+
+    True for stores carrying :data:`ZARR_MARKER` (every zarr this module
+    writes) or the attributes of a blockwise job.
+    """
+    path = Path(path)
+    if not _is_zarr_dir(path):
+        return False
+    try:
+        attrs = dict(_open_zarr(path).attrs)
+    except ValueError:
+        return False
+    return any(k == ZARR_MARKER or k.startswith("emseg_blockwise") for k in attrs)
 
 
 def _want_lazy(lazy: bool | None, shape: Sequence[int], dtype: Any) -> bool:
@@ -600,14 +622,6 @@ def _target(path: str | os.PathLike, overwrite: bool) -> tuple[Path, str]:
     return path, kind
 
 
-def _write(path: Path, kind: str, data: Any, dtype: np.dtype, compression: str,
-           chunks: Sequence[int] | None, zarr_format: int | None, predictor: bool) -> None:
-    if kind == "tiff":
-        _write_tiff(path, data, dtype, compression, predictor=predictor)
-    else:
-        _write_zarr(path, data, dtype, chunks, zarr_format)
-
-
 def _labels_dtype(labels: Any) -> np.dtype:
     dtype = np.dtype(labels.dtype)
     if dtype.kind == "b":
@@ -692,19 +706,31 @@ def _voxel_sizes(voxel_size: Sequence[float] | None, ndim: int) -> list[float] |
 
 def _labels_tiff_tags(sizes: list[float] | None, ndim: int) -> dict[str, Any]:
     """imwrite arguments marking labels and (if known) their voxel size."""
-    meta: dict[str, Any] = {TIFF_LAYER_KEY: "labels"}
+    tags = _voxel_tiff_tags(sizes)
+    tags["metadata"] = {TIFF_LAYER_KEY: "labels", **tags.get("metadata", {})}
+    return tags
+
+
+def _voxel_tiff_tags(sizes: list[float] | None) -> dict[str, Any]:
+    """imwrite arguments giving the voxel size (nothing when unknown)."""
     if sizes is None:
-        return {"metadata": meta}
-    meta["voxel_size_nm"] = sizes
+        return {}
     nm_per_cm = 1e7  # resolution tags: pixels per centimetre, read by Fiji and others
-    return {"metadata": meta, "resolution": (nm_per_cm / sizes[-1], nm_per_cm / sizes[-2]),
+    return {"metadata": {"voxel_size_nm": sizes},
+            "resolution": (nm_per_cm / sizes[-1], nm_per_cm / sizes[-2]),
             "resolutionunit": "CENTIMETER"}
+
+
+def _voxel_zarr_attrs(sizes: list[float] | None) -> dict[str, Any]:
+    """Array attributes giving the voxel size in nm (read back by :func:`read_voxel_size`)."""
+    return {} if sizes is None else {"resolution": sizes, "unit": "nm"}
 
 
 def write_volume(
     path: str | os.PathLike,
     array: Any,
     *,
+    voxel_size: Sequence[float] | None = None,
     overwrite: bool = True,
     compression: str = "zlib",
     chunks: Sequence[int] | None = None,
@@ -718,6 +744,9 @@ def write_volume(
         ``.tif``/``.tiff`` or ``.zarr``.
     array : array-like, shape (Z, Y, X), (Y, X) or (C, Z, Y, X)
         Floats are saved as float32, booleans as uint8, integers unchanged.
+    voxel_size : sequence of float, optional
+        Size of a voxel in nm for the spatial axes (ZYX or YX); read back by
+        :func:`read_voxel_size`.
     overwrite, compression, chunks, zarr_format
         As in :func:`write_labels`.
 
@@ -728,6 +757,7 @@ def write_volume(
     """
     path, kind = _target(path, overwrite)
     array = _as_array(array, "array", max_ndim=4)
+    sizes = _voxel_sizes(voxel_size, min(array.ndim, 3))
     dtype = np.dtype(array.dtype)
     if dtype.kind == "b":
         dtype = np.dtype(np.uint8)
@@ -735,7 +765,11 @@ def write_volume(
         dtype = np.dtype(np.float32)
     elif not np.issubdtype(dtype, np.integer):
         raise ValueError(f"cannot save data of type {dtype}")
-    _write(path, kind, array, dtype, compression, chunks, zarr_format, predictor=True)
+    if kind == "tiff":
+        _write_tiff(path, array, dtype, compression, predictor=True,
+                    **_voxel_tiff_tags(sizes))
+    else:
+        _write_zarr(path, array, dtype, chunks, zarr_format, _voxel_zarr_attrs(sizes))
     return path
 
 
@@ -813,13 +847,17 @@ def _create_zarr(path: Path, shape: Sequence[int], dtype: Any,
             kwargs["zarr_format"] = zarr_format
         elif zarr_format != 2:
             raise ValueError(f"zarr {zarr.__version__} only writes zarr format 2")
-    return zarr.open_array(str(path), **kwargs)
+    arr = zarr.open_array(str(path), **kwargs)
+    arr.attrs[ZARR_MARKER] = {"written_by": "napari-emseg"}
+    return arr
 
 
 def _write_zarr(path: Path, data: Any, dtype: np.dtype, chunks: Sequence[int] | None,
-                zarr_format: int | None = None) -> None:
+                zarr_format: int | None = None, attrs: dict | None = None) -> None:
     with atomic_path(path) as tmp:
-        _fill(_create_zarr(tmp, data.shape, dtype, chunks, zarr_format), data, dtype)
+        out = _create_zarr(tmp, data.shape, dtype, chunks, zarr_format)
+        out.attrs.update(attrs or {})
+        _fill(out, data, dtype)
 
 
 def _fill(out: Any, data: Any, dtype: np.dtype) -> None:
@@ -845,6 +883,7 @@ def _write_ome_labels(path: Path, data: Any, dtype: np.dtype, chunks: Sequence[i
         group = zarr.open_group(str(tmp), mode="w", **kwargs)
         _fill(_create_zarr(tmp / "0", data.shape, dtype, chunks, fmt), data, dtype)
         group.attrs.update(_ome_label_attrs(path.stem, data.ndim, sizes, fmt))
+        group.attrs[ZARR_MARKER] = {"written_by": "napari-emseg"}
 
 
 def _default_zarr_format() -> int:

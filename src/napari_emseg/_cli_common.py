@@ -1,0 +1,326 @@
+"""Pieces shared by the ``emseg`` sub-commands.
+
+* argparse ``type=`` functions that reject bad numbers at parse time with a
+  one-line message naming the flag (:func:`positive_int`, :func:`shape`, ...);
+* :func:`check_output`: an output never replaces an input, an existing output
+  only with ``--overwrite``, and a folder only when it is a zarr we wrote;
+* :func:`memory_guard`: out-of-memory as a one-line error saying how much
+  memory the volume needs;
+* :class:`HelpFormatter`: ``--help`` shows the defaults.
+
+Imports nothing heavy at module level (the parser is built on every call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = [
+    "HelpFormatter",
+    "check_output",
+    "cli_words",
+    "device",
+    "fraction",
+    "memory_guard",
+    "model_help",
+    "non_negative_float",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+    "probability",
+    "shape",
+    "tta_count",
+    "voxel_size",
+]
+
+DEVICE_CHOICES = "cuda, cuda:N, mps or cpu"
+BLOCKWISE_HINT = "run it with --blockwise (OUT.zarr) to process it block by block"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with ``(default: X)`` after each option that has a real default.
+
+    Flags (default False) and options without a default (None) get no suffix;
+    their help text says what happens when they are left out.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        unset = action.default is None or action.default is False  # not 0: that is a value
+        if unset or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+# ----------------------------------------------------------------- numbers
+def _number(text: str, kind: type, what: str) -> int | float:
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = _number(text, float, "a number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = _number(text, float, "a number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _number(text, float, "a number in [0, 1]")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1) (e.g. a tile overlap)."""
+    value = _number(text, float, "a number in [0, 1)")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def tta_count(text: str) -> int:
+    """Test-time augmentation variants: 0 (off) to 16."""
+    value = _number(text, int, "0 (off), 4 (flips) or 8 (flips and rotations)")
+    if not 0 <= value <= 16:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (off), 4 (flips) or 8 (flips and rotations; up to 16 in 3D), "
+            f"got {text!r}")
+    return value
+
+
+# ----------------------------------------------------------------- shapes
+def _split(text: str) -> list[str]:
+    """'32,128,128', '32x128x128' or '32 128 128' → ['32', '128', '128']."""
+    return [v for v in re.split(r"[,x\s]+", text.strip().lower()) if v]
+
+
+def shape(lengths: Sequence[int] = (2, 3), minimum: int = 1,
+          name: str = "shape") -> Callable[[str], tuple[int, ...]]:
+    """argparse type for 'a,b,c' sizes: ``lengths`` values, each >= ``minimum``.
+
+    'x' and spaces separate values too. With ``lengths=(1, 3)`` a single value
+    stands for all three axes ('64' → (64, 64, 64)).
+    """
+    counts = " or ".join(str(n) for n in lengths)
+    example = ",".join(["64"] * max(lengths))
+    what = f"{counts} integers >= {minimum} separated by commas (e.g. {example})"
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in _split(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if len(values) not in lengths or any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        if len(values) == 1 and 3 in lengths:
+            values = values * 3
+        return values
+
+    parse.__name__ = name
+    return parse
+
+
+def voxel_size(text: str) -> tuple[float, ...]:
+    """'Z,Y,X' (or 'Y,X') voxel size in nm, every value > 0."""
+    what = "2 or 3 numbers > 0 in nm separated by commas (e.g. 30,5,5)"
+    try:
+        values = tuple(float(v) for v in _split(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if len(values) not in (2, 3) or not all(0 < v < math.inf for v in values):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return values
+
+
+# ----------------------------------------------------------------- device
+def device(text: str) -> str | None:
+    """'cuda', 'cuda:N', 'mps' or 'cpu' (checked against this machine); 'auto' → None."""
+    value = text.strip().lower()
+    if value == "auto":
+        return None
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}: choose {DEVICE_CHOICES} (or leave it out for the best one)")
+    if value != "cpu":
+        _check_available(value)
+    return value
+
+
+def _check_available(value: str) -> None:
+    import torch
+
+    if value.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(value.partition(":")[2] or 0)
+        if index >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA"
+            raise argparse.ArgumentTypeError(
+                f"{value} is not available ({have} on this machine): choose another of "
+                f"{DEVICE_CHOICES}")
+    backend = getattr(torch.backends, "mps", None)
+    if value == "mps" and not (backend is not None and backend.is_available()):
+        raise argparse.ArgumentTypeError(
+            f"mps is not available on this machine: choose another of {DEVICE_CHOICES}")
+
+
+def model_help(what: str = "model") -> str:
+    """Help text for a model option, listing the bundled models."""
+    from .models.zoo import list_models
+
+    names = ", ".join(list_models()) or "none installed"
+    return f"{what}: a bundled model name ({names}) or a checkpoint file (.pt)"
+
+
+# ----------------------------------------------------------------- outputs
+def _inside(path: Path, folder: Path) -> bool:
+    return path != folder and path.is_relative_to(folder)
+
+
+def _same(out: Path, src: Path) -> bool:
+    if out.resolve() == src.resolve():
+        return True
+    try:
+        return out.exists() and os.path.samefile(out, src)  # hard links
+    except OSError:
+        return False
+
+
+def check_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
+                 overwrite: bool = False, *, resume: bool = False,
+                 name: str = "OUT") -> Path:
+    """Refuse an output that would harm an input or replace something unasked.
+
+    Parameters
+    ----------
+    output : the path a command will write
+    inputs : paths it reads (``None`` and names that are not files are skipped)
+    overwrite : ``--overwrite`` was given: an existing file or napari-emseg zarr
+        may be replaced
+    resume : an existing napari-emseg zarr is reused (blockwise resume)
+    name : how messages call the output (``OUT``, ``--json``)
+
+    Returns
+    -------
+    pathlib.Path
+        ``output`` as a path.
+
+    Raises
+    ------
+    ValueError
+        ``output`` is an input (also through a symlink or hard link), lies
+        inside an input folder, or holds an input.
+    FileExistsError
+        ``output`` exists and is not to be replaced: without ``--overwrite``,
+        or a folder that is not a zarr napari-emseg wrote (never replaced).
+    """
+    from .io import is_emseg_zarr
+
+    out = Path(output).expanduser()
+    target = out.resolve()
+    for given in inputs:
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        src = Path(given).expanduser()
+        if _same(out, src):
+            raise ValueError(f"{name} {out} is the input {given}: writing it would destroy "
+                             "the input; choose another output name")
+        if _inside(src.resolve(), target):
+            raise ValueError(f"the input {given} lies inside {name} {out}: replacing {out} "
+                             "would delete it; choose another output name")
+        if src.is_dir() and _inside(target, src.resolve()):
+            raise ValueError(f"{name} {out} lies inside the input folder {given}: "
+                             "choose an output outside it")
+    if not os.path.lexists(out):
+        return out
+    if out.is_dir() and not is_emseg_zarr(out):
+        raise FileExistsError(f"{name} {out} is an existing folder that napari-emseg did not "
+                              "write; it is never replaced: choose another output name")
+    if not (overwrite or (resume and out.is_dir())):
+        raise FileExistsError(f"{name} {out} exists; pass --overwrite to replace it")
+    return out
+
+
+# ----------------------------------------------------------------- messages
+#: Python argument names in engine messages → the flags a CLI user types.
+_CLI_WORDS = {
+    "overwrite=True": "--overwrite",
+    "device='cpu'": "--device cpu",
+    "amp=False": "--no-amp",
+}
+
+
+def cli_words(message: str) -> str:
+    """``message`` with Python argument names replaced by CLI flags."""
+    for py, flag in _CLI_WORDS.items():
+        message = message.replace(py, flag)
+    return message
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or torch's out-of-memory error (without importing torch)."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+@contextmanager
+def memory_guard(shape: Sequence[int], dtype, *, bytes_per_voxel: int = 8,
+                 hint: str = BLOCKWISE_HINT) -> Iterator[None]:
+    """Turn out-of-memory inside the block into one ``MemoryError`` line.
+
+    The message gives the memory the volume needs: its own bytes plus
+    ``bytes_per_voxel`` per voxel of work arrays (8: float32 probabilities and
+    their weights), and ``hint``.
+    """
+    try:
+        yield
+    except Exception as exc:  # MemoryError is an Exception; so is torch's OOM
+        if not _is_out_of_memory(exc):
+            raise
+        import numpy as np
+
+        voxels = math.prod(int(n) for n in shape)
+        need = voxels * (np.dtype(dtype).itemsize + bytes_per_voxel)
+        cause = str(exc).splitlines()[0] if str(exc) else "allocation failed"
+        raise MemoryError(f"out of memory ({cause}): a {tuple(shape)} {np.dtype(dtype)} volume "
+                          f"needs about {_gib(need)} here; {hint}") from None
