@@ -47,29 +47,63 @@ def test_segment_components_uint8_and_otsu(tmp_path):
     assert read_labels(out).max() == 1
 
 
-def test_segment_with_model_calls_predict(tmp_path, monkeypatch):
+def fake_predict(monkeypatch, predict) -> None:
+    """Replace ``napari_emseg.predict.predict_volume`` by ``predict(volume, model, **kw)``."""
+    fake = types.ModuleType("napari_emseg.predict")
+    fake.predict_volume = predict
+    monkeypatch.setitem(sys.modules, "napari_emseg.predict", fake)
+
+
+def test_segment_with_model_calls_predict_and_uses_its_settings(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     from napari_emseg.models import zoo
+    from napari_emseg.postprocess import segment, segment_defaults
 
-    raw = (discs_stack() * 200 + 20).astype(np.uint8)  # "EM" volume
+    raw = (discs_stack(nz=8) * 200 + 20).astype(np.uint8)  # "EM" volume
     seen = {}
     reads = []
     real_read = zoo.read_checkpoint
     monkeypatch.setattr(zoo, "read_checkpoint", lambda p: reads.append(p) or real_read(p))
 
-    def fake_predict_volume(volume, model, **kw):
+    def predict_volume(volume, model, **kw):
         seen["model"], seen["shape"] = model, np.shape(volume)
         return (np.asarray(volume) > 100).astype(np.float32)
 
-    fake = types.ModuleType("napari_emseg.predict")
-    fake.predict_volume = fake_predict_volume
-    monkeypatch.setitem(sys.modules, "napari_emseg.predict", fake)
+    fake_predict(monkeypatch, predict_volume)
     src, out = tmp_path / "raw.tif", tmp_path / "labels.tif"
     tifffile.imwrite(src, raw)
     assert main(["segment", str(src), str(out), "--model", "mito-2d", "--quiet"]) == 0
     assert seen["shape"] == raw.shape and seen["model"].meta["name"] == "mito-2d"
-    assert reads == ["mito-2d"]  # the checkpoint is read once (threshold + prediction)
-    assert read_labels(out).max() == 2 * 4  # 2D instances, not tracked
+    assert reads == ["mito-2d"]  # the checkpoint is read once (settings + prediction)
+    expected = segment((raw > 100).astype(np.float32), segment_defaults(seen["model"].meta))
+    np.testing.assert_array_equal(read_labels(out), expected.labels)
+    assert read_labels(out).max() == 1  # 3D by default: one object, not 2 per slice
+
+
+def test_segment_takes_the_model_settings_and_flags_win(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    from napari_emseg.models import zoo
+    from napari_emseg.postprocess import segment
+
+    meta = {"threshold": 0.7, "segment": {"dims": 2, "track": True, "zfilter": 0,
+                                          "min_size": 100, "h": 3.0}}
+    ckpt = zoo.save_checkpoint(zoo.build_model(dict(dims=2, depth=2, width=4), meta),
+                               tmp_path / "tuned.pt")
+    prob = np.where(discs_stack(), 0.8, 0.1).astype(np.float32)
+    fake_predict(monkeypatch, lambda volume, model, **kw: prob)
+    src, out = tmp_path / "raw.tif", tmp_path / "labels.tif"
+    tifffile.imwrite(src, (discs_stack() * 200 + 20).astype(np.uint8))
+    assert main(["segment", str(src), str(out), "--model", str(ckpt)]) == 0
+    assert "threshold 0.7 (tuned for" in capsys.readouterr().err
+    expected = segment(prob, dims=2, track=True, zfilter=0, min_size=100, h=3.0,
+                       threshold=0.7).labels
+    np.testing.assert_array_equal(read_labels(out), expected)
+    assert expected.max() == 2  # two discs, each one id through z
+    # given flags replace the model's: --dims 3 also turns its tracking off
+    assert main(["segment", str(src), str(out), "--model", str(ckpt), "--dims", "3",
+                 "--min-size", "5000", "--quiet"]) == 0  # fmt: skip
+    np.testing.assert_array_equal(read_labels(out), segment(
+        prob, dims=3, zfilter=0, min_size=5000, h=3.0, threshold=0.7).labels)
 
 
 @pytest.mark.parametrize(("extra", "objects"), [([], 0), (["--threshold", "0.5"], 8)])
@@ -79,13 +113,12 @@ def test_segment_with_model_uses_its_tuned_threshold(tmp_path, monkeypatch, extr
 
     model = zoo.build_model(dict(dims=2, depth=2, width=4), {"threshold": 0.7})
     ckpt = zoo.save_checkpoint(model, tmp_path / "tuned.pt")
-    fake = types.ModuleType("napari_emseg.predict")
-    fake.predict_volume = lambda volume, model, **kw: np.where(
-        np.asarray(volume) > 100, 0.6, 0.1).astype(np.float32)  # below 0.7, above 0.5
-    monkeypatch.setitem(sys.modules, "napari_emseg.predict", fake)
+    fake_predict(monkeypatch, lambda volume, model, **kw: np.where(
+        np.asarray(volume) > 100, 0.6, 0.1).astype(np.float32))  # below 0.7, above 0.5
     src, out = tmp_path / "raw.tif", tmp_path / "labels.tif"
     tifffile.imwrite(src, (discs_stack() * 200 + 20).astype(np.uint8))
-    assert main(["segment", str(src), str(out), "--model", str(ckpt), "--quiet", *extra]) == 0
+    assert main(["segment", str(src), str(out), "--model", str(ckpt), "--quiet", "--dims", "2",
+                 "--min-size", "0", *extra]) == 0  # fmt: skip
     assert read_labels(out).max() == objects
 
 
@@ -98,55 +131,57 @@ def test_segment_rejects_raw_em_without_model(tmp_path, capsys):
     assert main(["segment", str(src), str(tmp_path / "o.tif"), "--threshold", "high"]) == 2
 
 
-def test_evaluate_table_and_json(tmp_path, capsys, fixtures_dir):
-    gt_path = fixtures_dir / "lucchi_crop_instances.tif"
-    mask_path = fixtures_dir / "lucchi_crop_mask.tif"
-    seg = tmp_path / "seg.tif"
-    assert main(["segment", str(mask_path), str(seg), "--method", "components", "--dims", "3",
-                 "--quiet"]) == 0  # fmt: skip
-    report = tmp_path / "m" / "metrics.json"
-    capsys.readouterr()
-    assert main(["evaluate", str(seg), str(gt_path), "--json", str(report), "--per-slice"]) == 0
-    text = capsys.readouterr().out
-    assert "objects: pred 6, gt 6" in text and "VOI" in text and "per slice" in text
-    data = json.loads(report.read_text())
-    assert data["instances"]["thresholds"]["0.5"]["ap"] == 1.0
-    assert data["instances"]["thresholds"]["0.75"]["ap"] == 1.0
-    assert data["adapted_rand"]["error"] == pytest.approx(0.0, abs=1e-12)
-    assert len(data["per_slice"]) == 16
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32])
+def test_segment_refuses_a_label_image(tmp_path, capsys, dtype):
+    labels = np.zeros((4, 64, 96), dtype)
+    labels[discs_stack()] = 1
+    labels[:, 40:, :] *= 3  # ids 1 and 3
+    src, out = tmp_path / "labels.tif", tmp_path / "o.tif"
+    tifffile.imwrite(src, labels)
+    assert main(["segment", str(src), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "label image" in err and "pass probabilities" in err and err.count("\n") == 1
+    assert not out.exists()
 
 
-def test_evaluate_semantic_and_shape_mismatch(tmp_path, capsys):
-    a, b = tmp_path / "a.tif", tmp_path / "b.tif"
-    gt = np.zeros((2, 8, 8), np.uint8)
-    gt[:, :4] = 1
-    pred = np.zeros((2, 8, 8), np.uint8)
-    pred[:, :2] = 1
-    tifffile.imwrite(a, pred)
-    tifffile.imwrite(b, gt)
-    assert main(["evaluate", str(a), str(b), "--semantic"]) == 0
-    out = capsys.readouterr().out
-    assert "0.5000" in out  # class 1 IoU = 16 / 32
-    tifffile.imwrite(b, np.zeros((2, 8, 9), np.uint8))
-    assert main(["evaluate", str(a), str(b)]) == 2
-    assert "shape" in capsys.readouterr().err
+def test_segment_track_implies_2d_and_channel_picks_a_class(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    from napari_emseg.models.zoo import model_info
+    from napari_emseg.postprocess import segment, segment_defaults
+
+    prob = np.where(discs_stack(nz=6), 0.9, 0.1).astype(np.float32)
+    fake_predict(monkeypatch, lambda volume, model, **kw: np.stack([1 - prob, prob]))
+    src, out = tmp_path / "raw.tif", tmp_path / "labels.tif"
+    tifffile.imwrite(src, (discs_stack(nz=6) * 200 + 20).astype(np.uint8))
+    run = ["segment", str(src), str(out), "--model", "mito-2d", "--quiet", "--threshold", "0.5"]
+    assert main(run) == 2
+    assert "2 class channels" in capsys.readouterr().err
+    assert main([*run, "--channel", "1", "--track"]) == 0
+    settings = segment_defaults(model_info("mito-2d"))
+    np.testing.assert_array_equal(
+        read_labels(out), segment(prob, settings, dims=2, track=True, threshold=0.5).labels)
+    assert main([*run, "--channel", "1", "--dims", "3", "--track"]) == 2
+    assert "--dims 2" in capsys.readouterr().err
 
 
-def test_evaluate_boundary_map(tmp_path, capsys):
-    gt = np.zeros((2, 32, 32), np.uint8)
-    gt[:, 16, :] = 1  # one membrane line per slice
-    pred = np.roll(gt, 1, axis=1)  # one pixel off
-    a, b, report = tmp_path / "a.tif", tmp_path / "b.tif", tmp_path / "m.json"
-    tifffile.imwrite(a, pred)
-    tifffile.imwrite(b, gt)
-    assert main(["evaluate", str(a), str(b), "--boundary", "2", "--per-slice",
-                 "--json", str(report)]) == 0
-    assert "boundary F1 within 2 px 1.0000" in capsys.readouterr().out
-    data = json.loads(report.read_text())["boundary"]
-    assert data["pixel_f1"] == 0.0 and data["f1"] == 1.0
-    assert data["pixel_error"] == pytest.approx(2 * 64 / 2048)  # 32 missed + 32 extra a slice
-    assert main(["evaluate", str(a), str(b), "--boundary", "-1"]) == 2
-    assert "tolerance" in capsys.readouterr().err
+def test_readme_examples_on_the_sample_give_its_mitochondria(tmp_path, capsys):
+    """``emseg segment probs.tif instances.tif [--method watershed --dims 2 --track]``."""
+    from scipy import ndimage as ndi
+
+    from napari_emseg._sample_data import SAMPLE_SCALE, load_sample
+    from napari_emseg.io import write_volume
+
+    _, mask = load_sample()  # 5 mitochondria
+    prob = ndi.gaussian_filter(mask.astype(np.float32), sigma=(0, 2, 2))
+    src, out = tmp_path / "probs.tif", tmp_path / "instances.tif"
+    write_volume(src, prob, voxel_size=SAMPLE_SCALE)
+    assert main(["segment", str(src), str(out), "--quiet"]) == 0
+    assert read_labels(out).max() == 5
+    assert main(["segment", str(src), str(out), "--method", "watershed", "--dims", "2",
+                 "--track", "--quiet"]) == 0  # fmt: skip
+    assert 5 <= read_labels(out).max() <= 10
+    sizes = np.bincount(read_labels(out).ravel())[1:]
+    assert sizes.min() >= 2000
 
 
 # ------------------------------------------------------ neurons from membranes

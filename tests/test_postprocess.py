@@ -174,22 +174,123 @@ def test_relabel_and_bilateral():
     assert sm[:, 9:].min() > 0.7 and sm[:, :7].max() < 0.3  # edge kept
 
 
+#: the pipeline without the mitochondria defaults' z-filter and size filter
+PLAIN = pp.SegmentSettings(dims=2, zfilter=0, min_size=0, h=2.0)
+
+
 def test_segment_pipeline_and_tracking():
     vol = np.stack([two_discs()] * 6).astype(np.float32) * 0.8 + 0.1
     vol[3] = 0.1  # the objects vanish for one slice; z-filter repairs it
-    lab = pp.segment(vol, dims=2, zfilter=3, track=True)
-    assert lab.dtype == np.uint32 and lab.max() == 2
+    result = pp.segment(vol, PLAIN, zfilter=3, track=True)
+    lab = result.labels
+    assert lab is result.objects and lab.dtype == np.uint32 and lab.max() == 2
     assert lab[:, 32, 30].tolist() == [lab[0, 32, 30]] * 6
-    lab3 = pp.segment(vol, method="components", dims=3, zfilter=3)
-    assert lab3.max() == 1
+    assert result.instances.max() == 2 * 6  # two per slice, ids increasing with z
+    assert result.instances[0].max() == 2 and result.instances[5].min() == 0
+    lab3 = pp.segment(vol, PLAIN, method="components", dims=3, zfilter=3)
+    assert lab3.objects is None and lab3.labels.max() == 1
     # min_size removes a speck; ids stay consecutive
     vol2 = vol.copy()
     vol2[:, 2, 2] = 0.9
-    lab_s = pp.segment(vol2, dims=3, method="components", zfilter=3, min_size=10)
+    lab_s = pp.segment(vol2, PLAIN, dims=3, method="components", zfilter=3, min_size=10).labels
     assert lab_s.max() == 1 and lab_s[0, 2, 2] == 0
     # 2D image in, 2D labels out
-    lab2d = pp.segment(two_discs().astype(np.float32))
+    lab2d = pp.segment(two_discs().astype(np.float32), PLAIN).labels
     assert lab2d.shape == (64, 96) and lab2d.max() == 2
+
+
+def spindle(nz=13, r_max=12) -> np.ndarray:
+    """A spindle along z: discs of radius 2 at both ends, ``r_max`` in the middle."""
+    yy, xx = np.mgrid[:40, :40]
+    radii = np.round(2 + (r_max - 2) * np.sin(np.linspace(0, np.pi, nz))).astype(int)
+    return np.stack([(yy - 20) ** 2 + (xx - 20) ** 2 <= r * r for r in radii])
+
+
+def test_tracked_objects_are_size_filtered_in_3d_and_instances_follow():
+    vol = np.zeros((13, 40, 80), np.float32)
+    vol[:, :, :40] = spindle()
+    vol[4, 10:13, 60:63] = 1.0  # a 9-voxel fragment on one slice
+    tip_area = int(spindle()[0].sum())
+    result = pp.segment(vol, PLAIN, track=True, iou_threshold=0.1, min_size=tip_area + 20)
+    objects, instances = result.objects, result.instances
+    # one object, tips kept: the size is that of the whole 3D object, not of one section
+    assert objects.max() == 1
+    np.testing.assert_array_equal(objects > 0, np.pad(spindle(), ((0, 0), (0, 0), (0, 40))))
+    # the fragment is gone from both; instances cover exactly the objects' voxels
+    np.testing.assert_array_equal(instances > 0, objects > 0)
+    assert instances.max() == 13 and [int(s.max()) for s in instances] == list(range(1, 14))
+
+
+def test_settings_defaults_from_model_metadata():
+    default = pp.SegmentSettings()
+    assert pp.segment_defaults(None) == default == pp.segment_defaults({})
+    assert (default.dims, default.zfilter, default.min_size, default.h) == (3, 5, 2000, 4.0)
+    assert pp.segment_defaults({"threshold": 0.75}).threshold == 0.75
+    tuned = pp.segment_defaults({"threshold": 0.75,
+                                 "segment": {"zfilter": 3, "min_size": 500, "dims": 2,
+                                             "track": True, "threshold": 0.6}})
+    assert tuned == default.updated(zfilter=3, min_size=500, dims=2, track=True, threshold=0.6)
+    with pytest.warns(UserWarning, match="colour"):
+        assert pp.segment_defaults({"segment": {"colour": "red"}}) == default
+    with pytest.raises(ValueError, match="unknown segment setting"):
+        default.updated(colour="red")
+    with pytest.raises(ValueError, match="track"):
+        default.updated(track=True)  # dims 3
+    with pytest.raises(ValueError, match="unknown segment setting"):
+        pp.segment(np.zeros((2, 4, 4), np.float32), colour="red")
+
+
+def test_as_probabilities_reads_probabilities_and_refuses_labels_and_raw_em():
+    prob = np.linspace(0, 1, 2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8)
+    assert pp.as_probabilities(prob) is prob  # no copy, not modified
+    u8 = (prob * 255).astype(np.uint8)
+    np.testing.assert_allclose(pp.as_probabilities(u8), u8 / 255.0, atol=1e-7)
+    mask = prob > 0.5
+    for m in (mask, mask.astype(np.uint8), mask.astype(np.uint16), mask.astype(np.uint8) * 255):
+        np.testing.assert_array_equal(pp.as_probabilities(m), mask.astype(np.float32))
+    labels = np.zeros((2, 8, 8), np.uint8)
+    labels[0, :4], labels[1, 4:] = 1, 7
+    for bad in (labels, labels.astype(np.uint16), labels.astype(np.uint32) * 1000):
+        with pytest.raises(ValueError, match="label image") as err:
+            pp.as_probabilities(bad)
+        assert "pass probabilities" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\].*raw EM"):
+        pp.as_probabilities(prob * 200)
+    with pytest.raises(ValueError, match="outside"):
+        pp.as_probabilities(np.full((2, 2), np.nan, np.float32))
+    # class channels: (C, Z, Y, X)
+    two = np.stack([prob, 1 - prob])
+    np.testing.assert_array_equal(pp.as_probabilities(two, 1), 1 - prob)
+    np.testing.assert_array_equal(pp.as_probabilities(two[:1]), prob)
+    with pytest.raises(ValueError, match="2 class channels"):
+        pp.as_probabilities(two)
+    with pytest.raises(ValueError, match="out of range"):
+        pp.as_probabilities(two, 2)
+    with pytest.raises(ValueError, match="no class axis"):
+        pp.as_probabilities(prob, 1)
+
+
+def test_segment_refuses_a_label_image():
+    labels = np.zeros((3, 16, 16), np.uint16)
+    labels[:, 2:8, 2:8], labels[:, 9:14, 9:14] = 1, 2
+    with pytest.raises(ValueError, match="label image"):
+        pp.segment(labels)
+    with pytest.raises(ValueError, match="label image"):
+        pp.segment(labels.astype(np.uint8))
+
+
+def test_defaults_on_the_sample_truth_give_its_mitochondria():
+    from napari_emseg._sample_data import load_sample
+
+    _, mask = load_sample()
+    prob = ndi.gaussian_filter(mask.astype(np.float32), sigma=(0, 2, 2))
+    truth = ndi.label(mask > 0)[1]
+    assert truth == 5
+    assert pp.segment(prob).labels.max() == truth
+    tracked = pp.segment(prob, dims=2, track=True)
+    assert truth <= tracked.objects.max() <= 2 * truth
+    # before: 2D instances with no size filter were counted per slice
+    assert pp.segment(prob, PLAIN).labels.max() > 10 * truth
 
 
 def test_progress_and_cancel():
@@ -206,14 +307,14 @@ def test_progress_and_cancel():
 def test_empty_inputs_and_bad_arguments():
     empty = np.zeros((0, 8, 8), np.float32)
     for out in (
-        pp.segment(empty),
+        pp.segment(empty).labels,
         pp.seeded_watershed(empty, dims=3),
         pp.connected_components(empty > 0),
     ):
         assert out.shape == (0, 8, 8) and out.dtype == np.uint32
     assert pp.zfilter(empty).shape == (0, 8, 8)
     blank = np.zeros((2, 8, 8), np.float32)
-    assert pp.segment(blank, track=True).max() == 0
+    assert pp.segment(blank, dims=2, track=True).labels.max() == 0
     with pytest.raises(ValueError, match="boundary shape"):
         pp.seeded_watershed(blank, boundary=np.zeros((2, 8, 9)))
     with pytest.raises(ValueError, match="dims"):
@@ -231,8 +332,10 @@ def test_empty_inputs_and_bad_arguments():
 def test_inputs_not_mutated():
     prob = np.where(np.stack([two_discs()] * 2), 0.9, 0.1).astype(np.float32)
     before = prob.copy()
-    pp.segment(prob, zfilter=3, opening=1, closing=1, fill=True, min_size=5, track=True)
+    pp.segment(prob, PLAIN, zfilter=3, opening=1, closing=1, fill=True, min_size=5, track=True)
+    pp.segment(prob)
     pp.seeded_watershed(prob, dims=3)
+    pp.as_probabilities(prob)
     np.testing.assert_array_equal(prob, before)
 
 
@@ -243,15 +346,16 @@ def test_fixture_instances_recovered(fixtures_dir):
     mask = tifffile.imread(fixtures_dir / "lucchi_crop_mask.tif")
     inst = tifffile.imread(fixtures_dir / "lucchi_crop_instances.tif")
     runs = {
-        "components 3D": pp.segment(mask, method="components", dims=3),
-        "watershed 3D": pp.segment(mask, method="watershed", dims=3),
+        "components 3D": pp.segment(mask, PLAIN, method="components", dims=3),
+        "watershed 3D": pp.segment(mask, PLAIN, method="watershed", dims=3),
         # tiny specks (1-24 px, one or two slices) are separate gt objects:
         # no gap bridging and a lenient IoU keep them apart
         "watershed 2D + tracking": pp.segment(
-            mask, method="watershed", dims=2, track=True, iou_threshold=0.25, max_gap=0
+            mask, PLAIN, method="watershed", dims=2, track=True, iou_threshold=0.25, max_gap=0
         ),
     }
-    for name, lab in runs.items():
+    for name, result in runs.items():
+        lab = result.labels
         res = instance_ap(lab, inst, thresholds=(0.5,))["thresholds"]["0.5"]
         assert res["ap"] == 1.0, (name, res)
         assert lab.max() == inst.max() == 6

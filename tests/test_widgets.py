@@ -1,4 +1,7 @@
-"""Dock widgets: Predict, Segment, Save (open from the manifest, run threaded)."""
+"""Dock widgets: Predict, Segment, Save (open from the manifest, run threaded).
+
+The Segment widget's own tests are in test_widget_segment.py.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,12 @@ import numpy as np
 import pytest
 import tifffile
 from napari.layers import Image, Labels
-from scipy import ndimage
 
 from widget_helpers import (
     GUI,
     WIDGETS,
     notes_fixture,  # noqa: F401  (the ``notes`` fixture)
     open_widget,
-    same_partition,
     tiny_checkpoint,
     wait_job,
 )
@@ -24,11 +25,6 @@ pytestmark = GUI
 @pytest.fixture
 def crop(fixtures_dir) -> np.ndarray:
     return tifffile.imread(fixtures_dir / "lucchi_crop_image.tif")[:8]
-
-
-@pytest.fixture
-def crop_mask(fixtures_dir) -> np.ndarray:
-    return tifffile.imread(fixtures_dir / "lucchi_crop_mask.tif")[:8]
 
 
 @pytest.fixture
@@ -198,95 +194,6 @@ def test_bad_states_notify_without_exceptions(make_napari_viewer, qtbot, tmp_pat
     assert pw.run() is None and "patch" in notes.errors[-1]
 
 
-def _blurred_probabilities(mask: np.ndarray) -> np.ndarray:
-    prob = ndimage.gaussian_filter(mask.astype(np.float32), sigma=(0, 2, 2))
-    return np.clip(prob, 0, 1).astype(np.float32)
-
-
-def test_segment_labels_equal_engine_output_and_tracking_gives_3d_ids(
-        make_napari_viewer, qtbot, crop_mask, notes):
-    from napari_emseg.postprocess import segment
-    from napari_emseg.tracking import track_slices
-
-    prob = _blurred_probabilities(crop_mask)
-    viewer = make_napari_viewer()
-    viewer.add_image(prob, name="em probabilities", scale=(3.0, 1.0, 1.0))
-    sw = open_widget(viewer, "Segment instances")
-    assert sw.probabilities.value is viewer.layers["em probabilities"]
-
-    sw.method.value = ("watershed", 2)
-    sw.track.value = True
-    sw.min_size.value = 20
-    job = sw.run()
-    wait_job(qtbot, job)
-    assert job.exception is None and not notes.errors
-    inst, objects = viewer.layers["em instances"], viewer.layers["em objects 3D"]
-    assert isinstance(inst, Labels) and isinstance(objects, Labels)
-    expected = segment(prob, method="watershed", dims=2, threshold=0.5, min_size=20)
-    np.testing.assert_array_equal(inst.data, expected)
-    np.testing.assert_array_equal(
-        objects.data, track_slices(expected, iou_threshold=0.3, max_gap=1, min_slices=1))
-    np.testing.assert_array_equal(objects.scale, [3.0, 1.0, 1.0])
-    # 2D instances: ids differ between slices; tracked ids run through z
-    ids_per_slice = [set(np.unique(s)) - {0} for s in objects.data]
-    shared = set.intersection(*[ids for ids in ids_per_slice[:4] if ids])
-    assert shared, "tracking should give ids present on consecutive slices"
-    assert (objects.data > 0).sum() == (inst.data > 0).sum()
-    assert not (set(np.unique(inst.data[0])) - {0}) & (set(np.unique(inst.data[1])) - {0})
-
-    # 3D components, tracking ignored: the same objects as scipy's 3D labelling
-    sw.method.value = ("components", 3)
-    sw.min_size.value = 0
-    assert not sw.track.enabled
-    job = sw.run()
-    wait_job(qtbot, job)
-    assert viewer.layers["em instances"] is inst  # updated in place
-    reference, _n = ndimage.label(prob > 0.5)
-    assert same_partition(inst.data, reference)
-
-
-def test_segment_3d_uses_the_layer_voxel_size(make_napari_viewer, qtbot, crop_mask, notes,
-                                              monkeypatch):
-    from napari_emseg import postprocess
-
-    seen = []
-    real = postprocess.segment
-    monkeypatch.setattr(postprocess, "segment",
-                        lambda prob, **kw: seen.append(kw.get("spacing")) or real(prob, **kw))
-    prob = _blurred_probabilities(crop_mask)[:6]
-    viewer = make_napari_viewer()
-    viewer.add_image(prob, name="em probabilities", scale=(30.0, 5.0, 5.0))
-    sw = open_widget(viewer, "Segment instances")
-    sw.method.value = ("components", 3)
-    job = sw.run()
-    wait_job(qtbot, job)
-    assert job.exception is None and not notes.errors
-    assert seen == [(6.0, 1.0, 1.0)]  # relative to the finest axis: h stays in voxels
-    np.testing.assert_array_equal(viewer.layers["em instances"].scale, [30.0, 5.0, 5.0])
-
-
-def test_segment_preview_only_touches_current_slice(make_napari_viewer, qtbot, crop_mask,
-                                                    notes):
-    from napari_emseg.postprocess import segment
-
-    prob = _blurred_probabilities(crop_mask)
-    viewer = make_napari_viewer()
-    viewer.add_image(prob, name="em probabilities")
-    sw = open_widget(viewer, "Segment instances")
-    sw.method.value = ("components", 2)
-    for z in (5, 2):
-        viewer.dims.set_point(0, z)
-        job = sw.preview()
-        wait_job(qtbot, job)
-        assert job.exception is None
-    preview = viewer.layers["em preview"]
-    expected = segment(prob[2], method="components", dims=2, threshold=0.5)
-    np.testing.assert_array_equal(preview.data[2], expected)
-    others = np.delete(preview.data, 2, axis=0)
-    assert expected.max() > 0 and not others.any()  # slice 5's preview was cleared
-    assert "em instances" not in [layer.name for layer in viewer.layers]
-
-
 def test_save_labels_and_model(make_napari_viewer, qtbot, tmp_path, tiny, notes):
     import torch
 
@@ -326,35 +233,3 @@ def test_save_labels_and_model(make_napari_viewer, qtbot, tmp_path, tiny, notes)
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), original(x))
-
-
-def _checkpoint_with_threshold(path, threshold: float, seed: int):
-    from napari_emseg.models import zoo
-
-    model = zoo.load_model(tiny_checkpoint(path, seed=seed))
-    return zoo.save_checkpoint(model, path, {**model.meta, "threshold": threshold})
-
-
-def test_segment_takes_the_threshold_the_model_was_tuned_to(make_napari_viewer, qtbot, crop,
-                                                            tmp_path, notes):
-    from napari_emseg._widgets._common import model_registry
-
-    tuned = _checkpoint_with_threshold(tmp_path / "a.pt", 0.7, seed=0)
-    other = _checkpoint_with_threshold(tmp_path / "b.pt", 0.3, seed=1)
-    viewer = make_napari_viewer()
-    viewer.add_image(crop, name="em")
-    pw = open_widget(viewer, "Predict")
-    sw = open_widget(viewer, "Segment instances")
-    assert sw.threshold.value == 0.5
-    model_registry(viewer).add(tuned)
-    wait_job(qtbot, pw.run())
-    assert viewer.layers["em probabilities"].metadata["emseg_threshold"] == 0.7
-    assert sw.probabilities.value is viewer.layers["em probabilities"]
-    assert sw.threshold.value == 0.7
-    sw.threshold.value = 0.45  # the user's choice survives a re-run of the same model
-    wait_job(qtbot, pw.run())
-    assert sw.threshold.value == 0.45
-    model_registry(viewer).add(other)  # a model tuned differently: its threshold applies
-    assert pw.model.value == str(other.resolve())
-    wait_job(qtbot, pw.run())
-    assert sw.threshold.value == 0.3 and not notes.errors

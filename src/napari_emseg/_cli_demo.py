@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
+
+from . import _cli_common as common
+from ._cli_common import check_output, model_help
+
+OUTPUTS = ("instances.tif", "probabilities.tif", "overview.png", "summary.json")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,14 +21,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="segment the bundled EM sample with the bundled model and write the results",
         description="Predict mitochondria on the bundled Lucchi++ crop, split them into "
-        "instances (3D distance-transform seeded watershed), score against the ground truth "
+        "instances with the model's segmentation settings (as `emseg segment --model`), "
+        "score against the ground truth "
         "and write labels, probabilities and a PNG overview.",
     )
-    p.add_argument("--out", default="emseg-demo", help="output folder (default: emseg-demo)")
-    p.add_argument("--model", default="mito-2d", help="bundled model name or checkpoint")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation (8× slower)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--show", action="store_true", help="open the result in napari")
+    p.add_argument("--out", default="emseg-demo",
+                   help="output folder (" + ", ".join(OUTPUTS) + ")")
+    p.add_argument("--model", metavar="NAME|PATH", default="mito-2d", help=model_help())
+    p.add_argument("--tta", type=common.tta_count, nargs="?", const=True, default=0,
+                   metavar="N",
+                   help="test-time augmentation: average N flips/rotations (4 = flips, 8 = "
+                        "flips and rotations, N times slower); --tta alone: all")
+    p.add_argument("--device", type=common.device, default=None,
+                   help=f"{common.DEVICE_CHOICES} (default: the best available)")
+    p.add_argument("--show", action="store_true",
+                   help="open the result in napari (needs a display)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results of an earlier run in --out")
     p.set_defaults(func=run)
 
 
@@ -57,40 +73,65 @@ def overview_png(path: Path, image, prob, labels, truth) -> Path:
     return path
 
 
+def display_problem() -> str | None:
+    """Why no window can open here (one line), or None when a display is available."""
+    platform = os.environ.get("QT_QPA_PLATFORM", "")
+    if platform in ("offscreen", "minimal"):
+        return f"QT_QPA_PLATFORM={platform} opens no windows"
+    if sys.platform.startswith("linux") and not platform and not (
+            os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "no display (neither DISPLAY nor WAYLAND_DISPLAY is set)"
+    return None
+
+
+def _check_show() -> None:
+    """``--show`` needs a display and napari with a Qt binding: a clear error first."""
+    problem = display_problem()
+    if problem:
+        raise ValueError(f"--show needs a display: {problem}; run without --show and open "
+                         "the written files instead")
+    import importlib.util
+
+    if importlib.util.find_spec("napari") is None:
+        raise ValueError("--show needs napari: pip install 'napari[all]'")
+
+
 def run(args) -> int:
     """Run ``emseg demo``."""
     import numpy as np
 
+    from ._sample_data import SAMPLE_SCALE as voxel
     from ._sample_data import load_sample
     from ._textbar import ProgressBar
     from .io import write_labels, write_volume
     from .metrics import evaluate
     from .models.zoo import load_model
-    from .postprocess import segment
+    from .postprocess import segment, segment_defaults
     from .predict import predict_volume
 
+    if args.show:
+        _check_show()
     out = Path(args.out)
+    for name in OUTPUTS:
+        check_output(out / name, [args.model], args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     image, truth = load_sample()
     model = load_model(args.model)
-    threshold = float(model.meta.get("threshold", 0.5))
+    settings = segment_defaults(model.meta)  # what `emseg segment --model` uses too
     print(f"sample: {image.shape} {image.dtype}; model: {args.model} "
           f"({model.meta.get('description', '')})")
     t0 = time.perf_counter()
     prob = predict_volume(image, model, tta=args.tta, device=args.device,
                           progress=ProgressBar("predict", "tiles"))
     t1 = time.perf_counter()
-    # 3D seeded watershed: on this sample it beats 2D watershed + slice tracking,
-    # which splits objects that graze the crop's faces into short fragments
-    labels = segment(prob, method="watershed", dims=3, threshold=threshold, zfilter=3,
-                     h=4.0, min_size=2000)
+    labels = segment(prob, settings).labels
     t2 = time.perf_counter()
     from scipy import ndimage as ndi
 
     truth_instances = ndi.label(truth > 0)[0].astype(np.uint32)
     scores = evaluate(labels, truth_instances)
-    write_volume(out / "probabilities.tif", prob)
-    write_labels(out / "instances.tif", labels)
+    write_volume(out / "probabilities.tif", prob, voxel_size=voxel)
+    write_labels(out / "instances.tif", labels, voxel_size=voxel)
     overview_png(out / "overview.png", image, prob, labels, truth)
     summary = {"model": args.model, "shape": list(image.shape), "tta": args.tta,
                "predict_seconds": round(t1 - t0, 2), "segment_seconds": round(t2 - t1, 2),

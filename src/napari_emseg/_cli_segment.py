@@ -44,24 +44,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "(--no-track to keep 2D ids); uses --dims, --h, --min-distance, --min-size, "
              "--spacing, --iou, --max-gap, --min-slices",
     )
-    seg.add_argument("--method", choices=["watershed", "components"], default="watershed")
-    seg.add_argument("--dims", type=int, choices=[2, 3], default=2)
+    from .postprocess import SegmentSettings
+
+    d = SegmentSettings()  # the fallback defaults, shown in the help
+
+    def default(value) -> str:
+        return f"default: the --model's setting, else {value}"
+
+    seg.add_argument("--method", choices=["watershed", "components"], default=None,
+                     help=default(d.method))
+    seg.add_argument("--dims", type=int, choices=[2, 3], default=None,
+                     help=default(d.dims) + "; 2 with --track")
     seg.add_argument(
         "--threshold", default=None,
-        help="foreground threshold in [0, 1] or 'otsu' (default: the model's tuned "
-             "threshold with --model, else 0.5)",
+        help="foreground threshold in [0, 1] or 'otsu' (default: the --model's tuned "
+             f"threshold, else {d.threshold})",
     )
-    seg.add_argument(
-        "--zfilter", type=int, default=0, metavar="N", help="median window along z (0 = off)"
-    )
-    seg.add_argument("--zfilter-mode", choices=["z", "yz"], default="z")
-    seg.add_argument("--opening", type=int, default=0, metavar="R", help="opening radius")
-    seg.add_argument("--closing", type=int, default=0, metavar="R", help="closing radius")
-    seg.add_argument("--fill-holes", action="store_true", help="fill holes in the mask")
+    seg.add_argument("--zfilter", type=int, default=None, metavar="N",
+                     help=f"median window along z, 0 = off ({default(d.zfilter)})")
+    seg.add_argument("--zfilter-mode", choices=["z", "yz"], default=None,
+                     help=default(d.zfilter_mode))
+    seg.add_argument("--opening", type=int, default=None, metavar="R",
+                     help=f"opening radius ({default(d.opening)})")
+    seg.add_argument("--closing", type=int, default=None, metavar="R",
+                     help=f"closing radius ({default(d.closing)})")
+    seg.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None,
+                     help=f"fill holes in the mask ({default(d.fill)})")
     seg.add_argument(
         "--min-size", type=int, default=None, metavar="VOXELS",
-        help="remove smaller objects (default 0); with --from-membranes: merge smaller "
-             "fragments into their neighbours (default 50, pixels per section for --dims 2)",
+        help=f"remove objects with fewer voxels, measured on the 3D objects ({default(d.min_size)}); "
+             "with --from-membranes: merge smaller fragments into their neighbours "
+             "(default 50, pixels per section for --dims 2)",
     )
     seg.add_argument(
         "--spacing",
@@ -71,21 +84,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="voxel size, used for 3D distances (default: from the input's metadata, "
         "relative to its finest axis)",
     )
-    seg.add_argument(
-        "--seed-method", choices=["hmaxima", "peaks", "distance"], default="hmaxima"
-    )
+    seg.add_argument("--seed-method", choices=["hmaxima", "peaks", "distance"], default=None,
+                     help=default(d.seed_method))
     seg.add_argument("--h", type=float, default=None,
-                     help="h-maxima height in distance units (default 2; --from-membranes: "
-                          "the engine's default)")
+                     help=f"h-maxima height in distance units ({default(d.h)}; "
+                          "--from-membranes: the engine's default)")
     seg.add_argument("--min-distance", type=float, default=None,
-                     help="peak distance in pixels (default 5; --from-membranes: seeds closer "
-                          "than this are joined, the engine's default)")
+                     help=f"peak distance in pixels ({default(d.min_distance)}; --from-membranes: "
+                          "seeds closer than this are joined, the engine's default)")
     seg.add_argument("--seed-threshold", type=float, default=None, help="distance seed level")
     seg.add_argument("--track", action=argparse.BooleanOptionalAction, default=None,
-                     help="link 2D instances across z (default: off, on with --from-membranes)")
-    seg.add_argument("--iou", type=float, default=0.3, help="tracking IoU threshold (0.3)")
-    seg.add_argument("--max-gap", type=int, default=1, help="slices an object may skip (1)")
-    seg.add_argument("--min-slices", type=int, default=1, help="drop shorter objects (1)")
+                     help="link 2D instances across z (implies --dims 2; default: the --model's "
+                          "setting, else off; on with --from-membranes)")
+    seg.add_argument("--iou", type=float, default=None,
+                     help=f"tracking IoU threshold ({default(d.iou_threshold)})")
+    seg.add_argument("--max-gap", type=int, default=None,
+                     help=f"slices an object may skip ({default(d.max_gap)})")
+    seg.add_argument("--min-slices", type=int, default=None,
+                     help=f"drop objects spanning fewer slices ({default(d.min_slices)})")
     seg.add_argument("--channel", type=int, default=None, help="class channel of a multi-class map")
     seg.add_argument("--device", default=None, help="device for --model (cuda, mps, cpu)")
     seg.add_argument("--quiet", action="store_true", help="no progress output")
@@ -135,20 +151,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def resolve_threshold(args: argparse.Namespace, meta: dict | None = None) -> float | str:
-    """``--threshold``, else the ``--model``'s tuned threshold, else 0.5.
+    """``--threshold``, else the ``--model``'s tuned threshold, else the default.
 
     ``meta``: the loaded model's metadata (else the checkpoint is read for it).
     """
+    from .postprocess import SegmentSettings, segment_defaults
+
     if getattr(args, "threshold", None) is not None:
         return _parse_threshold(args.threshold)
     if getattr(args, "model", None):
         from .models.zoo import model_info
 
-        value = float((meta or model_info(args.model)).get("threshold", 0.5))
+        value = segment_defaults(meta or model_info(args.model)).threshold
         if not getattr(args, "quiet", False):
             print(f"threshold {value:g} (tuned for {args.model})", file=sys.stderr)
         return value
-    return 0.5
+    return SegmentSettings().threshold
 
 
 def _parse_threshold(text: str) -> float | str:
@@ -163,46 +181,46 @@ def _parse_threshold(text: str) -> float | str:
     return value
 
 
-def _as_probabilities(vol, channel: int | None):
-    """A probability volume as float32 in [0, 1] (ZYX), picking a class channel."""
-    import numpy as np
-
-    arr = np.asarray(vol)
-    if arr.ndim == 4:
-        if channel is None:
-            if arr.shape[0] == 1:
-                channel = 0
-            else:
-                raise ValueError(
-                    f"multi-class probabilities of shape {arr.shape}: choose a class with --channel"
-                )
-        if not 0 <= channel < arr.shape[0]:
-            raise ValueError(f"--channel {channel} out of range for {arr.shape[0]} channels")
-        arr = arr[channel]
-    if arr.dtype == np.bool_:
-        return arr.astype(np.float32)
-    if np.issubdtype(arr.dtype, np.integer):
-        top = int(arr.max()) if arr.size else 0
-        if top <= 1:
-            return arr.astype(np.float32)
-        if top <= 255:
-            return arr.astype(np.float32) / np.float32(255.0)
-        raise ValueError(
-            f"integer probability map with values up to {top}: expected 0-1, 0-255 or float"
-        )
-    arr = arr.astype(np.float32, copy=False)
-    if arr.size and (float(np.nanmin(arr)) < -1e-6 or float(np.nanmax(arr)) > 1 + 1e-6):
-        raise ValueError(
-            "probabilities must lie in [0, 1]; is INPUT a raw EM volume? (then add --model)"
-        )
-    return arr
+#: SegmentSettings field -> ``emseg segment`` option (dest)
+_SETTING_OPTIONS = {
+    "method": "method", "dims": "dims", "zfilter": "zfilter", "zfilter_mode": "zfilter_mode",
+    "opening": "opening", "closing": "closing", "fill": "fill_holes", "min_size": "min_size",
+    "seed_method": "seed_method", "min_distance": "min_distance", "h": "h",
+    "seed_threshold": "seed_threshold", "track": "track", "iou_threshold": "iou",
+    "max_gap": "max_gap", "min_slices": "min_slices",
+}
 
 
-def _spacing(args: argparse.Namespace) -> tuple[float, ...] | None:
+def segment_settings(args: argparse.Namespace, meta: dict | None = None):
+    """The model's settings (else the defaults) with the options that were given.
+
+    ``--track`` alone implies ``--dims 2``; ``--dims 3`` alone turns tracking off.
+
+    Returns
+    -------
+    napari_emseg.postprocess.SegmentSettings
+    """
+    from .postprocess import segment_defaults
+
+    given = {field: getattr(args, dest) for field, dest in _SETTING_OPTIONS.items()
+             if getattr(args, dest, None) is not None}
+    if "min_distance" in given:
+        given["min_distance"] = int(given["min_distance"])
+    if given.get("track") and "dims" not in given:
+        given["dims"] = 2
+    if given.get("dims") == 3 and "track" not in given:
+        given["track"] = False
+    if given.get("track") and given.get("dims") != 2:
+        raise ValueError("--track links 2D instances across slices: use it with --dims 2")
+    settings = segment_defaults(meta).updated(**given)
+    return settings.updated(threshold=resolve_threshold(args, meta or {}))
+
+
+def _spacing(args: argparse.Namespace, dims: int) -> tuple[float, ...] | None:
     """--spacing, else the input's voxel size (relative to its finest axis) for 3D."""
     if args.spacing:
         return tuple(args.spacing)
-    if args.dims != 3:
+    if dims != 3:
         return None
     from ._voxel import read_voxel_size, relative_spacing, scale_text
 
@@ -220,54 +238,30 @@ def run_segment(args: argparse.Namespace) -> int:
     """``emseg segment``: probabilities (or raw EM + --model) → instance labels."""
     if args.from_membranes:
         _check_membrane_options(args)
-    if getattr(args, "blockwise", False):
-        from ._cli_blockwise import run_blockwise_segment
-
-        return run_blockwise_segment(args)
-    import numpy as np
-
-    from .io import read_volume, write_labels
-
-    if args.track and args.dims != 2:
-        raise ValueError("--track links 2D instances across slices: use it with --dims 2")
     if not Path(args.input).exists():
         raise FileNotFoundError(f"no such file or folder: {args.input}")
     model = None
-    if args.model:
+    if args.model and not getattr(args, "blockwise", False):
         from .models.zoo import load_model
 
-        model = load_model(args.model)  # read once: threshold and prediction
-    if args.from_membranes:  # a membrane model's tuned threshold is for pixels, not cells
-        threshold = _parse_threshold(args.threshold) if args.threshold is not None else None
-    else:
-        threshold = resolve_threshold(args, model.meta if model is not None else None)
-    t0 = time.perf_counter()
-    volume = read_volume(args.input)
-    if model is not None:
-        from .predict import predict_volume
+        model = load_model(args.model)  # read once: settings and prediction
+    settings = None if args.from_membranes else segment_settings(args, _model_meta(args, model))
+    if getattr(args, "blockwise", False):
+        from ._cli_blockwise import run_blockwise_segment
 
-        print(f"predicting {tuple(volume.shape)} with {args.model} ...", file=sys.stderr)
-        prob = predict_volume(
-            volume,
-            model,
-            device=args.device,
-            progress=progress_bar("predict", "tiles", args.quiet),
-        )
-        if prob.ndim == volume.ndim + 1:
-            # multi-class output (C, ...): first foreground class unless told otherwise
-            ch = 0 if args.channel is None else args.channel
-            if not 0 <= ch < prob.shape[0]:
-                raise ValueError(f"--channel {ch} out of range for {prob.shape[0]} classes")
-            prob = prob[ch]
-        prob = _as_probabilities(prob, None)
-    else:
-        prob = _as_probabilities(volume, args.channel)
+        return run_blockwise_segment(_blockwise_args(args, settings))
+    import numpy as np
+
+    from .io import write_labels
+
+    t0 = time.perf_counter()
+    prob = _read_probabilities(args, model)
     if args.from_membranes:
-        labels = _segment_neurons(args, prob, threshold)
+        labels = _segment_neurons(args, prob)
         noun = "neurites"
     else:
-        labels = _segment_instances(args, prob, threshold)
-        noun = "objects"
+        labels = _segment_instances(args, prob, settings)
+        noun = "2D instances" if settings.dims == 2 and not settings.track else "objects"
     path = write_labels(args.output, labels)
     n = int(labels.max()) if labels.size else 0
     print(
@@ -277,33 +271,83 @@ def run_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_meta(args: argparse.Namespace, model) -> dict | None:
+    """The ``--model``'s metadata (None without a model)."""
+    if model is not None:
+        return model.meta
+    if not args.model:
+        return None
+    from .models.zoo import model_info
+
+    return model_info(args.model)
+
+
+def _read_probabilities(args: argparse.Namespace, model):
+    """INPUT as checked float32 probabilities (ZYX), predicted first with ``--model``."""
+    from .io import read_volume
+    from .postprocess import as_probabilities
+
+    volume = read_volume(args.input)
+    if model is None:
+        try:
+            return as_probabilities(volume, args.channel, name=str(args.input))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (raw EM: add --model)") from None
+    from .predict import predict_volume
+
+    print(f"predicting {tuple(volume.shape)} with {args.model} ...", file=sys.stderr)
+    prob = predict_volume(volume, model, device=args.device,
+                          progress=progress_bar("predict", "tiles", args.quiet))
+    if prob.ndim == volume.ndim + 1 == 3:  # classes of a 2D image: give them a z axis
+        return as_probabilities(prob[:, None], args.channel, name="the prediction")[0]
+    return as_probabilities(prob, args.channel, name="the prediction")
+
+
+def _blockwise_args(args: argparse.Namespace, settings) -> argparse.Namespace:
+    """``args`` with the method, dims, seeds and tracking of ``settings`` filled in."""
+    filled = argparse.Namespace(**vars(args))
+    if settings is not None:
+        for field in ("method", "dims", "seed_method", "min_distance", "h", "seed_threshold",
+                      "track"):
+            dest = _SETTING_OPTIONS[field]
+            if getattr(filled, dest, None) is None:
+                setattr(filled, dest, getattr(settings, field))
+    return filled
+
+
 def _check_membrane_options(args: argparse.Namespace) -> None:
     """Refuse options of the mitochondria path that --from-membranes would ignore."""
     if getattr(args, "blockwise", False):
         raise ValueError("--from-membranes does not run --blockwise")
+    if args.track and args.dims == 3:
+        raise ValueError("--track links 2D sections through z: use it with --dims 2")
     unused = [flag for flag, on in (
-        ("--method components", args.method != "watershed"),
-        ("--zfilter", bool(args.zfilter)), ("--opening", bool(args.opening)),
-        ("--closing", bool(args.closing)), ("--fill-holes", args.fill_holes),
-        ("--seed-method", args.seed_method != "hmaxima"),
+        ("--method components", args.method not in (None, "watershed")),
+        ("--zfilter", bool(args.zfilter)), ("--zfilter-mode", args.zfilter_mode is not None),
+        ("--opening", bool(args.opening)), ("--closing", bool(args.closing)),
+        ("--fill-holes", bool(args.fill_holes)),
+        ("--seed-method", args.seed_method not in (None, "hmaxima")),
         ("--seed-threshold", args.seed_threshold is not None)) if on]
     if unused:
         raise ValueError(f"not used with --from-membranes: {', '.join(unused)}")
 
 
-def _segment_neurons(args: argparse.Namespace, prob, threshold: float | str | None):
+def _segment_neurons(args: argparse.Namespace, prob):
     """``--from-membranes``: :func:`napari_emseg.neurons.segment_neurons` with the given flags."""
     from .neurons import segment_neurons
     from .postprocess import otsu_threshold
 
+    # a membrane model's tuned threshold is for pixels, not cells: only --threshold counts
+    threshold = _parse_threshold(args.threshold) if args.threshold is not None else None
     if threshold == "otsu":
         threshold = otsu_threshold(prob)
+    dims = args.dims or 2
     return segment_neurons(
-        prob, dims=args.dims, spacing=_spacing(args),
-        track=args.track is not False, iou=args.iou, max_gap=args.max_gap,
-        min_slices=args.min_slices, progress=progress_bar("neurons", "", args.quiet),
+        prob, dims=dims, spacing=_spacing(args, dims), track=args.track is not False,
+        progress=progress_bar("neurons", "", args.quiet),
         **_given(threshold=threshold, h=args.h, min_distance=args.min_distance,
-                 min_size=args.min_size),
+                 min_size=args.min_size, iou=args.iou, max_gap=args.max_gap,
+                 min_slices=args.min_slices),
     )
 
 
@@ -312,31 +356,15 @@ def _given(**kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def _segment_instances(args: argparse.Namespace, prob, threshold: float | str):
+def _segment_instances(args: argparse.Namespace, prob, settings):
     """Mitochondria-style instances: :func:`napari_emseg.postprocess.segment`."""
-    from .postprocess import segment
+    from . import postprocess
 
-    return segment(
-        prob,
-        method=args.method,
-        dims=args.dims,
-        threshold=threshold,
-        zfilter=args.zfilter,
-        zfilter_mode=args.zfilter_mode,
-        opening=args.opening,
-        closing=args.closing,
-        fill=args.fill_holes,
-        spacing=_spacing(args),
-        seed_method=args.seed_method,
-        seed_threshold=args.seed_threshold,
-        track=bool(args.track),
-        iou_threshold=args.iou,
-        max_gap=args.max_gap,
-        min_slices=args.min_slices,
+    result = postprocess.segment(
+        prob, settings=settings, spacing=_spacing(args, settings.dims),
         progress=progress_bar("segment", "", args.quiet),
-        **_given(min_size=args.min_size, h=args.h,
-                 min_distance=None if args.min_distance is None else int(args.min_distance)),
     )
+    return result.labels
 
 
 def _fmt(x) -> str:

@@ -30,12 +30,12 @@ from scipy import ndimage as ndi
 
 from ._progress import CancelCheck, ProgressCallback, check_cancel, report
 from .postprocess import (
-    _as_prob,
     _as_zyx,
     _check_dims,
     _sizes,
     _spacing,
     _stage_progress,
+    as_probabilities,
     relabel_sequential,
 )
 
@@ -47,22 +47,7 @@ def _boundary_zyx(boundary_prob) -> tuple[np.ndarray, bool]:
     arr = np.asarray(boundary_prob)
     if arr.ndim not in (2, 3):
         raise ValueError(f"boundary_prob must be 2D (YX) or 3D (ZYX); got shape {arr.shape}")
-    if np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8:
-        raise ValueError(
-            f"boundary_prob has integer dtype {arr.dtype}: that looks like a label image. "
-            "Pass membrane (boundary) probabilities: float in [0, 1], uint8 0-255 or a "
-            "bool membrane mask"
-        )
-    p = _as_prob(arr, "boundary_prob")
-    if p.size:
-        lo, hi = float(np.min(p)), float(np.max(p))
-        if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
-            raise ValueError(
-                f"boundary_prob values span [{lo:g}, {hi:g}], outside [0, 1]: pass membrane "
-                "probabilities, not a label image or raw EM (predict it with a membrane "
-                "model first)"
-            )
-    return _as_zyx(p)
+    return _as_zyx(as_probabilities(arr, name="boundary_prob"))
 
 
 def _ellipsoid(radius: float, sampling: tuple[float, ...]) -> np.ndarray:

@@ -4,7 +4,9 @@ Thresholding (fixed or Otsu), binary opening/closing, hole filling,
 small-object removal (in voxels or physical units), bilateral smoothing,
 z / yz median filtering of probabilities, connected components and a
 distance-transform seeded watershed (2D per slice or 3D with anisotropic
-spacing), plus :func:`segment`, the one call the widget and the CLI use.
+spacing), plus :func:`segment`, the one call the widget and the CLI use,
+with its settings (:class:`SegmentSettings`, model defaults from
+:func:`segment_defaults`) and its input check (:func:`as_probabilities`).
 
 Conventions: arrays are ZYX (a 2D YX array is treated as one slice),
 probabilities are float32 in [0, 1] (``uint8`` 0-255 and ``bool`` are
@@ -22,7 +24,9 @@ at most one seed skip the flood entirely.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import numpy as np
@@ -31,6 +35,9 @@ from scipy import ndimage as ndi
 from ._progress import CancelCheck, ProgressCallback, check_cancel, report
 
 __all__ = [
+    "SegmentSettings",
+    "Segmentation",
+    "as_probabilities",
     "connected_components",
     "fill_holes",
     "open_close",
@@ -39,6 +46,7 @@ __all__ = [
     "remove_small_objects",
     "seeded_watershed",
     "segment",
+    "segment_defaults",
     "smooth_bilateral",
     "threshold",
     "zfilter",
@@ -714,12 +722,223 @@ def _min_split_size(
     return 3.0
 
 
-# aliases: ``segment`` has keyword arguments named like these functions
+# ------------------------------------------------------------ the pipeline
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Parameters of :func:`segment`, the mitochondria workflow.
+
+    The defaults suit mitochondria in ~5 nm EM (tuned on the Lucchi++ sample
+    with the bundled ``mito-2d``: 3D watershed, z-median 5, h 4, objects of
+    at least 2000 voxels).  A model can store its own values in
+    ``meta["segment"]``; :func:`segment_defaults` reads them.
+
+    Attributes
+    ----------
+    method : "watershed" or "components"
+    dims : 2 or 3
+        2: instances per slice (linked into 3D objects with ``track``); 3: in 3D.
+    threshold : float in [0, 1] or "otsu"
+    zfilter : int
+        Median window along z before thresholding (0 or 1 = off).
+    zfilter_mode : "z" or "yz"
+    smooth : bool
+        Bilateral smoothing first (slow).
+    opening, closing : int
+        Radii of the binary opening / closing (0 = off).
+    fill : bool
+        Fill holes of the mask.
+    min_size : int
+        Objects with fewer voxels are removed: 3D objects (``dims=3`` or
+        ``track``), else 2D instances.
+    min_volume : float, optional
+        Same in physical units (voxel count times the product of ``spacing``).
+    seed_method, min_distance, h, seed_threshold
+        See :func:`seeded_watershed`.
+    connectivity : int
+        For ``method="components"`` (see :func:`connected_components`).
+    track : bool
+        ``dims=2`` only: link the 2D instances into 3D objects.
+    iou_threshold, max_gap, min_slices
+        See :func:`napari_emseg.tracking.track_slices`.
+    """
+
+    method: Literal["watershed", "components"] = "watershed"
+    dims: int = 3
+    threshold: float | str = 0.5
+    zfilter: int = 5
+    zfilter_mode: Literal["z", "yz"] = "z"
+    smooth: bool = False
+    opening: int = 0
+    closing: int = 0
+    fill: bool = False
+    min_size: int = 2000
+    min_volume: float | None = None
+    seed_method: SeedMethod = "hmaxima"
+    min_distance: int = 5
+    h: float = 4.0
+    seed_threshold: float | None = None
+    connectivity: int = 1
+    track: bool = False
+    iou_threshold: float = 0.3
+    max_gap: int = 1
+    min_slices: int = 1
+
+    def __post_init__(self) -> None:
+        _check_dims(self.dims)
+        if self.method not in ("watershed", "components"):
+            raise ValueError(f"method must be 'watershed' or 'components'; got {self.method!r}")
+        if self.track and self.dims != 2:
+            raise ValueError("track=True links 2D instances across slices: use it with dims=2")
+        if self.min_size < 0:
+            raise ValueError(f"min_size must be >= 0; got {self.min_size}")
+
+    def updated(self, **changes) -> SegmentSettings:
+        """A copy with ``changes`` applied; unknown names are an error."""
+        unknown = sorted(set(changes) - _SETTING_NAMES)
+        if unknown:
+            raise ValueError(f"unknown segment setting(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(_SETTING_NAMES))}")
+        return replace(self, **changes)
+
+
+_SETTING_NAMES = frozenset(f.name for f in fields(SegmentSettings))
+
+
+def segment_defaults(meta: Mapping | None = None) -> SegmentSettings:
+    """The segmentation settings a model recommends, else the mitochondria defaults.
+
+    Parameters
+    ----------
+    meta : mapping, optional
+        A model's metadata: ``meta["segment"]`` (a dict of
+        :class:`SegmentSettings` fields) and ``meta["threshold"]`` (the tuned
+        foreground threshold, used unless ``meta["segment"]`` names one).
+        Unknown keys in ``meta["segment"]`` are skipped with a warning.
+
+    Returns
+    -------
+    SegmentSettings
+    """
+    meta = meta or {}
+    given = dict(meta.get("segment") or {})
+    unknown = sorted(set(given) - _SETTING_NAMES)
+    if unknown:
+        warnings.warn(f"model metadata 'segment' has unknown keys {unknown}: skipped",
+                      stacklevel=2)
+    given = {k: v for k, v in given.items() if k in _SETTING_NAMES}
+    if "threshold" not in given and meta.get("threshold") is not None:
+        given["threshold"] = float(meta["threshold"])
+    return SegmentSettings(**given)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Result of :func:`segment`.
+
+    Attributes
+    ----------
+    instances : ndarray of uint32, same shape as the input
+        ``dims=2``: 2D instances, ids unique across the stack and increasing
+        with z; ``dims=3``: the 3D objects.
+    objects : ndarray of uint32, same shape as ``instances``, or None
+        The tracked 3D objects (``track=True``), covering exactly the voxels
+        of ``instances``; None without tracking.
+    """
+
+    instances: np.ndarray
+    objects: np.ndarray | None = None
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The final labels: ``objects`` when tracked, else ``instances``."""
+        return self.instances if self.objects is None else self.objects
+
+
+def as_probabilities(data, channel: int | None = None, *, name: str = "prob") -> np.ndarray:
+    """Checked probabilities as float32 in [0, 1], picking a class channel.
+
+    Accepted: float in [0, 1]; ``uint8`` 0-255 (divided by 255); ``bool`` or
+    integer masks holding only 0 and 1 (and ``uint8`` 0/255).  Refused with a
+    message that says what to pass: label images (integers with few distinct
+    values, or any integer type other than ``uint8``), raw EM and other values
+    outside [0, 1].
+
+    Parameters
+    ----------
+    data : array-like, (Y, X), (Z, Y, X) or (C, Z, Y, X)
+    channel : int, optional
+        Class channel of a (C, Z, Y, X) map; needed when C > 1.
+    name : str
+        How errors call the input.
+
+    Returns
+    -------
+    ndarray of float32, (Y, X) or (Z, Y, X); ``data`` itself when it is
+    already float32 (never modified)
+    """
+    arr = _pick_channel(np.asarray(data), channel, name)
+    if np.issubdtype(arr.dtype, np.integer):
+        _check_not_labels(arr, name)
+        if arr.dtype != np.uint8:  # a 0/1 mask
+            arr = arr.astype(np.uint8)
+    p = _as_prob(arr, name)
+    if p.size:
+        lo, hi = float(np.min(p)), float(np.max(p))
+        if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
+            raise ValueError(
+                f"{name} values span [{lo:g}, {hi:g}], outside [0, 1]: pass probabilities "
+                "(e.g. from Predict), not raw EM or a label image"
+            )
+    return p
+
+
+def _pick_channel(arr: np.ndarray, channel: int | None, name: str) -> np.ndarray:
+    """The (Z, Y, X) map of ``channel`` from (C, Z, Y, X); other shapes pass unchanged."""
+    if arr.ndim != 4:
+        if channel not in (None, 0):
+            raise ValueError(f"channel {channel} given but {name} of shape {arr.shape} has "
+                             "no class axis (C, Z, Y, X)")
+        return arr
+    if channel is None:
+        if arr.shape[0] != 1:
+            raise ValueError(f"{name} has {arr.shape[0]} class channels (shape {arr.shape}): "
+                             "choose one with channel")
+        channel = 0
+    if not 0 <= channel < arr.shape[0]:
+        raise ValueError(f"channel {channel} out of range for {arr.shape[0]} class channels")
+    return arr[channel]
+
+
+_LABEL_MAX_IDS = 32  # an integer image with at most this many small values is a label image
+
+
+def _check_not_labels(arr: np.ndarray, name: str) -> None:
+    """Refuse integer arrays that are label images (or raw EM of a wider type)."""
+    if arr.size == 0:
+        return
+    top = int(arr.max())
+    low = int(arr.min())
+    if low >= 0 and top <= 1:
+        return  # a 0/1 mask
+    if arr.dtype == np.uint8:
+        present = np.flatnonzero(_bincount(arr, minlength=256))
+        if present.tolist() == [0, 255] or present.size > _LABEL_MAX_IDS or top >= 128:
+            return  # a 0/255 mask, or 0-255 probabilities
+        what = f"{present.size} distinct values, up to {top}"
+    else:
+        what = f"values {low} to {top}"
+    raise ValueError(
+        f"{name} is an integer image of dtype {arr.dtype} ({what}): that looks like a label "
+        "image, not probabilities; pass probabilities (float in [0, 1] or uint8 0-255, "
+        "e.g. from Predict) or a 0/1 mask"
+    )
+
+
+# aliases: ``SegmentSettings`` has fields named like these functions
 _threshold = threshold
 _zfilter = zfilter
 
 
-# ------------------------------------------------------------ the pipeline
 def _stage_progress(
     progress: ProgressCallback | None, start: int, span: int
 ) -> ProgressCallback | None:
@@ -736,120 +955,120 @@ def _stage_progress(
 
 def segment(
     prob,
+    settings: SegmentSettings | None = None,
     *,
-    method: Literal["watershed", "components"] = "watershed",
-    dims: int = 2,
-    threshold: float | str = 0.5,
-    zfilter: int = 0,
-    zfilter_mode: Literal["z", "yz"] = "z",
-    smooth: bool = False,
-    opening: int = 0,
-    closing: int = 0,
-    fill: bool = False,
-    min_size: int = 0,
-    min_volume: float | None = None,
+    channel: int | None = None,
     spacing: Sequence[float] | None = None,
-    seed_method: SeedMethod = "hmaxima",
-    min_distance: int = 5,
-    h: float = 2.0,
-    seed_threshold: float | None = None,
-    connectivity: int = 1,
-    track: bool = False,
-    iou_threshold: float = 0.3,
-    max_gap: int = 1,
-    min_slices: int = 1,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
-) -> np.ndarray:
-    """Probabilities → instance labels, the whole chain in one call.
+    **changes,
+) -> Segmentation:
+    """Probabilities → instances (and tracked 3D objects), the whole chain in one call.
 
-    Steps: optional bilateral smoothing → z / yz median filter (``zfilter``
-    window, 0 or 1 = off) → threshold → opening / closing / hole filling →
-    seeded watershed or connected components (``dims`` 2 or 3) → optional
-    slice tracking (``track``, dims=2 only: 2D instances linked into 3D
-    objects, see :func:`napari_emseg.tracking.track_slices`) → removal of
-    objects smaller than ``min_size`` voxels or ``min_volume`` physical units
-    → ids renumbered 1..N.
+    Order of operations: bilateral smoothing (``smooth``) → z / yz median
+    filter (``zfilter``) → threshold → opening / closing / hole filling →
+    seeded watershed or connected components (``dims`` 2 or 3) → with
+    ``track``: 2D instances linked into 3D objects (objects shorter than
+    ``min_slices`` dropped) → objects smaller than ``min_size`` voxels (or
+    ``min_volume``) removed, measured on the 3D objects whenever there are
+    any → instances kept only where an object survived → ids renumbered
+    1..N.  Sizes are measured in 3D so that the thin tips of a large object
+    are kept and fragments are judged by their whole extent.
 
     Parameters
     ----------
-    prob : array-like, (Z, Y, X) or (Y, X)
-        float in [0, 1], uint8 0-255 or bool.
-    method : "watershed" or "components"
-    dims : 2 or 3
-    threshold : float or "otsu"
+    prob : array-like, (Z, Y, X), (Y, X) or (C, Z, Y, X)
+        Probabilities, see :func:`as_probabilities` (label images and raw EM
+        are refused).
+    settings : SegmentSettings, optional
+        Default: ``SegmentSettings()`` (the mitochondria defaults).
+    channel : int, optional
+        Class channel of a (C, Z, Y, X) map.
     spacing : sequence of float, optional
         Voxel size (z, y, x): anisotropic 3D distances and ``min_volume``.
-    seed_method, min_distance, h, seed_threshold
-        See :func:`seeded_watershed`.
-    connectivity : int
-        For ``method="components"`` (see :func:`connected_components`).
-    track, iou_threshold, max_gap, min_slices
-        See :func:`napari_emseg.tracking.track_slices`.
     progress, cancel
         Progress is reported on a 0..1000 scale.
+    **changes
+        Fields of :class:`SegmentSettings` replacing those of ``settings``,
+        e.g. ``segment(prob, dims=2, track=True)``.
 
     Returns
     -------
-    ndarray of uint32, same shape as ``prob``
+    Segmentation
+        ``instances`` (uint32, same shape as the chosen map) and ``objects``
+        (uint32, only with ``track``); ``.labels`` is the final result.
     """
-    _check_dims(dims)
-    if method not in ("watershed", "components"):
-        raise ValueError(f"method must be 'watershed' or 'components'; got {method!r}")
-    if track and dims != 2:
-        raise ValueError("track=True links 2D instances across slices: use it with dims=2")
-    p3, squeeze = _prob_zyx(prob)
+    s = (settings or SegmentSettings()).updated(**changes)
     if spacing is not None and len(tuple(spacing)) != 3:
         raise ValueError(f"spacing must be (z, y, x); got {spacing}")
-
+    p = as_probabilities(prob, channel)
+    _check_ndim(p, "prob")
+    p3, squeeze = _as_zyx(p)
     check_cancel(cancel)
-    if smooth:
-        p3 = smooth_bilateral(p3, progress=_stage_progress(progress, 0, 200), cancel=cancel)
-    if zfilter and zfilter > 1:
-        p3 = _zfilter(
-            p3, zfilter, zfilter_mode, progress=_stage_progress(progress, 200, 50), cancel=cancel
-        )
-    check_cancel(cancel)
-    mask = _threshold(p3, threshold)
-    if opening or closing:
-        mask = open_close(mask, opening=opening, closing=closing, dims=dims)
-    if fill:
-        mask = fill_holes(mask, dims=dims)
-    check_cancel(cancel)
+    mask = _foreground(p3, s, progress, cancel)
     report(progress, 300, 1000)
-
-    if method == "components":
-        labels = connected_components(mask, dims=dims, connectivity=connectivity)
-    else:
-        labels = _watershed_mask(
-            mask,
-            dims=dims,
-            sampling=_spacing(spacing, dims),
-            seed_method=seed_method,
-            min_distance=min_distance,
-            h=h,
-            seed_threshold=seed_threshold,
-            boundary=None,
-            progress=_stage_progress(progress, 300, 400 if track else 600),
-            cancel=cancel,
-        )
-    if track:
+    instances = _instances(mask, s, spacing, _stage_progress(progress, 300, 400), cancel)
+    objects = None
+    if s.track:
         from .tracking import track_slices
 
-        labels = track_slices(
-            labels,
-            iou_threshold=iou_threshold,
-            max_gap=max_gap,
-            min_slices=min_slices,
-            progress=_stage_progress(progress, 700, 200),
-            cancel=cancel,
-        )
+        objects = track_slices(instances, iou_threshold=s.iou_threshold, max_gap=s.max_gap,
+                               min_slices=s.min_slices, cancel=cancel,
+                               progress=_stage_progress(progress, 700, 200))
     check_cancel(cancel)
-    if min_size:
-        labels = remove_small_objects(labels, min_size)
-    if min_volume:
-        sp = tuple(spacing) if spacing is not None else (1.0, 1.0, 1.0)
-        labels = remove_small_objects(labels, min_volume, spacing=sp)
-    labels = relabel_sequential(labels)
+    kept = _drop_small(instances if objects is None else objects, s, spacing)
+    if objects is not None:
+        objects = relabel_sequential(kept)
+        instances = relabel_sequential(np.where(objects > 0, instances, 0))
+    else:
+        instances = relabel_sequential(kept)
     report(progress, 1000, 1000)
-    return labels[0] if squeeze else labels
+    if squeeze:
+        return Segmentation(instances[0], None if objects is None else objects[0])
+    return Segmentation(instances, objects)
+
+
+def _foreground(
+    p3: np.ndarray, s: SegmentSettings, progress: ProgressCallback | None,
+    cancel: CancelCheck | None,
+) -> np.ndarray:
+    """Smoothing, z-filter, threshold and morphology: the bool mask (Z, Y, X)."""
+    if s.smooth:
+        p3 = smooth_bilateral(p3, progress=_stage_progress(progress, 0, 200), cancel=cancel)
+    if s.zfilter and s.zfilter > 1 and p3.shape[0] > 1:
+        p3 = _zfilter(p3, s.zfilter, s.zfilter_mode,
+                      progress=_stage_progress(progress, 200, 50), cancel=cancel)
+    check_cancel(cancel)
+    mask = _threshold(p3, s.threshold)
+    if s.opening or s.closing:
+        mask = open_close(mask, opening=s.opening, closing=s.closing, dims=s.dims)
+    if s.fill:
+        mask = fill_holes(mask, dims=s.dims)
+    check_cancel(cancel)
+    return mask
+
+
+def _instances(
+    mask: np.ndarray, s: SegmentSettings, spacing: Sequence[float] | None,
+    progress: ProgressCallback | None, cancel: CancelCheck | None,
+) -> np.ndarray:
+    """Watershed or connected components of the mask (Z, Y, X), uint32."""
+    if s.method == "components":
+        return connected_components(mask, dims=s.dims, connectivity=s.connectivity)
+    return _watershed_mask(
+        mask, dims=s.dims, sampling=_spacing(spacing, s.dims), seed_method=s.seed_method,
+        min_distance=s.min_distance, h=s.h, seed_threshold=s.seed_threshold, boundary=None,
+        progress=progress, cancel=cancel,
+    )
+
+
+def _drop_small(
+    labels: np.ndarray, s: SegmentSettings, spacing: Sequence[float] | None
+) -> np.ndarray:
+    """``labels`` without objects under ``min_size`` voxels or ``min_volume`` units."""
+    if s.min_size:
+        labels = remove_small_objects(labels, s.min_size)
+    if s.min_volume:
+        sp = tuple(spacing) if spacing is not None else (1.0, 1.0, 1.0)
+        labels = remove_small_objects(labels, s.min_volume, spacing=sp)
+    return labels

@@ -1,11 +1,18 @@
 """Segment dock widget: probabilities → "<image> instances" / "<image> objects 3D".
 
-With a "from membranes" method the input is a membrane (boundary) map and the
-output is ``"<image> neurites"``, from :func:`napari_emseg.neurons.segment_neurons`.
+One call of :func:`napari_emseg.postprocess.segment` with the
+:class:`~napari_emseg.postprocess.SegmentSettings` the widgets show, as
+``emseg segment`` makes it; the values start at the engine's defaults and take
+the predicting model's settings (layer metadata written by Predict).  Only
+float image layers are offered: the raw EM image and label layers are not
+probabilities.  With a "from membranes" method the input is a membrane
+(boundary) map and the output is ``"<image> neurites"``, from
+:func:`napari_emseg.neurons.segment_neurons`.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,8 +25,9 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
-from napari.layers import Image, Labels
+from napari.layers import Image, Labels, Layer
 
+from ..postprocess import SegmentSettings, segment_defaults
 from . import _common
 from ._common import CancellableJobOwner, Job, base_name, layer_array, layer_picker
 
@@ -37,6 +45,11 @@ METHODS = (
 SEED_METHODS = ("hmaxima", "peaks", "distance")
 #: the widgets whose values differ between the two pipelines (swapped on a method change)
 _SWAPPED = ("threshold", "h", "min_distance", "min_size")
+#: layer metadata key: the predicting model's ``meta["segment"]`` (Predict → Segment)
+SEGMENT_KEY = "emseg_segment"
+#: SegmentSettings fields shown by a widget of the same name
+_SHOWN = ("zfilter", "zfilter_mode", "seed_method", "min_distance", "h", "min_size",
+          "iou_threshold", "max_gap", "min_slices", "track")
 
 
 def _neuron_defaults() -> dict:
@@ -49,9 +62,37 @@ def _neuron_defaults() -> dict:
     return {name: params[name].default for name in _SWAPPED}
 
 
+def is_probability_layer(layer) -> bool:
+    """Whether ``layer`` can hold probabilities: a float, single-channel Image layer."""
+    return (isinstance(layer, Image) and not layer.rgb
+            and np.issubdtype(layer_array(layer).dtype, np.floating))
+
+
+def _probability_choices(viewer) -> Any:
+    """Choices callable of the picker: the viewer's probability layers."""
+    ref = weakref.ref(viewer)
+
+    def choices(_widget=None) -> list[tuple[str, Layer]]:
+        v = ref()
+        return [] if v is None else [(lay.name, lay) for lay in v.layers
+                                     if is_probability_layer(lay)]
+
+    return choices
+
+
+def model_meta(layer: Image | None) -> dict | None:
+    """The predicting model's settings stored on ``layer`` by Predict, as model metadata."""
+    if layer is None:
+        return None
+    meta = {"threshold": layer.metadata.get(_common.THRESHOLD_KEY),
+            "segment": layer.metadata.get(SEGMENT_KEY)}
+    return meta if any(v is not None for v in meta.values()) else None
+
+
 def _check_probabilities(layer: Image | None) -> str | None:
     if layer is None:
-        return "no probabilities layer: run Predict first (or add an Image layer in [0, 1])"
+        return ("no probabilities layer: run Predict first (Segment reads float "
+                "probabilities in [0, 1], not the raw EM image or a Labels layer)")
     data = layer_array(layer)
     if layer.rgb or data.ndim not in (2, 3):
         return (f"layer {layer.name!r} has shape {tuple(data.shape)}; segmentation needs "
@@ -65,7 +106,8 @@ class SegmentWidget(CancellableJobOwner, Container):
     Writes Labels ``"<image> instances"`` (and ``"<image> objects 3D"`` with
     tracking on, ids consistent across z); a "from membranes" method reads a
     membrane map and writes ``"<image> neurites"`` (tracked inside the engine).
-    "Preview slice" runs on the slice shown and writes ``"<image> preview"``.
+    "Preview slice" shows the 2D instances of the slice shown (before tracking
+    and the 3D size filter) in ``"<image> preview"``.
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -73,25 +115,34 @@ class SegmentWidget(CancellableJobOwner, Container):
         self._viewer = napari_viewer
         self.job: Job | None = None
         self._preview_z: int | None = None
+        d = SegmentSettings()
+        self._base = d  # settings without a widget (opening, closing, ...) come from here
 
         self.reason = _common.reason_label()
         self.probabilities = layer_picker(napari_viewer, Image, "probabilities",
-                                          "Output of Predict (values in [0, 1])")
-        self.threshold = FloatSpinBox(label="threshold", value=0.5, min=0.0, max=1.0, step=0.05)
+                                          "Output of Predict (float values in [0, 1])")
+        self.probabilities.choices = _probability_choices(napari_viewer)
+        self.threshold = FloatSpinBox(label="threshold", value=float(d.threshold), min=0.0,
+                                      max=1.0, step=0.05)
         self.otsu = CheckBox(text="Otsu threshold instead", value=False)
-        self.zfilter = SpinBox(label="z-filter (0 = off)", value=0, min=0, max=15, step=1,
-                               tooltip="Median filter window along z before thresholding")
-        self.zfilter_mode = ComboBox(label="z-filter along", choices=["z", "yz"], value="z")
-        self.method = ComboBox(label="method", choices=list(METHODS), value=("watershed", 2))
-        self.seed_method = ComboBox(label="seeds", choices=list(SEED_METHODS), value="hmaxima")
-        self.min_distance = SpinBox(label="seed min distance", value=5, min=1, max=100)
-        self.h = FloatSpinBox(label="seed h", value=2.0, min=0.0, max=50.0, step=0.5)
+        self.zfilter = SpinBox(label="z-filter (0 = off)", value=d.zfilter, min=0, max=15,
+                               step=1, tooltip="Median filter window along z before thresholding")
+        self.zfilter_mode = ComboBox(label="z-filter along", choices=["z", "yz"],
+                                     value=d.zfilter_mode)
+        self.method = ComboBox(label="method", choices=list(METHODS), value=(d.method, d.dims))
+        self.seed_method = ComboBox(label="seeds", choices=list(SEED_METHODS),
+                                    value=d.seed_method)
+        self.min_distance = SpinBox(label="seed min distance", value=d.min_distance, min=1,
+                                    max=100)
+        self.h = FloatSpinBox(label="seed h", value=d.h, min=0.0, max=50.0, step=0.5)
         self.track = CheckBox(text="track slices into 3D objects", value=True)
-        self.iou_threshold = FloatSpinBox(label="tracking IoU", value=0.3, min=0.0, max=1.0,
-                                          step=0.05)
-        self.max_gap = SpinBox(label="max gap (slices)", value=1, min=1, max=10)
-        self.min_slices = SpinBox(label="min slices", value=1, min=1, max=1000)
-        self.min_size = SpinBox(label="min size (voxels)", value=0, min=0, max=10**9, step=10)
+        self.iou_threshold = FloatSpinBox(label="tracking IoU", value=d.iou_threshold, min=0.0,
+                                          max=1.0, step=0.05)
+        self.max_gap = SpinBox(label="max gap (slices)", value=d.max_gap, min=0, max=10)
+        self.min_slices = SpinBox(label="min slices", value=d.min_slices, min=1, max=1000)
+        self.min_size = SpinBox(label="min size (voxels)", value=d.min_size, min=0, max=10**9,
+                                step=100, tooltip="Objects with fewer voxels are removed, "
+                                "measured on the 3D objects (2D instances without tracking)")
         self.run_button = PushButton(text="Segment")
         self.preview_button = PushButton(text="Preview slice")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -110,15 +161,15 @@ class SegmentWidget(CancellableJobOwner, Container):
         for widget in (self.probabilities, self.method, self.track, self.otsu):
             widget.changed.connect(self._update_state)
         self._watched = None  # the probabilities layer whose data events we follow
-        self._adopted: tuple[int, float] | None = None
+        self._adopted: tuple[int, str] | None = None
         self._other_values = _neuron_defaults()  # of the pipeline not shown
         self._membranes = False
         self.method.changed.connect(self._swap_values)
-        self.probabilities.changed.connect(self._adopt_threshold)
+        self.probabilities.changed.connect(self._adopt_model_settings)
         _common.watch_layers(napari_viewer, self._layers_changed)
         self._select_probabilities()
         self._update_state()
-        self._adopt_threshold()
+        self._adopt_model_settings()
 
     # -- state
     def _layers_changed(self) -> None:
@@ -126,26 +177,46 @@ class SegmentWidget(CancellableJobOwner, Container):
         self._select_probabilities()
         self._update_state()
 
-    def _adopt_threshold(self, _value=None) -> None:
-        """Take the threshold the predicting model was tuned to, once per new prediction.
+    def _adopt_model_settings(self, _value=None) -> None:
+        """Take the settings of the model that predicted the layer, once per new prediction.
 
-        Predict stores it in the layer's metadata; a value typed here stays until
-        a different layer or a model with another threshold comes along.
+        Predict stores them in the layer's metadata; values typed here stay until
+        a different layer or a model with other settings comes along.
         """
         layer = self.probabilities.value
         if layer is not self._watched:
             if self._watched is not None:
-                self._watched.events.data.disconnect(self._adopt_threshold)
+                self._watched.events.data.disconnect(self._adopt_model_settings)
             if layer is not None:
-                layer.events.data.connect(self._adopt_threshold)
+                layer.events.data.connect(self._adopt_model_settings)
             self._watched = layer
-        tuned = None if layer is None else layer.metadata.get(_common.THRESHOLD_KEY)
-        if tuned is not None and self._adopted != (id(layer), tuned):
-            self._adopted = (id(layer), tuned)
-            if self._membranes:  # a pixel threshold: it belongs to the instances pipeline
-                self._other_values["threshold"] = round(float(tuned), 2)
+        meta = model_meta(layer)
+        if meta is None or self._adopted == (id(layer), repr(meta)):
+            return
+        self._adopted = (id(layer), repr(meta))
+        tuned = segment_defaults(meta)
+        named = set(meta["segment"] or {})
+        if meta["threshold"] is not None:
+            named.add("threshold")
+        self._base = tuned
+        self.show_settings(tuned, named)
+
+    def show_settings(self, settings: SegmentSettings, names: set[str]) -> None:
+        """Show the fields ``names`` of ``settings`` in the widgets (membranes values aside)."""
+        for name in names & {"threshold", *_SHOWN}:
+            value = getattr(settings, name)
+            if name == "threshold":
+                self.otsu.value = value == "otsu"
+                if value == "otsu":
+                    continue
+                value = round(float(value), 2)
+            if self._membranes and name in _SWAPPED:  # they belong to the instances pipeline
+                self._other_values[name] = value
             else:
-                self.threshold.value = round(float(tuned), 2)
+                widget = getattr(self, name)
+                widget.value = type(widget.value)(value)
+        if names & {"method", "dims"} and not self._membranes:
+            self.method.value = (settings.method, settings.dims)
 
     def _select_probabilities(self) -> None:
         """Prefer a layer named "... probabilities" when the choice is not one."""
@@ -186,21 +257,19 @@ class SegmentWidget(CancellableJobOwner, Container):
         self.run_button.enabled = ready
         self.preview_button.enabled = ready
 
-    def parameters(self) -> dict:
-        """Keyword arguments for :func:`napari_emseg.postprocess.segment` (no tracking)."""
+    def parameters(self) -> SegmentSettings:
+        """The settings shown, for :func:`napari_emseg.postprocess.segment`."""
         method, dims = self.method.value
-        params = {
-            "method": method,
-            "dims": dims,
-            "threshold": "otsu" if self.otsu.value else float(self.threshold.value),
-            "zfilter": int(self.zfilter.value),
-            "zfilter_mode": self.zfilter_mode.value,
-            "min_size": int(self.min_size.value),
-        }
-        if method == "watershed":
-            params.update(seed_method=self.seed_method.value,
-                          min_distance=int(self.min_distance.value), h=float(self.h.value))
-        return params
+        return self._base.updated(
+            method=method, dims=dims,
+            threshold="otsu" if self.otsu.value else float(self.threshold.value),
+            zfilter=int(self.zfilter.value), zfilter_mode=self.zfilter_mode.value,
+            seed_method=self.seed_method.value, min_distance=int(self.min_distance.value),
+            h=float(self.h.value), min_size=int(self.min_size.value),
+            track=dims == 2 and bool(self.track.value),
+            iou_threshold=float(self.iou_threshold.value), max_gap=int(self.max_gap.value),
+            min_slices=int(self.min_slices.value),
+        )
 
     def neuron_parameters(self) -> dict:
         """Keyword arguments for :func:`napari_emseg.neurons.segment_neurons`."""
@@ -209,13 +278,6 @@ class SegmentWidget(CancellableJobOwner, Container):
                 "min_size": int(self.min_size.value), "track": bool(self.track.value),
                 "iou": float(self.iou_threshold.value), "max_gap": int(self.max_gap.value),
                 "min_slices": int(self.min_slices.value)}
-
-    def tracking_parameters(self) -> dict | None:
-        """Keyword arguments for ``track_slices``, or None when tracking is off."""
-        if self.method.value[1] != 2 or not self.track.value:
-            return None
-        return {"iou_threshold": float(self.iou_threshold.value),
-                "max_gap": int(self.max_gap.value), "min_slices": int(self.min_slices.value)}
 
     # -- actions
     def _chosen_probabilities(self) -> tuple[Image, Any] | None:
@@ -247,38 +309,27 @@ class SegmentWidget(CancellableJobOwner, Container):
         layer, prob = chosen
         if self.method.value[0] == "membranes":
             return self._run_neurons(layer, prob)
-        params = self.parameters()
-        if params["dims"] == 3 and prob.ndim == 3 and len(set(layer.scale[-3:])) > 1:
-            from .._voxel import relative_spacing
-
-            params["spacing"] = relative_spacing(layer.scale[-3:])  # anisotropic voxels
-        tracking = self.tracking_parameters() if prob.ndim == 3 else None
+        settings = self.parameters()
+        if prob.ndim != 3:
+            settings = settings.updated(track=False)
+        spacing = _spacing(layer, prob) if settings.dims == 3 else None
         name = base_name(layer.name)
         viewer = self._viewer
 
         def work(progress, cancel, _log):
-            from ..postprocess import segment
-            from ..tracking import track_slices
+            from .. import postprocess
 
-            stage = (lambda d, t: progress(d * 7 // 10, t)) if tracking else progress
-            labels = segment(prob, **params, progress=stage, cancel=cancel)
-            objects = None
-            if tracking:
-                objects = track_slices(
-                    labels, **tracking, cancel=cancel,
-                    progress=lambda d, t: progress(700 + 300 * d // max(t, 1), 1000))
-            return labels, objects
+            return postprocess.segment(prob, settings, spacing=spacing, progress=progress,
+                                       cancel=cancel)
 
         def show(result) -> None:
-            labels, objects = result
-            _common.set_layer(viewer, f"{name} instances", labels, "labels", source=layer)
-            if objects is not None:
-                _common.set_layer(viewer, f"{name} objects 3D", objects, "labels",
+            _common.set_layer(viewer, f"{name} instances", result.instances, "labels",
+                              source=layer)
+            msg = f"{int(result.instances.max())} instances"
+            if result.objects is not None:
+                _common.set_layer(viewer, f"{name} objects 3D", result.objects, "labels",
                                   source=layer)
-            n = int(labels.max())
-            msg = f"{n} instances"
-            if objects is not None:
-                msg += f", {int(objects.max())} 3D objects"
+                msg += f", {int(result.objects.max())} 3D objects"
             self.status.value = msg
 
         return self._start(work, show, f"Segment {layer.name!r}")
@@ -286,10 +337,8 @@ class SegmentWidget(CancellableJobOwner, Container):
     def _run_neurons(self, layer: Image, prob) -> Job | None:
         """Neurites from the membrane map: one call of the engine, into ``"<image> neurites"``."""
         params = self.neuron_parameters()
-        if params["dims"] == 3 and prob.ndim == 3 and len(set(layer.scale[-3:])) > 1:
-            from .._voxel import relative_spacing
-
-            params["spacing"] = relative_spacing(layer.scale[-3:])  # anisotropic voxels
+        if params["dims"] == 3:
+            params["spacing"] = _spacing(layer, prob)
         name = f"{base_name(layer.name)} neurites"
         viewer = self._viewer
 
@@ -312,17 +361,25 @@ class SegmentWidget(CancellableJobOwner, Container):
         layer, prob = chosen
         z = _common.current_index(self._viewer, layer) if prob.ndim == 3 else None
         membranes = self.method.value[0] == "membranes"
-        params = {**(self.neuron_parameters() if membranes else self.parameters()), "dims": 2}
+        if membranes:
+            neuron_params = {**self.neuron_parameters(), "dims": 2}
+        else:  # the 2D instances, before tracking and the 3D size filter
+            settings = self.parameters().updated(dims=2, track=False, min_size=0,
+                                                 min_volume=None)
         name = f"{base_name(layer.name)} preview"
         viewer = self._viewer
 
         def work(progress, cancel, _log):
+            from .. import postprocess
             from ..neurons import segment_neurons
-            from ..postprocess import segment
 
-            plane = np.asarray(prob[z] if z is not None else prob)
-            run = segment_neurons if membranes else segment
-            return run(plane, **params, progress=progress, cancel=cancel)
+            if membranes:
+                plane = np.asarray(prob[z] if z is not None else prob)
+                return segment_neurons(plane, **neuron_params, progress=progress, cancel=cancel)
+            slab, k = _slab(prob, z, settings.zfilter)
+            labels = postprocess.segment(slab, settings, progress=progress,
+                                         cancel=cancel).instances
+            return labels if k is None else postprocess.relabel_sequential(labels[k])
 
         def show(labels: np.ndarray) -> None:
             if z is None:
@@ -340,8 +397,31 @@ class SegmentWidget(CancellableJobOwner, Container):
                     volume[z] = labels
                     _common.set_layer(viewer, name, volume, "labels", source=layer)
                 self._preview_z = z
-            self.status.value = f"preview: {int(labels.max())} instances" + (
-                f" on slice {z}" if z is not None else "")
+            where = f" on slice {z}" if z is not None else ""
+            before = "" if membranes else " (before tracking and the size filter)"
+            self.status.value = f"preview: {int(labels.max())} instances{where}{before}"
 
         where = f" slice {z}" if z is not None else ""
         return self._start(work, show, f"Preview {layer.name!r}{where}")
+
+
+def _spacing(layer: Image, prob) -> tuple[float, ...] | None:
+    """The layer's voxel size relative to its finest axis, when anisotropic (else None)."""
+    from .._voxel import relative_spacing
+
+    scale = tuple(layer.scale[-3:])
+    if prob.ndim != 3 or len(set(scale)) == 1:
+        return None
+    return relative_spacing(scale)
+
+
+def _slab(prob, z: int | None, zfilter: int) -> tuple[np.ndarray, int | None]:
+    """The slices a z-filter of window ``zfilter`` needs around ``z``, and z's index in them.
+
+    The filter's result on slice ``z`` of the slab equals its result on the volume.
+    """
+    if z is None:
+        return np.asarray(prob), None
+    r = max(int(zfilter), 1) // 2
+    lo, hi = max(z - r, 0), min(z + r + 1, prob.shape[0])
+    return np.asarray(prob[lo:hi]), z - lo
