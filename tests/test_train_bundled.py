@@ -125,7 +125,7 @@ def test_seed_reaches_the_training_config(tb, monkeypatch, tmp_path):
                                         history=[], steps=0, seconds=0.0)
 
     small = np.zeros((2, 64, 64), np.uint8)
-    monkeypatch.setattr(tb, "split", lambda name: (small, small, small, small, 2))
+    monkeypatch.setattr(tb, "split", lambda name: ([small], [small], [small], [small], [2]))
     monkeypatch.setattr(tb, "run_dir", lambda name: tmp_path / name)
     monkeypatch.setattr(train_module, "fit", fake_fit)
     tb.main(["membrane-2d", "--minutes", "1", "--seed", "3"])

@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ import numpy as np
 from ._augment import augment, crop_reflect, sample_patch
 from ._normalize import normalization_range
 from ._progress import CancelCheck, Cancelled, ProgressCallback, check_cancel, report
+
+#: ``preview(model, seconds)``: called while training, the model in eval mode.
+PreviewCallback = Callable[[Any, float], None]
 
 DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
 # Peak LR for fine-tuning a trained model from strokes; larger Adam steps undo
@@ -43,6 +47,24 @@ CALIBRATION_THRESHOLDS = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2))
 MIN_CALIBRATION_VOXELS = 20  # of each class, to choose a threshold after fine-tuning
 # Largest default patch when fine-tuning a 3D model: a step stays ~2 s on 2 CPU cores.
 FINE_TUNE_PATCH_3D = (8, 128, 128)
+# Training from scratch (fit): peak LR and batch when the config leaves them "auto".
+FIT_LR = 2e-3
+FIT_BATCH = 8
+# Fine-tuning stops after this many minutes (or earlier, see FINE_TUNE_EARLY_STOP).
+FINE_TUNE_MINUTES = 2.0
+# ... or when the smoothed loss on the painted voxels has not improved for this many steps.
+FINE_TUNE_EARLY_STOP = 60
+FINE_TUNE_MAX_STEPS = 5000
+# The gap rule (choose_recipe): a model that scores at least this foreground IoU on
+# the painted voxels before training is "near" the user's data (gentle recipe);
+# below it the data is "far" (AdaBN first, larger LR, small patches on the strokes).
+NEAR_IOU = 0.5
+FAR_LR = 5e-4
+FAR_PATCH_2D = (128, 128)
+FAR_BATCH_2D = 8
+# Held-out strokes must confirm a threshold other than 0.5 by this much IoU.
+THRESHOLD_MARGIN = 0.01
+HALF_TILE = 48  # px: the squares that split painted voxels into two halves
 
 
 @dataclass
@@ -60,10 +82,12 @@ class TrainConfig:
     pool_z: bool = True  # 3D: False pools only in y/x (see UNet)
     first_kernel_z: int = 0  # 3D: z extent of the first convolution (see UNet)
     patch: tuple[int, ...] | None = None
-    batch_size: int = 8
+    batch_size: int | None = None  # None = auto (FIT_BATCH, or the fine-tuning recipe's)
     steps: int = 500
     minutes: float | None = None
-    lr: float = 2e-3
+    lr: float | None = None  # None = auto (FIT_LR, or the fine-tuning recipe's)
+    early_stop: int = 0  # stop when the smoothed loss has not improved for this many steps
+    preview_every: float = 15.0  # seconds between calls of the ``preview`` callback
     weight_decay: float = 1e-4
     warmup: int = 50
     loss: str = "bce_dice"
@@ -74,7 +98,7 @@ class TrainConfig:
     val_slices: int = 8
     seed: int = 0
     device: str | None = None
-    amp: bool = True
+    amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16
     threads: int | None = None
     freeze_norm: bool = False  # keep BatchNorm statistics fixed while training
     train_layers: str = "all"  # "decoder": keep the encoder fixed (fine-tuning)
@@ -364,6 +388,27 @@ def pick_device(device: str | None = None) -> str:
     return "cpu"
 
 
+def cpu_bf16_faster(device: str) -> bool:
+    """True on a CPU with native bfloat16 (AVX-512 BF16 / AMX), where bf16 autocast with
+    channels-last tensors trains the U-Nets about 2.5× faster than float32 (2 cores,
+    benchmarks/bench_adapt.py); False elsewhere (emulated bf16 is slower)."""
+    if not device.startswith("cpu"):
+        return False
+    import torch
+
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    return native and "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
+def _memory_format(dims: int):
+    import torch
+
+    return torch.channels_last if dims == 2 else torch.channels_last_3d
+
+
 def _lr_factor(progress: float, step: int, warmup: int) -> float:
     warm = min(1.0, (step + 1) / max(1, warmup))
     return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -437,7 +482,8 @@ def _make_model(config: TrainConfig, out_channels: int, model=None):
 
 def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, sparse: bool,
                 checkpoint: str | os.PathLike | None, meta: dict, progress, cancel,
-                on_log, resume: bool, save_state: bool = True) -> TrainResult:
+                on_log, resume: bool, save_state: bool = True,
+                preview: PreviewCallback | None = None) -> TrainResult:
     import torch
 
     device = pick_device(config.device)
@@ -464,12 +510,17 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
     sampler.rng = np.random.default_rng(config.seed + step)
     stop = threading.Event()
     batches = _prefetch(sampler, stop)
-    use_amp = config.amp and device == "cuda"
+    use_amp = config.amp and (device == "cuda" or cpu_bf16_faster(device))
+    layout = _memory_format(model.config["dims"]) if use_amp and device == "cpu" else None
+    if layout is not None:
+        model.to(memory_format=layout)
     t0 = time.perf_counter() - elapsed0
     total = config.steps
     budget = config.minutes * 60 if config.minutes else None
     losses: list[float] = []
     cancelled = False
+    stopper = _EarlyStop(config.early_stop, config.warmup)
+    show = _Preview(preview, config.preview_every, model, config.freeze_norm)
 
     def save_best(iou: float) -> None:
         nonlocal best
@@ -489,9 +540,10 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
     try:
         while step < total:
             elapsed = time.perf_counter() - t0
-            if budget and elapsed >= budget:
+            if budget and elapsed >= budget or stopper.stopped:
                 break
             check_cancel(cancel)
+            show(elapsed)
             frac = max(step / total, elapsed / budget if budget else 0.0)
             for g in optim.param_groups:
                 g["lr"] = config.lr * _lr_factor(frac, step, config.warmup)
@@ -499,16 +551,20 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
             if isinstance(item, Exception):
                 raise item
             xb = torch.from_numpy(item[0]).to(device, non_blocking=True)
+            if layout is not None:
+                xb = xb.contiguous(memory_format=layout)
             tb = torch.from_numpy(item[1]).to(device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_amp):
                 loss = masked_loss(model(xb), tb, config.loss)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
             losses.append(float(loss.detach()))
+            stopper.update(losses[-1])
             step += 1
             report(progress, step, total)
-            last = step == total or (budget and time.perf_counter() - t0 >= budget)
+            last = (step == total or stopper.stopped
+                    or (budget and time.perf_counter() - t0 >= budget))
             if step % config.val_every == 0 or last:
                 iou = validate(model, val_crops, device, config.freeze_norm)
                 rec = {"step": step, "seconds": round(time.perf_counter() - t0, 1),
@@ -530,6 +586,8 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
         cancelled = True
     finally:
         stop.set()
+        if layout is not None:
+            model.to(memory_format=torch.contiguous_format)
     if best < 0 or (cancelled and ckpt_path and not ckpt_path.exists()):
         save_best(validate(model, val_crops, device, config.freeze_norm))
     if ckpt_path and history:
@@ -540,6 +598,51 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
     model.meta = {**getattr(model, "meta", {}), **meta}
     return TrainResult(model=model, checkpoint=ckpt_path, best_iou=best, history=history,
                        steps=step, seconds=time.perf_counter() - t0, cancelled=cancelled)
+
+
+class _EarlyStop:
+    """Stops a run when the smoothed loss has not improved by 1 % for ``patience`` steps."""
+
+    def __init__(self, patience: int, warmup: int, smoothing: float = 0.1):
+        self.patience, self.warmup, self.smoothing = patience, warmup, smoothing
+        self.ema: float | None = None
+        self.best = math.inf
+        self.steps = self.since_best = 0
+        self.stopped = False
+
+    def update(self, loss: float) -> None:
+        """Record one step's loss."""
+        self.steps += 1
+        if not math.isfinite(loss):
+            return
+        a = self.smoothing
+        self.ema = loss if self.ema is None else (1 - a) * self.ema + a * loss
+        if self.ema < self.best * 0.99:
+            self.best, self.since_best = self.ema, 0
+        else:
+            self.since_best += 1
+        self.stopped = bool(self.patience) and self.steps > self.warmup + self.patience \
+            and self.since_best >= self.patience
+
+
+class _Preview:
+    """Calls ``preview(model, seconds)`` at once, then every ``every`` seconds, in eval mode."""
+
+    def __init__(self, callback: PreviewCallback | None, every: float, model,
+                 freeze_norm: bool):
+        self.callback, self.every, self.model = callback, max(0.0, every), model
+        self.freeze_norm = freeze_norm
+        self.next = 0.0
+
+    def __call__(self, elapsed: float) -> None:
+        if self.callback is None or elapsed < self.next:
+            return
+        self.next = elapsed + self.every
+        self.model.eval()
+        try:
+            self.callback(self.model, elapsed)
+        finally:
+            set_train_mode(self.model, self.freeze_norm)
 
 
 def _device_name(device: str) -> str:
@@ -601,7 +704,7 @@ def fit(
     progress, cancel, on_log : callbacks ``(step, total)``, ``() -> bool`` and
         ``(record: dict)`` at each validation.
     """
-    config = config or TrainConfig()
+    config = _with_auto(config or TrainConfig(), FIT_LR, FIT_BATCH)
     images, labels = _as_list(images), _as_list(labels)
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} label volumes")
@@ -632,6 +735,12 @@ def fit(
                        cancel=cancel, on_log=on_log, resume=resume)
 
 
+def _with_auto(config: TrainConfig, lr: float, batch_size: int) -> TrainConfig:
+    """``config`` with its "auto" (None or 0) lr and batch size set to these."""
+    return TrainConfig(**{**asdict(config), "lr": config.lr or lr,
+                          "batch_size": config.batch_size or batch_size})
+
+
 def _warm_start(model, init) -> None:
     """Copy the weights of ``init`` into ``model`` (clear error on a mismatch)."""
     from .models.zoo import CheckpointError, load_model
@@ -652,9 +761,11 @@ def fine_tune(
     config: TrainConfig | None = None,
     *,
     checkpoint: str | os.PathLike | None = None,
+    recipe: str = "auto",
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     on_log=None,
+    preview: PreviewCallback | None = None,
 ) -> TrainResult:
     """Fine-tune a model from sparse painted labels (0 unlabeled, 1 background, 2.. class).
 
@@ -663,28 +774,62 @@ def fine_tune(
     model_or_checkpoint : UNet, bundled name or checkpoint path
     image : ndarray (Z, Y, X) or (Y, X)
     painted : integer ndarray, same shape as ``image``
-    config : TrainConfig
-        ``dims``, ``context``, normalisation and architecture are taken from the
-        model; steps, lr, batch size, patch from ``config`` (defaults suit a
-        quick fine-tune: 200 steps, lr :data:`FINE_TUNE_LR` for a trained model).
+    config : TrainConfig, optional
+        Steps, time budget, lr, batch size and patch; ``None`` fields (and the
+        whole config when omitted) come from the recipe (:func:`fine_tune_defaults`).
+        ``dims``, ``context``, normalisation and architecture come from the model.
     checkpoint : where the fine-tuned model is written.
+    recipe : ``"auto"`` (choose by :func:`choose_recipe` from the model's IoU on
+        the painted voxels), ``"near"`` or ``"far"``.
+    preview : ``(model, seconds) -> None``, called at the start and every
+        ``config.preview_every`` seconds (model in eval mode), e.g. to show the
+        current prediction of one slice.
 
     Validation IoU is measured on the painted voxels (there is no held-out data).
+    ``result.model.meta["training"]`` records the recipe and the IoU before.
     """
     from .models.zoo import load_model
 
     model = (model_or_checkpoint if hasattr(model_or_checkpoint, "config")
              else load_model(model_or_checkpoint))
     image, painted = np.asarray(image), np.asarray(painted)
+    n_classes = _check_painted(model, image, painted)
+    before = painted_iou(model, image, painted, cancel=cancel)
+    chosen = choose_recipe(model, before) if recipe == "auto" else recipe
+    if chosen == "far":
+        from .adapt import adapt_batchnorm
+
+        model = adapt_batchnorm(model, image, cancel=cancel)
+    meta = dict(model.meta)
+    if "threshold" in meta:  # tuned for the old weights; re-chosen on the painted voxels
+        meta["threshold"] = FINE_TUNED_THRESHOLD
+    cfg = _fine_tune_config(model, chosen, config, n_classes, image.shape)
+    imgs, tgts = _prepare([image], [painted_targets(painted)], cfg)
+    meta["training"] = {"fine_tuned_from": meta.get("source", meta.get("name", "model")),
+                        "painted_voxels": int((painted > 0).sum()), "recipe": chosen,
+                        "painted_iou_before": None if before is None else round(before, 4),
+                        "history_before": list(meta.get("training", {})
+                                               .get("history", []))[-20:]}
+    meta.pop("source", None)
+    result = _train_loop(model, imgs, tgts, _val_crops(imgs, tgts, cfg, sparse=True), cfg,
+                         sparse=True, checkpoint=checkpoint, meta=meta, progress=progress,
+                         cancel=cancel, on_log=on_log, resume=False, save_state=False,
+                         preview=preview)
+    # 2D only: on the 3D model the strokes' threshold went the wrong way (0.10 where
+    # 0.5 scored 0.82 and 0.95 scored 0.90; README, Fine-tuning), so 3D keeps 0.5
+    if n_classes == 2 and not result.cancelled and model.config["dims"] == 2:
+        _calibrate(result, image, painted, cancel)
+    return result
+
+
+def _check_painted(model, image: np.ndarray, painted: np.ndarray) -> int:
+    """Check painted labels against the image and the model; returns the class count."""
     _check_pair(image, painted, "fine-tune")
     if not (painted > 0).any():
         raise ValueError("the annotation layer is empty: paint background (1) and "
                          "foreground (2..) strokes first")
     if painted.min() < 0:
         raise ValueError("painted labels must be >= 0 (0 = unlabeled)")
-    meta = dict(model.meta)
-    if "threshold" in meta:  # tuned for the old weights; re-chosen on the painted voxels
-        meta["threshold"] = FINE_TUNED_THRESHOLD
     n_out = model.config["out_channels"]
     n_classes = 2 if n_out == 1 else n_out
     if int(painted.max()) > n_classes:
@@ -693,29 +838,93 @@ def fine_tune(
             f"but the model predicts {n_classes - 1} foreground class(es) "
             f"(labels 2..{n_classes} are foreground, 1 is background)"
         )
-    base = config or fine_tune_defaults(model)
+    return n_classes
+
+
+def _fine_tune_config(model, recipe: str, config: TrainConfig | None, n_classes: int,
+                      shape: tuple[int, ...]) -> TrainConfig:
+    """The run's config: the recipe's defaults, ``config``'s explicit fields, the model's."""
+    defaults = fine_tune_defaults(model, recipe)
+    base = config or defaults
+    meta = model.meta
     cfg = TrainConfig(**{**asdict(base), "dims": model.config["dims"],
                          "context": int(meta.get("context", 0)),
+                         "lr": base.lr or defaults.lr,
+                         "batch_size": base.batch_size or defaults.batch_size,
+                         "freeze_norm": base.freeze_norm or defaults.freeze_norm,
                          "normalization": dict(meta.get("normalization")
                                                or DEFAULT_NORMALIZATION),
-                         "loss": "ce_dice" if n_out > 1 else base.loss,
-                         "patch": base.patch or _fine_tune_patch(model, meta.get("patch"))})
-    cfg = _fit_patch(cfg, image.shape)
-    targets = painted_targets(painted)
-    imgs, tgts = _prepare([image], [targets], cfg)
-    history_before = list(meta.get("training", {}).get("history", []))[-20:]
-    meta["training"] = {"fine_tuned_from": meta.get("source", meta.get("name", "model")),
-                        "painted_voxels": int((painted > 0).sum()),
-                        "history_before": history_before}
-    meta.pop("source", None)
-    result = _train_loop(model, imgs, tgts, _val_crops(imgs, tgts, cfg, sparse=True), cfg,
-                         sparse=True, checkpoint=checkpoint, meta=meta, progress=progress,
-                         cancel=cancel, on_log=on_log, resume=False, save_state=False)
-    # 2D only: on the 3D model the strokes' threshold went the wrong way (0.10 where
-    # 0.5 scored 0.82 and 0.95 scored 0.90; README, Fine-tuning), so 3D keeps 0.5
-    if n_out == 1 and not result.cancelled and model.config["dims"] == 2:
-        _calibrate(result, image, painted, cancel)
-    return result
+                         "loss": "ce_dice" if n_classes > 2 else base.loss,
+                         "patch": base.patch or defaults.patch
+                         or _fine_tune_patch(model, meta.get("patch"))})
+    return _fit_patch(cfg, shape)
+
+
+def choose_recipe(model, painted_iou_before: float | None) -> str:
+    """``"near"`` or ``"far"``: how far the user's data is from what the model knows.
+
+    The rule: a trained model that scores at least :data:`NEAR_IOU` foreground IoU
+    on the painted voxels before training is near (gentle fine-tuning keeps what
+    it knows); below, or unmeasured on a multi-class model, it is far (its
+    BatchNorm statistics are re-estimated on the volume, then a larger LR with
+    small patches on the strokes). An untrained model is always "far".
+    """
+    if not getattr(model, "meta", {}).get("training"):
+        return "far"
+    if painted_iou_before is None:
+        return "near"
+    return "near" if painted_iou_before >= NEAR_IOU else "far"
+
+
+def painted_iou(model, image: np.ndarray, painted: np.ndarray, *, cancel=None,
+                device: str | None = None) -> float | None:
+    """Foreground IoU of ``model`` on the painted voxels, at its own threshold.
+
+    Parameters
+    ----------
+    model : binary UNet (one sigmoid output); None is returned for multi-class ones
+    image : ndarray (Z, Y, X) or (Y, X)
+    painted : integer ndarray, same shape (0 unlabeled, 1 background, 2 foreground)
+    """
+    if model.config["out_channels"] != 1 or not getattr(model, "meta", {}).get("training"):
+        return None
+    prob, labels, _ = _painted_probs(model, image, painted, cancel=cancel, device=device)
+    t = float(model.meta.get("threshold", 0.5) or 0.5)
+    pred = prob > t
+    fg = labels == 2
+    return float((pred & fg).sum() / max((pred | fg).sum(), 1))
+
+
+def _painted_probs(model, image: np.ndarray, painted: np.ndarray, *, cancel=None,
+                   device: str | None = None):
+    """Probabilities, painted labels and halves (0/1) of the painted voxels, each (N,).
+
+    Only boxes around the painted region (plus the model's context) are predicted,
+    with the grey-value range of the whole image, as when the whole image is predicted.
+    """
+    from .predict import predict_volume
+
+    image, painted = np.asarray(image), np.asarray(painted)
+    if image.ndim == 2:
+        image, painted = image[None], painted[None]
+    margin = 8 if model.config["dims"] == 3 else int(model.meta.get("context", 0) or 0)
+    grey = normalization_range(image, model.meta.get("normalization") or DEFAULT_NORMALIZATION)
+    halves = _checkerboard(painted.shape)
+    probs, labels, ids = [], [], []
+    for box in _painted_boxes(painted, margin):
+        prob = predict_volume(image[box], model, device=device, cancel=cancel,
+                              normalization=grey)
+        sel = painted[box] > 0
+        probs.append(prob[sel])
+        labels.append(painted[box][sel])
+        ids.append(halves[box][sel])
+    return np.concatenate(probs), np.concatenate(labels), np.concatenate(ids)
+
+
+def _checkerboard(shape: tuple[int, ...], tile: int = HALF_TILE) -> np.ndarray:
+    """0/1 halves of a (Z, Y, X) volume: a checkerboard of ``tile``-px squares, alternating in z."""
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return ((z + y // tile + x // tile) % 2).astype(np.int8)
 
 
 def _calibrate(result: TrainResult, image, painted, cancel) -> None:
@@ -728,8 +937,8 @@ def _calibrate(result: TrainResult, image, painted, cancel) -> None:
         found = None
     if found is None:
         return
-    t, iou = found
-    info = {"threshold": t, "threshold_source": f"painted voxels (IoU {iou:.3f})"}
+    t, note = found
+    info = {"threshold": t, "threshold_source": note}
     result.model.meta = {**result.model.meta, **info}
     if result.checkpoint and Path(result.checkpoint).exists():
         saved = read_checkpoint(result.checkpoint)["meta"]
@@ -737,19 +946,20 @@ def _calibrate(result: TrainResult, image, painted, cancel) -> None:
 
 
 def threshold_note(meta: dict) -> str:
-    """``"threshold 0.25 from painted voxels (IoU …)"`` when fine-tuning chose it, else ``""``."""
+    """``"threshold 0.35 from painted voxels (…)"`` when fine-tuning chose it, else ``""``."""
     source = meta.get("threshold_source")
     return f"threshold {meta['threshold']:.2f} from {source}" if source else ""
 
 
 def painted_threshold(model, image: np.ndarray, painted: np.ndarray, *, cancel=None,
-                      device: str | None = None) -> tuple[float, float] | None:
-    """The probability threshold that best separates painted foreground from background.
+                      device: str | None = None) -> tuple[float, str] | None:
+    """The probability threshold for a fine-tuned binary model, from the painted voxels.
 
-    Fine-tuning shifts a model's calibration (on Lucchi++ the best threshold of
-    ``mito-2d`` fell from 0.75 to about 0.25 after 60 steps), so the user's own
-    strokes choose the new one. Only the painted region (plus the model's
-    context) is predicted.
+    Fine-tuning shifts a model's calibration, so the user's strokes may choose
+    a new threshold, but not on thin evidence: the painted voxels are split in
+    two halves (a checkerboard of :data:`HALF_TILE`-px squares, so most strokes
+    fall in both); a threshold chosen on one half must beat 0.5 on the other
+    half by :data:`THRESHOLD_MARGIN` IoU, else 0.5 stays.
 
     Parameters
     ----------
@@ -759,27 +969,44 @@ def painted_threshold(model, image: np.ndarray, painted: np.ndarray, *, cancel=N
 
     Returns
     -------
-    (threshold, IoU on the painted voxels), or None when fewer than
-    :data:`MIN_CALIBRATION_VOXELS` voxels of either class are painted.
+    (threshold, note saying how it was chosen), or None when either half has
+    fewer than :data:`MIN_CALIBRATION_VOXELS` voxels of either class (0.5 stays).
     """
-    from .predict import predict_volume
+    prob, labels, half = _painted_probs(model, image, painted, cancel=cancel, device=device)
+    return held_out_threshold(prob, labels == 2, half)
 
-    image, painted = np.asarray(image), np.asarray(painted)
-    if image.ndim == 2:
-        image, painted = image[None], painted[None]
-    if min((painted == 1).sum(), (painted == 2).sum()) < MIN_CALIBRATION_VOXELS:
-        return None
-    margin = 8 if model.config["dims"] == 3 else int(model.meta.get("context", 0) or 0)
-    # grey-value range of the whole image, as when the whole image is predicted
-    grey = normalization_range(image, model.meta.get("normalization") or DEFAULT_NORMALIZATION)
-    probs, labels = [], []
-    for box in _painted_boxes(painted, margin):
-        prob = predict_volume(image[box], model, device=device, cancel=cancel,
-                              normalization=grey)
-        sel = painted[box] > 0
-        probs.append(prob[sel])
-        labels.append(painted[box][sel] == 2)
-    return best_threshold(np.concatenate(probs), np.concatenate(labels))
+
+def held_out_threshold(prob: np.ndarray, foreground: np.ndarray,
+                       half: np.ndarray) -> tuple[float, str] | None:
+    """Threshold chosen on half 0 of the voxels, kept only if half 1 confirms it.
+
+    Parameters
+    ----------
+    prob : float ndarray (N,), probabilities of the painted voxels
+    foreground : bool ndarray (N,), their labels
+    half : int ndarray (N,), 0 or 1
+
+    Returns
+    -------
+    (threshold, note), or None when a half has fewer than
+    :data:`MIN_CALIBRATION_VOXELS` voxels of either class.
+    """
+    halves = [half == 0, half == 1]
+    for part in halves:
+        if min((foreground & part).sum(), (~foreground & part).sum()) < MIN_CALIBRATION_VOXELS:
+            return None
+    t, _ = best_threshold(prob[halves[0]], foreground[halves[0]])
+    check = halves[1]
+    iou_t = _iou(prob[check] > t, foreground[check])
+    iou_half = _iou(prob[check] > FINE_TUNED_THRESHOLD, foreground[check])
+    if t != FINE_TUNED_THRESHOLD and iou_t < iou_half + THRESHOLD_MARGIN:
+        t, iou_t = FINE_TUNED_THRESHOLD, iou_half
+    return t, (f"painted voxels (held-out half: IoU {iou_t:.3f} at {t:.2f}, "
+               f"{iou_half:.3f} at 0.50)")
+
+
+def _iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    return float((pred & truth).sum() / max((pred | truth).sum(), 1))
 
 
 def _painted_boxes(painted: np.ndarray, margin: int, pad: int = 32) -> list[tuple[slice, ...]]:
@@ -807,30 +1034,40 @@ def best_threshold(prob: np.ndarray, foreground: np.ndarray) -> tuple[float, flo
     """
     best = (FINE_TUNED_THRESHOLD, -1.0)
     for t in sorted(CALIBRATION_THRESHOLDS, key=lambda v: abs(v - 0.5)):
-        pred = prob > t
-        iou = float((pred & foreground).sum() / max((pred | foreground).sum(), 1))
+        iou = _iou(prob > t, foreground)
         if iou > best[1]:
             best = (float(t), iou)
     return best
 
 
-def fine_tune_defaults(model) -> TrainConfig:
-    """A quick fine-tune: 200 steps of 4 patches (2 for 3D), a small LR for a trained model.
+def fine_tune_defaults(model, recipe: str = "near") -> TrainConfig:
+    """The recipe's settings: a time budget of :data:`FINE_TUNE_MINUTES` with early stop.
 
-    The LR is :data:`SCRATCH_LR` for an untrained model, else :data:`FINE_TUNE_LR`
-    (2D) or :data:`FINE_TUNE_LR_3D`.
+    ``"near"``: lr :data:`FINE_TUNE_LR` (2D) or :data:`FINE_TUNE_LR_3D`, batch 4
+    (2D) or 2 (3D), the model's training patch. ``"far"``: lr :data:`FAR_LR`
+    (a third of it for 3D; BatchNorm statistics re-estimated on the volume
+    before, see :func:`fine_tune`), 2D patches of :data:`FAR_PATCH_2D` in
+    batches of :data:`FAR_BATCH_2D`. An untrained model gets :data:`SCRATCH_LR`.
     """
+    if recipe not in ("near", "far"):
+        raise ValueError(f"recipe must be 'auto', 'near' or 'far', got {recipe!r}")
     three_d = model.config["dims"] == 3
-    lr = SCRATCH_LR
-    if getattr(model, "meta", {}).get("training"):
-        lr = FINE_TUNE_LR_3D if three_d else FINE_TUNE_LR
-    return TrainConfig(steps=200, lr=lr, warmup=10, val_every=50,
-                       batch_size=2 if three_d else 4)
+    common = dict(steps=FINE_TUNE_MAX_STEPS, minutes=FINE_TUNE_MINUTES,
+                  early_stop=FINE_TUNE_EARLY_STOP, warmup=10, val_every=50)
+    if not getattr(model, "meta", {}).get("training"):
+        return TrainConfig(**common, lr=SCRATCH_LR, batch_size=2 if three_d else 4)
+    if recipe == "near":
+        return TrainConfig(**common, lr=FINE_TUNE_LR_3D if three_d else FINE_TUNE_LR,
+                           batch_size=2 if three_d else 4)
+    return TrainConfig(**{**common, "warmup": 20}, lr=FAR_LR / 3 if three_d else FAR_LR,
+                       batch_size=2 if three_d else FAR_BATCH_2D,
+                       patch=None if three_d else FAR_PATCH_2D)
 
 
-def fine_tune_settings(model, lr: float | None, batch_size: int | None) -> tuple[float, int]:
+def fine_tune_settings(model, lr: float | None, batch_size: int | None,
+                       recipe: str = "near") -> tuple[float, int]:
     """``(lr, batch_size)``, each taken from :func:`fine_tune_defaults` when 0/None ("auto")."""
-    defaults = fine_tune_defaults(model)
+    defaults = fine_tune_defaults(model, recipe)
     return lr or defaults.lr, batch_size or defaults.batch_size
 
 
@@ -898,6 +1135,7 @@ def update_norm_stats(model, images, labels, config: TrainConfig, batches: int =
     from torch.optim.swa_utils import update_bn
 
     images, labels = _as_list(images), _as_list(labels)
+    config = _with_auto(config, FIT_LR, FIT_BATCH)
     imgs, tgts = _prepare(images, [dense_targets(lab) for lab in labels], config)
     sampler = PatchSampler(imgs, tgts, config, sparse=False)
     dev = pick_device(device)

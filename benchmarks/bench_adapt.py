@@ -1,0 +1,274 @@
+"""Adapting a model to EM it was not trained on: IoU on unpainted slices against wall time.
+
+A simulated user paints about 1 % of the pixels of 3 slices (object skeletons as
+foreground; background lines hugging objects 3-5 px outside them, and short
+swipes across the background away from objects); every other slice is scored. Methods, each on the same strokes, in the same run:
+
+* ``new``: ``fine_tune`` with its defaults (the gap rule picks the recipe), given
+  the longest time budget of the curve;
+* ``today``: the previous defaults (200 steps, lr 3e-5, batch 4, no adaptation),
+  capped at the same budget;
+* ``rf``: a random forest on ``skimage.feature.multiscale_basic_features`` of the
+  painted slices (what ilastik and napari-convpaint do);
+* ``dense``: ``fine_tune`` (new defaults) on dense labels of the 3 slices (a ceiling).
+
+Cases: ``far`` (``mito-2d``, trained on Lucchi++ FIB-SEM, adapted to the ISBI 2012
+ssTEM mitochondria), ``near`` (``mito-2d`` on held-back Lucchi++ slices), and
+``reverse`` (a model trained on ISBI 2012 mitochondria only, adapted to held-back
+Lucchi++ slices; needs ``--reverse-model``).
+
+    python benchmarks/bench_adapt.py [--cases far near] [--budget 180] [--threads 2]
+
+Writes ``benchmarks/results/adapt.json`` (one entry per case, with the device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from scipy import ndimage as ndi
+from skimage.morphology import skeletonize
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+OUT = REPO / "benchmarks" / "results"
+TIMES = (15, 30, 60, 120, 180)
+
+
+# ------------------------------------------------------------------ data
+def load_isbi_mito() -> tuple[np.ndarray, np.ndarray]:
+    """ISBI 2012 ssTEM (30, 512, 512) and its mitochondria mask."""
+    img = tifffile.imread(DATA / "isbi2012_train_image.tif")
+    return img, (tifffile.imread(DATA / "isbi2012_train_mito.tif") > 0).astype(np.uint8)
+
+
+def load_lucchi_heldback() -> tuple[np.ndarray, np.ndarray]:
+    """Held-back Lucchi++ slices 140-164, a 512×512 crop, and the mask."""
+    zs = range(140, 165)
+    ys, xs = slice(128, 640), slice(256, 768)
+    img = np.stack([tifffile.imread(DATA / "lucchi_pp_train_image.tif", key=z) for z in zs])
+    mask = np.stack([tifffile.imread(DATA / "lucchi_pp_train_mask.tif", key=z) for z in zs])
+    return img[:, ys, xs], mask[:, ys, xs]
+
+
+# --------------------------------------------------------------- strokes
+def _strokes_of_slice(fg: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """Candidate strokes of one slice: (label, mask) pairs, one per object and side."""
+    out = []
+    objects, n = ndi.label(fg)
+    dist_out = ndi.distance_transform_edt(~fg)
+    ring = (dist_out > 3) & (dist_out <= 5)
+    near, _ = ndi.label(ring)
+    for k in range(1, n + 1):
+        obj = objects == k
+        core = ndi.binary_erosion(obj, iterations=2)
+        skel = skeletonize(core if core.any() else obj)
+        brush = ndi.binary_dilation(skel, iterations=1) & obj
+        if brush.any():
+            out.append((2, brush))
+    for k in range(1, near.max() + 1):
+        out.append((1, near == k))
+    far = dist_out > 8
+    rng = np.random.default_rng(int(fg.sum()))
+    for _ in range(6):  # short swipes across the background, away from objects
+        y, x = int(rng.integers(2, fg.shape[0] - 2)), int(rng.integers(0, fg.shape[1] - 80))
+        swipe = np.zeros_like(fg)
+        swipe[y - 1 : y + 2, x : x + 80] = True
+        if (swipe & far).sum() > 120:
+            out.append((1, swipe & far))
+    return out
+
+
+def paint(mask: np.ndarray, slices: list[int], fraction: float = 0.01,
+          seed: int = 0) -> np.ndarray:
+    """Painted labels (0 unlabeled, 1 background, 2 mitochondria) on ``slices``.
+
+    Whole strokes (an object's skeleton, 3 px brush; a background line hugging an
+    object 3-5 px outside it) are added in random order, alternating foreground
+    and background, until about ``fraction`` of the pixels of those slices are
+    painted.
+    """
+    rng = np.random.default_rng(seed)
+    painted = np.zeros(mask.shape, np.uint8)
+    budget = int(fraction * len(slices) * mask[0].size)
+    pools = {1: [], 2: []}
+    for z in slices:
+        for value, stroke in _strokes_of_slice(mask[z] > 0):
+            pools[value].append((z, stroke))
+    for value in pools:
+        rng.shuffle(pools[value])
+    used = 0
+    while used < budget and (pools[1] or pools[2]):
+        for value in (2, 1):
+            if pools[value] and used < budget:
+                z, stroke = pools[value].pop()
+                painted[z][stroke & (painted[z] == 0)] = value
+                used = int((painted > 0).sum())
+    return painted
+
+
+def iou_rest(pred: np.ndarray, mask: np.ndarray, scored: np.ndarray) -> float:
+    """Foreground IoU of ``pred`` on the ``scored`` slices."""
+    p, g = pred[scored], mask[scored] > 0
+    return float((p & g).sum() / max((p | g).sum(), 1))
+
+
+# ---------------------------------------------------------------- methods
+def run_unet(model_name: str, img, mask, painted, scored, config, recipe: str,
+             label: str) -> dict:
+    """Fine-tune; snapshots at TIMES (wall time from the call) scored afterwards."""
+    from napari_emseg.models.zoo import load_model
+    from napari_emseg.predict import predict_volume
+    from napari_emseg.train import fine_tune
+
+    model = load_model(model_name)
+    snaps: list[tuple[float, dict]] = []
+    targets = [0, *TIMES]
+    t_call = time.perf_counter()
+
+    def keep(m, _elapsed):
+        wall = time.perf_counter() - t_call
+        if len(snaps) < len(targets) and wall >= targets[len(snaps)]:
+            snaps.append((wall, {k: v.detach().clone() for k, v in m.state_dict().items()}))
+
+    config = replace(config, preview_every=1.0)
+    res = fine_tune(model, img, painted, config, recipe=recipe, preview=keep)
+    wall = time.perf_counter() - t_call
+    final_t = float(res.model.meta.get("threshold", 0.5))
+    curve = []
+    state = {k: v.clone() for k, v in res.model.state_dict().items()}
+    for seconds, snap in snaps:
+        res.model.load_state_dict(snap)
+        iou = iou_rest(predict_volume(img, res.model) > 0.5, mask, scored)
+        curve.append({"seconds": round(seconds, 1), "iou_at_0.5": round(iou, 4)})
+        print(f"  {label}: {seconds:6.1f} s  IoU {iou:.4f}", flush=True)
+    res.model.load_state_dict(state)
+    final = iou_rest(predict_volume(img, res.model) > final_t, mask, scored)
+    training = res.model.meta.get("training", {})
+    print(f"  {label}: end {wall:.1f} s, {res.steps} steps, IoU {final:.4f} at {final_t}",
+          flush=True)
+    return {"curve": curve, "final_iou": round(final, 4), "final_threshold": final_t,
+            "threshold_source": res.model.meta.get("threshold_source"),
+            "seconds": round(wall, 1), "steps": res.steps,
+            "steps_per_second": round(res.steps / max(res.seconds, 1e-9), 2),
+            "recipe": training.get("recipe"),
+            "painted_iou_before": training.get("painted_iou_before")}
+
+
+def rf_features(slice_2d: np.ndarray) -> np.ndarray:
+    """(Y, X, F) multiscale intensity / edge / texture features of one slice."""
+    from skimage.feature import multiscale_basic_features
+
+    return multiscale_basic_features(slice_2d.astype(np.float32) / 255.0, sigma_min=1,
+                                     sigma_max=16, channel_axis=None)
+
+
+def run_rf(img, mask, painted, scored, threads: int) -> dict:
+    """Random forest on the painted pixels; wall time = features + fit."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    t0 = time.perf_counter()
+    zs = [z for z in range(img.shape[0]) if (painted[z] > 0).any()]
+    xs, ys = [], []
+    for z in zs:
+        f = rf_features(img[z])
+        sel = painted[z] > 0
+        xs.append(f[sel])
+        ys.append(painted[z][sel] == 2)
+    rf = RandomForestClassifier(n_estimators=100, max_depth=16, n_jobs=threads, random_state=0)
+    rf.fit(np.concatenate(xs), np.concatenate(ys))
+    seconds = time.perf_counter() - t0
+    pred = np.zeros(mask.shape, bool)
+    for z in np.flatnonzero(scored):
+        f = rf_features(img[z])
+        pred[z] = rf.predict_proba(f.reshape(-1, f.shape[-1]))[:, 1].reshape(f.shape[:2]) > 0.5
+    iou = iou_rest(pred, mask, scored)
+    print(f"  rf: {seconds:.1f} s  IoU {iou:.4f}", flush=True)
+    return {"seconds": round(seconds, 1), "final_iou": round(iou, 4)}
+
+
+# ------------------------------------------------------------------ cases
+def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: float,
+             threads: int, methods: list[str]) -> dict:
+    from napari_emseg.models.zoo import load_model
+    from napari_emseg.predict import predict_volume
+    from napari_emseg.train import TrainConfig, choose_recipe, fine_tune_defaults, painted_iou
+
+    painted = paint(mask, slices)
+    scored = np.ones(img.shape[0], bool)
+    scored[slices] = False
+    model = load_model(model_name)
+    t = float(model.meta.get("threshold", 0.5))
+    before = iou_rest(predict_volume(img, model) > t, mask, scored)
+    gap = painted_iou(model, img, painted)
+    recipe = choose_recipe(model, gap)
+    print(f"{name}: {model_name} on {img.shape}, painted {100 * (painted > 0).mean():.2f} % "
+          f"of the volume ({int((painted > 0).sum())} px on slices {slices}); before "
+          f"{before:.4f}; painted IoU {gap}; recipe {recipe}", flush=True)
+    out = {"model": model_name, "shape": list(img.shape), "painted_slices": slices,
+           "painted_pixels": int((painted > 0).sum()),
+           "painted_fraction_of_slices": round(float((painted[slices] > 0).mean()), 4),
+           "before": round(before, 4), "painted_iou_before": gap, "recipe": recipe}
+    new_cfg = replace(fine_tune_defaults(model, recipe), minutes=budget / 60)
+    if "new" in methods:
+        out["new"] = run_unet(model_name, img, mask, painted, scored, new_cfg, "auto", "new")
+    if "today" in methods:
+        today = TrainConfig(steps=200, lr=3e-5, batch_size=4, warmup=10, val_every=50,
+                            minutes=budget / 60)
+        out["today"] = run_unet(model_name, img, mask, painted, scored, today, "near", "today")
+    if "rf" in methods:
+        out["rf"] = run_rf(img, mask, painted, scored, threads)
+    if "dense" in methods:
+        dense = np.zeros_like(painted)
+        dense[slices] = np.where(mask[slices] > 0, 2, 1)
+        out["dense"] = run_unet(model_name, img, mask, dense, scored, new_cfg, "auto", "dense")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", nargs="+", default=["far", "near"],
+                    choices=["far", "near", "reverse"])
+    ap.add_argument("--methods", nargs="+", default=["new", "today", "rf", "dense"])
+    ap.add_argument("--budget", type=float, default=180, help="seconds of training per run")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="mito-2d", help="start model of far and near")
+    ap.add_argument("--reverse-model", default=None,
+                    help="a model trained on ISBI 2012 mitochondria only (reverse case)")
+    ap.add_argument("--out", type=Path, default=OUT / "adapt.json")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    res = {"device": f"{device}: {name}", "threads": args.threads, "budget_s": args.budget,
+           "times_s": list(TIMES)}
+    for case in args.cases:
+        if case == "far":
+            img, mask = load_isbi_mito()
+            res[case] = run_case(case, args.model, img, mask, [4, 14, 24], args.budget,
+                                 args.threads, args.methods)
+        elif case == "near":
+            img, mask = load_lucchi_heldback()
+            res[case] = run_case(case, args.model, img, mask, [4, 12, 20], args.budget,
+                                 args.threads, args.methods)
+        elif args.reverse_model:
+            img, mask = load_lucchi_heldback()
+            res[case] = run_case(case, args.reverse_model, img, mask, [4, 12, 20],
+                                 args.budget, args.threads, args.methods)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

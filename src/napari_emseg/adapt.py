@@ -1,0 +1,241 @@
+"""Label-free adaptation of a model to a new volume.
+
+* :func:`adapt_batchnorm` re-estimates the BatchNorm statistics on the open
+  volume (AdaBN, Li et al. 2016): every weight stays as it is, only the running
+  means and variances are replaced by those of the new data. The grey values
+  are normalised with the volume's own percentiles, as prediction does.
+* :func:`voxel_scale` and :func:`resample` bring a volume to the voxel size the
+  model was trained at (and probabilities back), when the two differ by more
+  than :data:`VOXEL_TOLERANCE`.
+* :func:`context_fits` says whether a 2.5D model's neighbouring slices are
+  about as far apart in the volume as in its training data.
+
+No torch at import time.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ._augment import crop_reflect
+from ._normalize import apply_normalization, normalization_range
+from ._progress import CancelCheck, ProgressCallback, check_cancel, report
+
+#: Relative difference of voxel sizes above which images are resampled.
+VOXEL_TOLERANCE = 0.25
+#: Sections this much thicker than the model's training data make 2.5D context wrong.
+CONTEXT_Z_RATIO = 2.0
+DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
+
+
+def _tile_starts(shape: tuple[int, ...], tile: int, n: int, rng) -> list[tuple[int, int, int]]:
+    """``n`` random (z, y, x) tile corners spread over the volume."""
+    return [(int(rng.integers(shape[0])),
+             int(rng.integers(max(1, shape[1] - tile + 1))),
+             int(rng.integers(max(1, shape[2] - tile + 1)))) for _ in range(n)]
+
+
+def _tiles(volume: np.ndarray, model, tile: int, n: int, seed: int) -> list[np.ndarray]:
+    """Input tiles for ``model``: (C, T, T) for 2D/2.5D, (1, Tz, T, T) for 3D."""
+    rng = np.random.default_rng(seed)
+    size_yx = (min(tile, volume.shape[1]), min(tile, volume.shape[2]))
+    div = model.divisor()
+    size_yx = tuple(max(d, s // d * d) for s, d in zip(size_yx, div[-2:], strict=True))
+    out = []
+    for z, y, x in _tile_starts(volume.shape, tile, n, rng):
+        if model.config["dims"] == 3:
+            tz = max(div[0], min(16, volume.shape[0]) // div[0] * div[0])
+            out.append(crop_reflect(volume, (z - tz // 2, y, x), (tz, *size_yx))[None])
+        else:
+            c = (model.config["in_channels"] - 1) // 2
+            out.append(crop_reflect(volume, (z - c, y, x), (2 * c + 1, *size_yx)))
+    return out
+
+
+def adapt_batchnorm(model, image: np.ndarray, *, tiles: int = 16, tile: int = 256,
+                    batch: int = 4, seed: int = 0, device: str | None = None,
+                    progress: ProgressCallback | None = None,
+                    cancel: CancelCheck | None = None):
+    """A copy of ``model`` whose BatchNorm statistics are those of ``image`` (AdaBN).
+
+    Parameters
+    ----------
+    model : UNet with BatchNorm layers (``.meta`` as from ``load_model``)
+    image : ndarray (Z, Y, X) or (Y, X), raw grey values of the new volume
+    tiles, tile : how many random tiles (``tile`` px square) to average over
+    batch : tiles per forward pass
+
+    Returns
+    -------
+    UNet
+        A new model in eval mode; weights identical to ``model``'s, running
+        means and variances re-estimated; ``meta["adapted"]`` says on what.
+        A model without BatchNorm is returned unchanged (a copy).
+    """
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from .train import pick_device
+
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3:
+        raise ValueError(f"adapt_batchnorm needs a 2D or 3D image, got {image.ndim} dims")
+    adapted = copy.deepcopy(model).cpu()
+    norms = [m for m in adapted.modules() if isinstance(m, _BatchNorm)]
+    if not norms:
+        return adapted.eval()
+    spec = model.meta.get("normalization") or DEFAULT_NORMALIZATION
+    lo, hi = normalization_range(image, spec)
+    dev = pick_device(device)
+    adapted.to(dev).eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    crops = _tiles(image, model, tile, tiles, seed)
+    with torch.no_grad():
+        for k in range(0, len(crops), batch):
+            check_cancel(cancel)
+            x = np.stack([apply_normalization(c, lo, hi) for c in crops[k:k + batch]])
+            adapted(torch.from_numpy(x).to(dev))
+            report(progress, min(k + batch, len(crops)), len(crops))
+    for m in norms:
+        m.momentum = 0.1
+    adapted.eval()
+    adapted.meta = {**model.meta, "adapted": {"method": "batchnorm statistics (AdaBN)",
+                                             "tiles": len(crops), "shape": list(image.shape)}}
+    return adapted
+
+
+def _zyx(voxel: tuple[float, ...]) -> list[float | None]:
+    """A voxel size as [z, y, x]; z is None for a 2D size."""
+    sizes = [float(v) for v in voxel][-3:]
+    return sizes if len(sizes) == 3 else [None, *sizes]
+
+
+def voxel_scale(image_voxel: tuple[float, ...] | None,
+                model_voxel: tuple[float, ...] | None,
+                dims: int = 2) -> tuple[float, ...] | None:
+    """Zoom factors (Z, Y, X) that bring the image to the model's voxel size.
+
+    Parameters
+    ----------
+    image_voxel, model_voxel : voxel sizes in nm, (Z, Y, X) or (Y, X)
+    dims : 2 for a model that works slice by slice (z is never resampled)
+
+    Returns
+    -------
+    tuple of 3 floats, or None when either size is unknown or every axis is
+    within :data:`VOXEL_TOLERANCE` of the model's.
+    """
+    if not image_voxel or not model_voxel:
+        return None
+    img, mod = _zyx(image_voxel), _zyx(model_voxel)
+    factors = [1.0 if i is None or m is None or (k == 0 and dims == 2) else i / m
+               for k, (i, m) in enumerate(zip(img, mod, strict=True))]
+    if all(abs(f - 1.0) <= VOXEL_TOLERANCE for f in factors):
+        return None
+    return tuple(round(f, 4) for f in factors)
+
+
+def resample(volume: np.ndarray, factors: tuple[float, ...] | None = None, *,
+             shape: tuple[int, ...] | None = None, order: int = 1) -> np.ndarray:
+    """Zoom a (Z, Y, X) volume by ``factors``, or to exactly ``shape``.
+
+    ``order=0`` (nearest) for labels, 1 (linear) for grey values and
+    probabilities. The dtype is kept.
+    """
+    volume = np.asarray(volume)
+    if shape is None:
+        if factors is None:
+            return volume
+        shape = tuple(max(1, int(round(s * f))) for s, f in zip(volume.shape, factors,
+                                                                  strict=True))
+    if tuple(shape) == volume.shape:
+        return volume
+    zoom = [t / s for t, s in zip(shape, volume.shape, strict=True)]
+    out = ndi.zoom(volume, zoom, order=order, mode="nearest", grid_mode=True)
+    return out[tuple(slice(0, t) for t in shape)]
+
+
+def context_fits(model, image_voxel: tuple[float, ...] | None) -> bool:
+    """False when a 2.5D model would see neighbours much farther apart than in training.
+
+    Unknown voxel sizes count as fitting.
+    """
+    context = int(model.meta.get("context", 0) or 0)
+    trained = model.meta.get("voxel_size_nm")
+    if not context or not image_voxel or not trained or len(image_voxel) < 3 \
+            or len(trained) < 3:
+        return True
+    return float(image_voxel[0]) <= CONTEXT_Z_RATIO * float(trained[0])
+
+
+def predict_adapted(image: np.ndarray, model, *, voxel_size: tuple[float, ...] | None = None,
+                    adapt: bool = False, resample_to_model: bool = True,
+                    progress: ProgressCallback | None = None,
+                    cancel: CancelCheck | None = None,
+                    **predict_kwargs) -> tuple[np.ndarray, dict]:
+    """Predict ``image`` as the model's training data looked: scale, sections, statistics.
+
+    1. When ``voxel_size`` and the model's ``meta["voxel_size_nm"]`` differ by more
+       than :data:`VOXEL_TOLERANCE`, the image is resampled to the model's voxel
+       size (``resample_to_model``) and the probabilities back to the image's shape.
+    2. A 2.5D model whose neighbouring slices would be much farther apart than in
+       training (:func:`context_fits`) sees each slice as its own neighbours
+       (:func:`~napari_emseg.models.unet.collapse_context`).
+    3. ``adapt=True`` re-estimates BatchNorm statistics on the (resampled) image
+       (:func:`adapt_batchnorm`).
+
+    Parameters
+    ----------
+    image : ndarray (Z, Y, X) or (Y, X), raw grey values
+    model : UNet with ``.meta``
+    voxel_size : the image's voxel size in nm (ZYX or YX), optional
+    **predict_kwargs : passed to :func:`napari_emseg.predict.predict_volume`
+
+    Returns
+    -------
+    prob : float32 ndarray, the image's shape (``(C, Z, Y, X)`` for several classes)
+    info : dict, what was done: ``adapted`` (bool), ``resampled`` (zoom factors
+        ZYX or None), ``context_collapsed`` (bool)
+    """
+    from .models.unet import collapse_context
+    from .predict import predict_volume
+
+    image = np.asarray(image)
+    info = {"adapted": False, "resampled": None, "context_collapsed": False}
+    if model.config["dims"] == 2 and not context_fits(model, voxel_size):
+        model = collapse_context(model)
+        info["context_collapsed"] = True
+    factors = (voxel_scale(voxel_size, model.meta.get("voxel_size_nm"), model.config["dims"])
+               if resample_to_model and image.ndim == 3 else None)
+    work = resample(image, factors) if factors else image
+    info["resampled"] = list(factors) if factors else None
+    if adapt:
+        model = adapt_batchnorm(model, work, cancel=cancel)
+        info["adapted"] = True
+    prob = predict_volume(work, model, progress=progress, cancel=cancel, **predict_kwargs)
+    if factors:
+        prob = (resample(prob, shape=image.shape) if prob.ndim == image.ndim else
+                np.stack([resample(p, shape=image.shape) for p in prob]))
+    return prob, info
+
+
+def describe(info: dict) -> str:
+    """One line saying what :func:`predict_adapted` did ("" when nothing)."""
+    parts = []
+    if info.get("resampled"):
+        parts.append("resampled to the model's voxel size (zoom "
+                     + "×".join(f"{f:g}" for f in info["resampled"]) + ")")
+    if info.get("context_collapsed"):
+        parts.append("sections too thick for the model's 2.5D context: each slice is its "
+                     "own neighbour")
+    if info.get("adapted"):
+        parts.append("BatchNorm statistics re-estimated on this volume")
+    return "; ".join(parts)
