@@ -22,10 +22,10 @@ import pytest
 import tifffile
 
 from napari_emseg import io
-from napari_emseg._atomic import HOST, atomic_path, clean_stale
 from napari_emseg._normalize import normalization_range
 from napari_emseg._reader import get_reader
 from napari_emseg._writer import layer_voxel_size, write_labels
+from napari_emseg.io.atomic import HOST, atomic_path, clean_stale
 
 RNG = np.random.default_rng(7)
 
@@ -114,13 +114,13 @@ def _chunk(target: Path, index) -> Path:
 
 def test_resume_recomputes_deleted_and_corrupt_chunks(tmp_path):
     pytest.importorskip("torch")
-    from napari_emseg import blockwise
     from napari_emseg.blockwise import predict_blockwise
+    from napari_emseg.blockwise.resume import DONE_DIR
 
     vol = RNG.integers(0, 256, SHAPE).astype(np.uint8)
     target = tmp_path / "p.zarr"
     first = predict_blockwise(vol, target, Counting(), block_shape=BLOCK, **ONE_CALL)[:]
-    marker = (target / blockwise.DONE_DIR / "0_0_0").read_text()
+    marker = (target / DONE_DIR / "0_0_0").read_text()
     assert len(marker) == 64 and int(marker, 16) >= 0  # a SHA-256 in hex
 
     _chunk(target, (0, 1, 0)).unlink()  # a deleted chunk reads back as zeros
@@ -129,11 +129,12 @@ def test_resume_recomputes_deleted_and_corrupt_chunks(tmp_path):
     for i in range(8, len(raw), 7):
         raw[i] ^= 0xFF
     chunk.write_bytes(bytes(raw))  # a corrupt chunk
-    (target / blockwise.DONE_DIR / "1_0_1").write_text("")  # an old, empty marker
+    (target / DONE_DIR / "1_0_1").write_text("")  # an old, empty marker
 
     model = Counting()
-    with pytest.warns(UserWarning, match="3 finished block"):
+    with pytest.warns(UserWarning, match="3 finished block") as record:
         out = predict_blockwise(vol, target, model, block_shape=BLOCK, **ONE_CALL)[:]
+    assert record[0].filename == __file__  # the warning points at the caller
     assert model.calls == 3
     np.testing.assert_array_equal(out, first)  # bit-identical to the first run
 
@@ -224,7 +225,7 @@ def test_named_pipe_is_not_read(tmp_path, name):
 
 KILLED_WRITE = textwrap.dedent("""
     import os, signal, sys
-    from napari_emseg._atomic import atomic_path
+    from napari_emseg.io.atomic import atomic_path
     with atomic_path(sys.argv[1]) as tmp:
         tmp.write_bytes(b"x" * 1_000_000)
         os.kill(os.getpid(), signal.SIGKILL)

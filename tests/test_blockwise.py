@@ -12,8 +12,6 @@ from scipy import ndimage as ndi
 zarr = pytest.importorskip("zarr")
 torch = pytest.importorskip("torch")
 
-from napari_emseg import blockwise  # noqa: E402
-from napari_emseg._progress import Cancelled  # noqa: E402
 from napari_emseg.blockwise import (  # noqa: E402
     block_grid,
     connect_client,
@@ -21,7 +19,10 @@ from napari_emseg.blockwise import (  # noqa: E402
     predict_blockwise,
     track_blockwise,
 )
+from napari_emseg.blockwise.grid import block_core  # noqa: E402
+from napari_emseg.blockwise.resume import DONE_DIR  # noqa: E402
 from napari_emseg.predict import predict_volume  # noqa: E402
+from napari_emseg.progress import Cancelled  # noqa: E402
 
 SHAPE = (20, 96, 96)
 BLOCK = (8, 48, 48)  # 3 x 2 x 2 = 12 blocks, the last z block partial
@@ -91,7 +92,7 @@ def test_block_grid_covers_volume():
     assert len(grid) == N_BLOCKS
     hits = np.zeros(SHAPE, np.int32)
     for index in grid:
-        hits[blockwise._core(index, SHAPE, BLOCK)] += 1
+        hits[block_core(index, SHAPE, BLOCK)] += 1
     assert (hits == 1).all()
 
 
@@ -159,7 +160,7 @@ def test_cancel_then_resume_computes_only_missing_blocks(tmp_path, volume):
         predict_blockwise(volume, target, model, block_shape=BLOCK, halo=(2, 8, 8),
                           cancel=lambda: model.calls >= 6, **ONE_CALL)
     assert model.calls == 6
-    assert len(os.listdir(target / blockwise.DONE_DIR)) == 5
+    assert len(os.listdir(target / DONE_DIR)) == 5
 
     seen = []
     model2 = CountingModel()
@@ -369,7 +370,7 @@ def test_track_blockwise_matches_track_slices(tmp_path, blobs):
 
 
 def test_cli_helpers(tmp_path, blobs, capsys):
-    from napari_emseg._cli_blockwise import add_blockwise_arguments, run_blockwise_segment
+    from napari_emseg.cli.blockwise import add_blockwise_arguments, run_blockwise_segment
 
     parser = argparse.ArgumentParser()
     parser.add_argument("input")

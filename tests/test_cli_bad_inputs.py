@@ -7,7 +7,6 @@ the input (and any file that was there) is byte for byte unchanged.
 from __future__ import annotations
 
 import hashlib
-import inspect
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,8 @@ import pytest
 tifffile = pytest.importorskip("tifffile")
 torch = pytest.importorskip("torch")
 
-from napari_emseg import _cli_segment, cli, io  # noqa: E402
-from napari_emseg._cli_common import check_output, cli_words  # noqa: E402
+from napari_emseg import cli, io  # noqa: E402
+from napari_emseg.cli.common import check_output, cli_words  # noqa: E402
 from napari_emseg.models import zoo  # noqa: E402
 from napari_emseg.models.unet import UNet  # noqa: E402
 
@@ -178,12 +177,6 @@ def test_outer_output_holding_the_input_is_refused(tmp_path):
         check_output(outer, [inner], overwrite=True)
 
 
-needs_segment_lines = pytest.mark.skipif(
-    "check_output" not in inspect.getsource(_cli_segment),
-    reason="_cli_segment does not call check_output yet")
-
-
-@needs_segment_lines
 def test_segment_and_evaluate_onto_their_inputs_are_refused(tmp_path, capsys):
     prob = tmp_path / "p.tif"
     tifffile.imwrite(prob, np.full((2, 16, 16), 0.9, np.float32))
@@ -223,6 +216,20 @@ BAD_OPTIONS = [
     (["train", "i", "l", "o.pt", "--device", "gpu"], "--device", "cuda, cuda:N, mps or cpu"),
     (["demo", "--device", "foo"], "--device", "cuda, cuda:N, mps or cpu"),
     (["demo", "--tta", "-1"], "--tta", "4 (flips)"),
+    (["segment", "p.tif", "o.tif", "--threshold", "high"], "--threshold", "'otsu'"),
+    (["segment", "p.tif", "o.tif", "--threshold", "1.5"], "--threshold", "[0, 1]"),
+    (["segment", "p.tif", "o.tif", "--zfilter", "-1"], "--zfilter", ">= 0"),
+    (["segment", "p.tif", "o.tif", "--min-size", "-5"], "--min-size", ">= 0"),
+    (["segment", "p.tif", "o.tif", "--min-distance", "0"], "--min-distance", "> 0"),
+    (["segment", "p.tif", "o.tif", "--h", "-2"], "--h", "> 0"),
+    (["segment", "p.tif", "o.tif", "--iou", "2"], "--iou", "[0, 1]"),
+    (["segment", "p.tif", "o.tif", "--min-slices", "0"], "--min-slices", "positive integer"),
+    (["segment", "p.tif", "o.tif", "--channel", "-1"], "--channel", ">= 0"),
+    (["segment", "p.tif", "o.tif", "--device", "gpu"], "--device", "cuda, cuda:N, mps or cpu"),
+    (["evaluate", "a.tif", "b.tif", "--thresholds", "0.5", "1.5"], "--thresholds", "[0, 1]"),
+    (["evaluate", "a.tif", "b.tif", "--detection", "-1"], "--detection", ">= 0"),
+    (["evaluate", "a.tif", "b.tif", "--boundary", "-1"], "--boundary", ">= 0"),
+    (["evaluate", "a.tif", "b.tif", "--spacing", "0", "4", "4"], "--spacing", "> 0"),
 ]
 
 
@@ -266,7 +273,7 @@ def test_out_of_memory_says_how_much_and_suggests_blockwise(image, tmp_path, che
     def explode(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("napari_emseg.adapt.predict_adapted", explode)
+    monkeypatch.setattr("napari_emseg.cli.predict.predict_adapted", explode)
     out = tmp_path / "prob.tif"
     line = fails(predict(image, out, checkpoint), capsys)
     assert "out of memory" in line and "(2, 32, 32) uint8" in line
@@ -278,7 +285,7 @@ def test_out_of_memory_in_training_suggests_a_crop(image, tmp_path, monkeypatch,
     def explode(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr("napari_emseg.train.fit", explode)
+    monkeypatch.setattr("napari_emseg.cli.train.fit", explode)
     labels = tmp_path / "lab.tif"
     tifffile.imwrite(labels, np.ones((2, 32, 32), np.uint8))
     line = fails(["train", str(image), str(labels), str(tmp_path / "o.pt")], capsys)
@@ -289,7 +296,7 @@ def test_engine_messages_name_flags(image, tmp_path, checkpoint, monkeypatch, ca
     def refuse(*args, **kwargs):
         raise FileExistsError("x.zarr exists; pass overwrite=True to replace it")
 
-    monkeypatch.setattr("napari_emseg.blockwise.predict_blockwise", refuse)
+    monkeypatch.setattr("napari_emseg.cli.blockwise.predict_blockwise", refuse)
     line = fails(predict(image, tmp_path / "x.zarr", checkpoint, "--blockwise"), capsys)
     assert "--overwrite" in line and "overwrite=True" not in line
     assert cli_words("use device='cpu'") == "use --device cpu"

@@ -11,8 +11,8 @@ import tifffile
 pytest.importorskip("torch")
 
 from napari_emseg._sample_data import SAMPLE_SCALE, load_sample  # noqa: E402
-from napari_emseg._voxel import read_voxel_size  # noqa: E402
 from napari_emseg.cli import main  # noqa: E402
+from napari_emseg.io.voxel import read_voxel_size  # noqa: E402
 from napari_emseg.models.zoo import build_model, list_models, save_checkpoint  # noqa: E402
 
 

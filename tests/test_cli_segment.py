@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -48,10 +47,8 @@ def test_segment_components_uint8_and_otsu(tmp_path):
 
 
 def fake_predict(monkeypatch, predict) -> None:
-    """Replace ``napari_emseg.predict.predict_volume`` by ``predict(volume, model, **kw)``."""
-    fake = types.ModuleType("napari_emseg.predict")
-    fake.predict_volume = predict
-    monkeypatch.setitem(sys.modules, "napari_emseg.predict", fake)
+    """Make ``emseg segment --model`` predict with ``predict(volume, model, **kw)``."""
+    monkeypatch.setattr("napari_emseg.cli.segment.predict_volume", predict)
 
 
 def test_segment_with_model_calls_predict_and_uses_its_settings(tmp_path, monkeypatch):
@@ -101,7 +98,7 @@ def test_segment_takes_the_model_settings_and_flags_win(tmp_path, monkeypatch, c
     assert expected.max() == 2  # two discs, each one id through z
     # given flags replace the model's: --dims 3 also turns its tracking off
     assert main(["segment", str(src), str(out), "--model", str(ckpt), "--dims", "3",
-                 "--min-size", "5000", "--quiet"]) == 0  # fmt: skip
+                 "--min-size", "5000", "--quiet", "--overwrite"]) == 0  # fmt: skip
     np.testing.assert_array_equal(read_labels(out), segment(
         prob, dims=3, zfilter=0, min_size=5000, h=3.0, threshold=0.7).labels)
 
@@ -128,7 +125,9 @@ def test_segment_rejects_raw_em_without_model(tmp_path, capsys):
     assert main(["segment", str(src), str(tmp_path / "o.tif")]) == 2
     assert "--model" in capsys.readouterr().err
     assert main(["segment", str(tmp_path / "missing.tif"), str(tmp_path / "o.tif")]) == 2
-    assert main(["segment", str(src), str(tmp_path / "o.tif"), "--threshold", "high"]) == 2
+    with pytest.raises(SystemExit) as info:  # refused at parse time
+        main(["segment", str(src), str(tmp_path / "o.tif"), "--threshold", "high"])
+    assert info.value.code == 2
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32])
@@ -178,7 +177,7 @@ def test_readme_examples_on_the_sample_give_its_mitochondria(tmp_path, capsys):
     assert main(["segment", str(src), str(out), "--quiet"]) == 0
     assert read_labels(out).max() == 5
     assert main(["segment", str(src), str(out), "--method", "watershed", "--dims", "2",
-                 "--track", "--quiet"]) == 0  # fmt: skip
+                 "--track", "--quiet", "--overwrite"]) == 0  # fmt: skip
     assert 5 <= read_labels(out).max() <= 10
     sizes = np.bincount(read_labels(out).ravel())[1:]
     assert sizes.min() >= 2000
@@ -200,7 +199,7 @@ def test_segment_from_membranes_equals_the_engine(tmp_path, capsys):
 
     assert main(["segment", str(src), str(out), "--from-membranes", "--no-track", "--h", "4",
                  "--min-distance", "3", "--min-size", "20", "--threshold", "0.5",
-                 "--quiet"]) == 0  # fmt: skip
+                 "--quiet", "--overwrite"]) == 0  # fmt: skip
     expected = segment_neurons(prob, track=False, h=4, min_distance=3, min_size=20,
                                threshold=0.5)
     np.testing.assert_array_equal(read_labels(out), expected)
@@ -214,9 +213,7 @@ def test_segment_from_membranes_with_model_keeps_the_engine_threshold(tmp_path, 
     from test_neurons import cell_stack
 
     _, prob = cell_stack(nz=3)
-    fake = types.ModuleType("napari_emseg.predict")
-    fake.predict_volume = lambda volume, model, **kw: prob
-    monkeypatch.setitem(sys.modules, "napari_emseg.predict", fake)
+    fake_predict(monkeypatch, lambda volume, model, **kw: prob)
     src, out = tmp_path / "raw.tif", tmp_path / "neurites.tif"
     tifffile.imwrite(src, (prob * 200).astype(np.uint8))
     assert main(["segment", str(src), str(out), "--from-membranes", "--model", "membrane-2d",
@@ -303,3 +300,45 @@ def test_evaluate_empty_ground_truth_rand_is_na(tmp_path, capsys):
     assert main(["evaluate", str(a), str(b), "--json", str(report)]) == 0
     assert "adapted Rand error n/a" in capsys.readouterr().out
     assert json.loads(report.read_text())["adapted_rand"]["error"] is None
+
+
+def test_segment_keeps_the_input_voxel_size(tmp_path):
+    from napari_emseg.io import read_voxel_size, write_volume
+
+    prob = np.where(discs_stack(), 0.9, 0.1).astype(np.float32)
+    src, out = tmp_path / "prob.tif", tmp_path / "labels.zarr"
+    write_volume(src, prob, voxel_size=(40.0, 4.0, 4.0))
+    assert main(["segment", str(src), str(out), "--dims", "2", "--quiet"]) == 0
+    assert read_voxel_size(out) == (40.0, 4.0, 4.0)
+
+
+def test_segment_min_distance_is_never_truncated(tmp_path, capsys):
+    prob = np.where(discs_stack(), 0.9, 0.1).astype(np.float32)
+    src, out = tmp_path / "prob.tif", tmp_path / "labels.tif"
+    tifffile.imwrite(src, prob)
+    assert main(["segment", str(src), str(out), "--min-distance", "2.5", "--quiet"]) == 2
+    assert "--min-distance must be a whole number of pixels, got 2.5" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["segment", str(src), str(out), "--min-distance", "3", "--seed-method", "peaks",
+                 "--quiet"]) == 0  # fmt: skip
+
+
+def test_evaluate_json_needs_overwrite(tmp_path, capsys):
+    a, report = tmp_path / "a.tif", tmp_path / "m.json"
+    tifffile.imwrite(a, discs_stack().astype(np.uint16))
+    report.write_text("mine")
+    assert main(["evaluate", str(a), str(a), "--json", str(report)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert report.read_text() == "mine"
+    assert main(["evaluate", str(a), str(a), "--json", str(report), "--overwrite"]) == 0
+    assert json.loads(report.read_text())["foreground"]["iou"] == 1.0
+
+
+@pytest.mark.parametrize("command", ["", "predict", "train", "segment", "evaluate", "demo"])
+def test_help_of_every_command_through_python_m(command):
+    import subprocess
+
+    argv = [sys.executable, "-m", "napari_emseg.cli", *([command] if command else []), "--help"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: emseg") and not done.stderr

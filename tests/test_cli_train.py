@@ -58,10 +58,10 @@ def test_train_reports_clear_errors(crop_files, tmp_path, capsys):
 
 
 def _parsed(*argv: str):
-    from napari_emseg._cli_train import _config
     from napari_emseg.cli import build_parser
+    from napari_emseg.cli.train import train_config
 
-    return _config(build_parser().parse_args(["train", "i.tif", "l.tif", "o.pt", *argv]))
+    return train_config(build_parser().parse_args(["train", "i.tif", "l.tif", "o.pt", *argv]))
 
 
 def test_steps_epochs_and_minutes_map_to_the_config():

@@ -15,6 +15,8 @@ import tifffile
 import zarr
 
 from napari_emseg import io
+from napari_emseg.io import read as io_read
+from napari_emseg.io import write as io_write
 
 ZARR3 = int(zarr.__version__.split(".")[0]) >= 3
 ZARR_FORMATS = [2, 3] if ZARR3 else [2]
@@ -185,9 +187,9 @@ def test_mrc(tmp_path, vol):
 
 def test_auto_lazy_for_large_volumes(tmp_path, vol, monkeypatch):
     tifffile.imwrite(tmp_path / "v.tif", vol)
-    monkeypatch.setattr(io, "LAZY_BYTES", vol.nbytes - 1)
+    monkeypatch.setattr(io_read, "LAZY_BYTES", vol.nbytes - 1)
     assert isinstance(io.read_volume(tmp_path / "v.tif"), da.Array)
-    monkeypatch.setattr(io, "LAZY_BYTES", vol.nbytes)
+    monkeypatch.setattr(io_read, "LAZY_BYTES", vol.nbytes)
     assert isinstance(io.read_volume(tmp_path / "v.tif"), np.ndarray)
 
 
@@ -340,7 +342,7 @@ def test_write_labels_atomic(tmp_path, monkeypatch, ext):
     new = np.full((4, 8, 8), 5, np.uint32)
 
     # fail after two of four slices were written
-    real_pages = io._iter_pages
+    real_pages = io_write._iter_pages
 
     def failing_pages(data, dtype):
         for i, page in enumerate(real_pages(data, dtype)):
@@ -349,16 +351,16 @@ def test_write_labels_atomic(tmp_path, monkeypatch, ext):
             yield page
 
     if ext == ".tif":
-        monkeypatch.setattr(io, "_iter_pages", failing_pages)
+        monkeypatch.setattr(io_write, "_iter_pages", failing_pages)
     else:
-        real_create = io._create_zarr
+        real_create = io_write._create_zarr
 
         def create_then_fail(*args, **kwargs):
             arr = real_create(*args, **kwargs)
             arr[:2] = 5  # part of the data reaches the temporary store
             raise RuntimeError("disk full")
 
-        monkeypatch.setattr(io, "_create_zarr", create_then_fail)
+        monkeypatch.setattr(io_write, "_create_zarr", create_then_fail)
     with pytest.raises(RuntimeError, match="disk full"):
         io.write_labels(path, new)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no partial file

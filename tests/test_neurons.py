@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from napari_emseg._progress import Cancelled
 from napari_emseg.neurons import segment_neurons
+from napari_emseg.progress import Cancelled
 
 
 # ------------------------------------------------------------------ helpers

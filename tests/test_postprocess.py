@@ -294,7 +294,7 @@ def test_defaults_on_the_sample_truth_give_its_mitochondria():
 
 
 def test_progress_and_cancel():
-    from napari_emseg._progress import Cancelled
+    from napari_emseg.progress import Cancelled
 
     calls = []
     pp.segment(np.stack([two_discs()] * 3), progress=lambda d, t: calls.append((d, t)))

@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from napari_emseg._normalize import normalize  # noqa: E402
-from napari_emseg._progress import Cancelled  # noqa: E402
 from napari_emseg.models import zoo  # noqa: E402
 from napari_emseg.models.unet import UNet  # noqa: E402
 from napari_emseg.predict import predict_slice, predict_volume, select_device  # noqa: E402
+from napari_emseg.progress import Cancelled  # noqa: E402
 
 RNG = np.random.default_rng(42)
 

@@ -131,7 +131,7 @@ def test_streaming_out_array_and_lazy_input():
 
 
 def test_progress_cancel_empty_and_errors():
-    from napari_emseg._progress import Cancelled
+    from napari_emseg.progress import Cancelled
 
     lab = tube(nz=5)
     before = lab.copy()

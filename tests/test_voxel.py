@@ -103,6 +103,7 @@ def test_cli_segment_uses_the_voxel_size_for_3d(tmp_path, capsys, monkeypatch):
     out = tmp_path / "labels.tif"
     assert main(["segment", str(src), str(out), "--dims", "3"]) == 0
     assert "z 30 × y 5 × x 5 nm" in capsys.readouterr().err
-    assert main(["segment", str(src), str(out), "--dims", "3", "--spacing", "2", "1", "1"]) == 0
-    assert main(["segment", str(src), str(out), "--dims", "2", "--quiet"]) == 0
+    assert main(["segment", str(src), str(out), "--dims", "3", "--spacing", "2", "1", "1",
+                 "--overwrite"]) == 0  # fmt: skip
+    assert main(["segment", str(src), str(out), "--dims", "2", "--quiet", "--overwrite"]) == 0
     assert seen == [(6.0, 1.0, 1.0), (2.0, 1.0, 1.0), None]

@@ -58,15 +58,17 @@ class Notes:
     def __init__(self) -> None:
         self.errors: list[str] = []
         self.infos: list[str] = []
+        self.warnings: list[str] = []
 
 
 def capture_notes(monkeypatch) -> Notes:
-    """Replace the widgets' error/info notifications by lists (use in a fixture)."""
+    """Replace the widgets' error/info/warning notifications by lists (use in a fixture)."""
     from napari_emseg._widgets import _common
 
     captured = Notes()
     monkeypatch.setattr(_common, "show_error", captured.errors.append)
     monkeypatch.setattr(_common, "show_info", captured.infos.append)
+    monkeypatch.setattr(_common, "show_warning", captured.warnings.append)
     return captured
 
 

@@ -56,7 +56,7 @@ def _can_read(path: Path) -> bool:
     if not (path.is_file() or path.is_dir()):  # missing, or a pipe / socket / device
         return False
     if path.is_dir():
-        if not (io._is_zarr_dir(path) or io._list_slices(path)):
+        if not (io.is_zarr_dir(path) or io.list_slices(path)):
             return False
     elif path.suffix.lower() not in io.VOLUME_SUFFIXES:
         return False
@@ -142,7 +142,7 @@ def read_em_volume(path: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     except Exception as exc:
         warnings.warn(f"napari-emseg could not read {single}: {exc}", stacklevel=2)
         return None
-    lazy = True if io._is_zarr_dir(single) else None
+    lazy = True if io.is_zarr_dir(single) else None
     layers: list[LayerData] = []
     errors: list[str] = []
     for key in keys:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import io
-from ._voxel import NM_PER_UNIT
+from .io.voxel import NM_PER_UNIT
 
 
 def write_labels(path: str | os.PathLike, data: Any, meta: dict) -> list[str]:

@@ -22,7 +22,7 @@ from scipy import ndimage as ndi
 
 from ._augment import crop_reflect
 from ._normalize import apply_normalization, normalization_range
-from ._progress import CancelCheck, ProgressCallback, check_cancel, report
+from .progress import CancelCheck, ProgressCallback, check_cancel, report
 
 #: Relative difference of voxel sizes above which images are resampled.
 VOXEL_TOLERANCE = 0.25

@@ -61,7 +61,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .postprocess import _bincount
+from .postprocess import bincount, connected_components
 
 __all__ = [
     "adapted_rand_error",
@@ -99,7 +99,7 @@ def _compact(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = a.ravel()
     top = int(flat.max()) if flat.size else 0
     if top <= 4 * flat.size + 1_000_000:
-        present = _bincount(flat, minlength=top + 1) > 0
+        present = bincount(flat, minlength=top + 1) > 0
         present[0] = True
         ids = np.flatnonzero(present)
         lut = np.arange(ids.size, dtype=np.int32 if ids.size < 2**31 else np.int64)
@@ -481,7 +481,7 @@ def segmentation_scores(pred, gt) -> dict[str, object]:
 
 def _count_ids(a: np.ndarray) -> int:
     """Number of distinct nonzero ids."""
-    return int(np.count_nonzero(_bincount(a.ravel(), minlength=1)[1:])) if a.size else 0
+    return int(np.count_nonzero(bincount(a.ravel(), minlength=1)[1:])) if a.size else 0
 
 
 def _rand_dict(p: np.ndarray, g: np.ndarray) -> dict[str, float | None]:
@@ -517,7 +517,7 @@ def _objects_within(labels: np.ndarray, dist: np.ndarray | None,
     """(objects of ``labels`` whose nearest voxel lies within max_distance, all objects)."""
     from scipy.ndimage import minimum
 
-    ids = np.flatnonzero(_bincount(labels.ravel(), minlength=1))
+    ids = np.flatnonzero(bincount(labels.ravel(), minlength=1))
     ids = ids[ids > 0]
     if ids.size == 0 or dist is None:
         return 0, int(ids.size)
@@ -584,8 +584,6 @@ def _instances(a: np.ndarray) -> np.ndarray:
     """Ids as they are, or the connected components of a 0/1 mask."""
     if not _is_binary(a):
         return a
-    from .postprocess import connected_components
-
     return connected_components(a, dims=3, connectivity=1)
 
 

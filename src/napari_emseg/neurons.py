@@ -28,16 +28,16 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from ._progress import CancelCheck, ProgressCallback, check_cancel, report
 from .postprocess import (
-    _as_zyx,
-    _check_dims,
-    _sizes,
-    _spacing,
-    _stage_progress,
     as_probabilities,
+    as_zyx,
+    axis_spacing,
+    check_dims,
+    object_sizes,
     relabel_sequential,
 )
+from .progress import CancelCheck, ProgressCallback, check_cancel, report, stage_progress
+from .tracking import track_slices
 
 __all__ = ["segment_neurons"]
 
@@ -47,7 +47,7 @@ def _boundary_zyx(boundary_prob) -> tuple[np.ndarray, bool]:
     arr = np.asarray(boundary_prob)
     if arr.ndim not in (2, 3):
         raise ValueError(f"boundary_prob must be 2D (YX) or 3D (ZYX); got shape {arr.shape}")
-    return _as_zyx(as_probabilities(arr, name="boundary_prob"))
+    return as_zyx(as_probabilities(arr, name="boundary_prob"))
 
 
 def _ellipsoid(radius: float, sampling: tuple[float, ...]) -> np.ndarray:
@@ -83,7 +83,7 @@ def _merge_small(labels: np.ndarray, surface: np.ndarray, min_size: int) -> np.n
 
     if min_size <= 0:
         return labels
-    ids, counts = _sizes(labels)
+    ids, counts = object_sizes(labels)
     small = ids[counts < min_size]
     if small.size == 0 or small.size == ids.size:
         return labels
@@ -169,7 +169,7 @@ def segment_neurons(
         shortest object kept (see :func:`napari_emseg.tracking.track_slices`).
     progress, cancel
         Progress is reported on a 0..1000 scale; ``cancel()`` returning True
-        stops with :class:`napari_emseg._progress.Cancelled`.
+        stops with :class:`napari_emseg.progress.Cancelled`.
 
     Notes
     -----
@@ -184,7 +184,7 @@ def segment_neurons(
         Cell ids 1..N (0 only where a section had no cell interior at all, or
         where tracking dropped objects shorter than ``min_slices``).
     """
-    _check_dims(dims)
+    check_dims(dims)
     p3, squeeze = _boundary_zyx(boundary_prob)
     if dims == 3 and squeeze:
         raise ValueError(f"dims=3 needs a (Z, Y, X) volume; got shape {p3.shape[1:]}")
@@ -194,7 +194,7 @@ def segment_neurons(
         raise ValueError("min_distance, h and min_size must be >= 0")
     if dims == 3 and spacing is not None and len(tuple(spacing)) != 3:
         raise ValueError(f"spacing must be (z, y, x) for dims=3; got {spacing}")
-    sampling = _spacing(spacing, dims)
+    sampling = axis_spacing(spacing, dims)
     params = dict(threshold=float(threshold), min_distance=float(min_distance), h=float(h),
                   min_size=int(min_size), sampling=sampling)
     check_cancel(cancel)
@@ -203,13 +203,11 @@ def segment_neurons(
         report(progress, 1000, 1000)
         return labels
     link = bool(track) and p3.shape[0] > 1
-    labels = _segment_sections(p3, params, _stage_progress(progress, 0, 700 if link else 1000),
+    labels = _segment_sections(p3, params, stage_progress(progress, 0, 700 if link else 1000),
                                cancel)
     if link:
-        from .tracking import track_slices
-
         labels = track_slices(labels, iou_threshold=iou, max_gap=max_gap,
-                              min_slices=min_slices, progress=_stage_progress(progress, 700, 300),
+                              min_slices=min_slices, progress=stage_progress(progress, 700, 300),
                               cancel=cancel)
     else:
         labels = relabel_sequential(labels)

@@ -32,7 +32,8 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
-from ._progress import CancelCheck, ProgressCallback, check_cancel, report
+from .progress import CancelCheck, ProgressCallback, check_cancel, report, stage_progress
+from .tracking import track_slices
 
 __all__ = [
     "SegmentSettings",
@@ -79,12 +80,13 @@ def _check_ndim(arr: np.ndarray, name: str) -> None:
         raise ValueError(f"{name} must be 2D (YX) or 3D (ZYX); got shape {arr.shape}")
 
 
-def _check_dims(dims: int) -> None:
+def check_dims(dims: int) -> None:
+    """Raise ``ValueError`` unless ``dims`` is 2 or 3."""
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3; got {dims!r}")
 
 
-def _as_zyx(arr: np.ndarray) -> tuple[np.ndarray, bool]:
+def as_zyx(arr: np.ndarray) -> tuple[np.ndarray, bool]:
     """Add a z axis to a 2D array; the flag says whether to squeeze it again."""
     return (arr[None], True) if arr.ndim == 2 else (arr, False)
 
@@ -93,15 +95,15 @@ def _prob_zyx(prob) -> tuple[np.ndarray, bool]:
     """Checked float32 probabilities as ZYX; the flag says whether to squeeze z again."""
     p = _as_prob(prob)
     _check_ndim(p, "prob")
-    return _as_zyx(p)
+    return as_zyx(p)
 
 
 def _mask_zyx(mask, dims: int) -> tuple[np.ndarray, bool]:
     """Checked ``dims`` and a bool mask as ZYX; the flag says whether to squeeze z again."""
-    _check_dims(dims)
+    check_dims(dims)
     m = np.asarray(mask).astype(bool)
     _check_ndim(m, "mask")
-    return _as_zyx(m)
+    return as_zyx(m)
 
 
 def _fits_bincount(top: int, size: int) -> bool:
@@ -109,7 +111,7 @@ def _fits_bincount(top: int, size: int) -> bool:
     return top <= 4 * size + 1_000_000
 
 
-def _structure(dims: int, connectivity: int) -> np.ndarray:
+def structuring_element(dims: int, connectivity: int) -> np.ndarray:
     """3D structuring element; for ``dims=2`` it only links pixels within a slice."""
     if dims == 3:
         if connectivity not in (1, 2, 3):
@@ -122,7 +124,7 @@ def _structure(dims: int, connectivity: int) -> np.ndarray:
     return st
 
 
-def _spacing(spacing: Sequence[float] | None, dims: int) -> tuple[float, ...]:
+def axis_spacing(spacing: Sequence[float] | None, dims: int) -> tuple[float, ...]:
     """Per-axis spacing used inside one object: (y, x) for dims=2, (z, y, x) for 3."""
     if spacing is None:
         return (1.0,) * dims
@@ -144,7 +146,7 @@ def _disk(radius: int, dims: int) -> np.ndarray:
     return zz**2 + yy**2 + xx**2 <= r * r
 
 
-def _bincount(flat: np.ndarray, minlength: int = 0) -> np.ndarray:
+def bincount(flat: np.ndarray, minlength: int = 0) -> np.ndarray:
     """``np.bincount`` without its slow cast of unsigned ids (ids must fit int64/int32)."""
     flat = flat.ravel()
     if flat.dtype == np.uint32 and (flat.size == 0 or int(flat.max()) < 2**31):
@@ -176,7 +178,7 @@ def relabel_sequential(labels: np.ndarray) -> np.ndarray:
         raise ValueError("labels must not contain negative ids")
     top = int(lab.max())
     if _fits_bincount(top, lab.size):
-        present = _bincount(lab, minlength=top + 1) > 0
+        present = bincount(lab, minlength=top + 1) > 0
         present[0] = False
         lut = np.zeros(top + 1, dtype=np.uint32)
         lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.uint32)
@@ -186,11 +188,11 @@ def relabel_sequential(labels: np.ndarray) -> np.ndarray:
     return (inv.reshape(lab.shape) + offset).astype(np.uint32)
 
 
-def _sizes(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def object_sizes(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ids, voxel counts) of the nonzero ids of ``lab``."""
     top = int(lab.max()) if lab.size else 0
     if _fits_bincount(top, lab.size):
-        counts = _bincount(lab, minlength=top + 1)
+        counts = bincount(lab, minlength=top + 1)
         ids = np.flatnonzero(counts)
         ids = ids[ids > 0]
         return ids, counts[ids]
@@ -300,7 +302,7 @@ def fill_holes(mask: np.ndarray, *, dims: int = 2) -> np.ndarray:
     m3, squeeze = _mask_zyx(mask, dims)
     if m3.size == 0:
         return (m3[0] if squeeze else m3).copy()
-    bg, _ = ndi.label(~m3, structure=_structure(dims, 1))
+    bg, _ = ndi.label(~m3, structure=structuring_element(dims, 1))
     faces = [bg[:, 0], bg[:, -1], bg[:, :, 0], bg[:, :, -1]]
     if dims == 3:
         faces += [bg[0], bg[-1]]
@@ -354,7 +356,7 @@ def remove_small_objects(
     ids_img = connected_components(lab, dims=dims, connectivity=connectivity) if is_mask else lab
     if lab.size == 0 or min_size == 0:
         return lab.copy()
-    ids, counts = _sizes(ids_img)
+    ids, counts = object_sizes(ids_img)
     small = ids[counts * voxel < min_size]
     if small.size == 0:
         return lab.copy()
@@ -502,13 +504,13 @@ def connected_components(mask: np.ndarray, *, dims: int = 3, connectivity: int =
     -------
     ndarray of uint32, same shape, ids 1..N
     """
-    _check_dims(dims)
+    check_dims(dims)
     m = np.asarray(mask)
     _check_ndim(m, "mask")
-    m3, squeeze = _as_zyx(m != 0)
+    m3, squeeze = as_zyx(m != 0)
     out = np.zeros(m3.shape, dtype=np.uint32)
     if m3.size:
-        ndi.label(m3, structure=_structure(dims, connectivity), output=out)
+        ndi.label(m3, structure=structuring_element(dims, connectivity), output=out)
     return out[0] if squeeze else out
 
 
@@ -604,7 +606,7 @@ def seeded_watershed(
     -------
     ndarray of uint32, same shape, ids 1..N (increasing with z for dims=2)
     """
-    _check_dims(dims)
+    check_dims(dims)
     if seed_method not in ("hmaxima", "peaks", "distance"):
         raise ValueError(
             f"seed_method must be 'hmaxima', 'peaks' or 'distance'; got {seed_method!r}"
@@ -619,7 +621,7 @@ def seeded_watershed(
             )
     if h < 0 or min_distance < 0:
         raise ValueError("h and min_distance must be >= 0")
-    sampling = _spacing(spacing, dims)
+    sampling = axis_spacing(spacing, dims)
     mask = arr if arr.dtype == np.bool_ else _threshold(arr, threshold)
     return _watershed_mask(
         mask,
@@ -650,14 +652,14 @@ def _watershed_mask(
 ) -> np.ndarray:
     from skimage.segmentation import watershed
 
-    m3, squeeze = _as_zyx(mask)
-    b3 = None if boundary is None else _as_zyx(boundary)[0]
+    m3, squeeze = as_zyx(mask)
+    b3 = None if boundary is None else as_zyx(boundary)[0]
     out = np.zeros(m3.shape, dtype=np.uint32)
     if m3.size == 0:
         return out[0] if squeeze else out
     comps = connected_components(m3, dims=dims, connectivity=1)
     n_comp = int(comps.max())
-    sizes = _bincount(comps, minlength=n_comp + 1)
+    sizes = bincount(comps, minlength=n_comp + 1)
     # components too small to hold two seeds are never split (no Python loop)
     candidates = np.flatnonzero(sizes >= _min_split_size(seed_method, h, min_distance, sampling))
     candidates = candidates[candidates > 0]
@@ -784,7 +786,7 @@ class SegmentSettings:
     min_slices: int = 1
 
     def __post_init__(self) -> None:
-        _check_dims(self.dims)
+        check_dims(self.dims)
         if self.method not in ("watershed", "components"):
             raise ValueError(f"method must be 'watershed' or 'components'; got {self.method!r}")
         if self.track and self.dims != 2:
@@ -921,7 +923,7 @@ def _check_not_labels(arr: np.ndarray, name: str) -> None:
     if low >= 0 and top <= 1:
         return  # a 0/1 mask
     if arr.dtype == np.uint8:
-        present = np.flatnonzero(_bincount(arr, minlength=256))
+        present = np.flatnonzero(bincount(arr, minlength=256))
         if present.tolist() == [0, 255] or present.size > _LABEL_MAX_IDS or top >= 128:
             return  # a 0/255 mask, or 0-255 probabilities
         what = f"{present.size} distinct values, up to {top}"
@@ -937,20 +939,6 @@ def _check_not_labels(arr: np.ndarray, name: str) -> None:
 # aliases: ``SegmentSettings`` has fields named like these functions
 _threshold = threshold
 _zfilter = zfilter
-
-
-def _stage_progress(
-    progress: ProgressCallback | None, start: int, span: int
-) -> ProgressCallback | None:
-    """Map a stage's (done, total) onto [start, start + span] of 1000."""
-    if progress is None:
-        return None
-
-    def cb(done: int, total: int) -> None:
-        frac = done / total if total else 1.0
-        progress(start + int(round(span * frac)), 1000)
-
-    return cb
 
 
 def segment(
@@ -1003,18 +991,16 @@ def segment(
         raise ValueError(f"spacing must be (z, y, x); got {spacing}")
     p = as_probabilities(prob, channel)
     _check_ndim(p, "prob")
-    p3, squeeze = _as_zyx(p)
+    p3, squeeze = as_zyx(p)
     check_cancel(cancel)
     mask = _foreground(p3, s, progress, cancel)
     report(progress, 300, 1000)
-    instances = _instances(mask, s, spacing, _stage_progress(progress, 300, 400), cancel)
+    instances = _instances(mask, s, spacing, stage_progress(progress, 300, 400), cancel)
     objects = None
     if s.track:
-        from .tracking import track_slices
-
         objects = track_slices(instances, iou_threshold=s.iou_threshold, max_gap=s.max_gap,
                                min_slices=s.min_slices, cancel=cancel,
-                               progress=_stage_progress(progress, 700, 200))
+                               progress=stage_progress(progress, 700, 200))
     check_cancel(cancel)
     kept = _drop_small(instances if objects is None else objects, s, spacing)
     if objects is not None:
@@ -1034,10 +1020,10 @@ def _foreground(
 ) -> np.ndarray:
     """Smoothing, z-filter, threshold and morphology: the bool mask (Z, Y, X)."""
     if s.smooth:
-        p3 = smooth_bilateral(p3, progress=_stage_progress(progress, 0, 200), cancel=cancel)
+        p3 = smooth_bilateral(p3, progress=stage_progress(progress, 0, 200), cancel=cancel)
     if s.zfilter and s.zfilter > 1 and p3.shape[0] > 1:
         p3 = _zfilter(p3, s.zfilter, s.zfilter_mode,
-                      progress=_stage_progress(progress, 200, 50), cancel=cancel)
+                      progress=stage_progress(progress, 200, 50), cancel=cancel)
     check_cancel(cancel)
     mask = _threshold(p3, s.threshold)
     if s.opening or s.closing:
@@ -1056,7 +1042,7 @@ def _instances(
     if s.method == "components":
         return connected_components(mask, dims=s.dims, connectivity=s.connectivity)
     return _watershed_mask(
-        mask, dims=s.dims, sampling=_spacing(spacing, s.dims), seed_method=s.seed_method,
+        mask, dims=s.dims, sampling=axis_spacing(spacing, s.dims), seed_method=s.seed_method,
         min_distance=s.min_distance, h=s.h, seed_threshold=s.seed_threshold, boundary=None,
         progress=progress, cancel=cancel,
     )

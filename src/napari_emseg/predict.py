@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from ._normalize import apply_normalization, normalization_range, warn_nonfinite
-from ._progress import CancelCheck, ProgressCallback, check_cancel, report
+from .models import zoo
+from .progress import CancelCheck, ProgressCallback, check_cancel, report
 
 DEFAULT_PATCH = {2: (256, 256), 3: (32, 128, 128)}
 # tiles per batch ~ this many voxels (CPU: 1-2 tiles of 256² are fastest, 4+ are slower)
@@ -195,8 +196,6 @@ def _resolve_model(model, device, dims, activation, context) -> _Predictor:
     import torch
 
     if isinstance(model, (str, os.PathLike)):
-        from .models import zoo
-
         model = zoo.load_model(model)
     meta = dict(getattr(model, "meta", None) or {})
     config = dict(getattr(model, "config", None) or {})
@@ -679,7 +678,7 @@ def predict_volume(
     progress : callable(done, total), optional
         Called after every batch with the number of tiles done.
     cancel : callable() -> bool, optional
-        Checked before every batch; True raises :class:`._progress.Cancelled`.
+        Checked before every batch; True raises :class:`~napari_emseg.progress.Cancelled`.
 
     Returns
     -------

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from ._progress import CancelCheck, ProgressCallback, check_cancel, report
+from .progress import CancelCheck, ProgressCallback, check_cancel, report
 
 __all__ = ["match_slices", "slice_overlaps", "track_slices"]
 

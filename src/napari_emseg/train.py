@@ -25,7 +25,7 @@ import numpy as np
 
 from ._augment import augment, crop_reflect, sample_patch
 from ._normalize import normalization_range
-from ._progress import CancelCheck, Cancelled, ProgressCallback, check_cancel, report
+from .progress import CancelCheck, Cancelled, ProgressCallback, check_cancel, report
 
 #: ``preview(model, seconds)``: called while training, the model in eval mode.
 PreviewCallback = Callable[[Any, float], None]
@@ -422,7 +422,7 @@ def _save_resume(path: Path, model, optim, step: int, best: float, history: list
                  elapsed: float) -> None:
     import torch
 
-    from ._atomic import atomic_path
+    from .io.atomic import atomic_path
 
     state = {"model": model.state_dict(), "optim": optim.state_dict(), "step": step,
              "best": best, "history": history, "elapsed": elapsed}
@@ -434,7 +434,7 @@ def _write_log(path: Path, history: list[dict]) -> None:
     if not history:
         return
     keys = list(history[-1].keys())
-    from ._atomic import atomic_path
+    from .io.atomic import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")

@@ -1,8 +1,13 @@
 """Helpers shared by the dock widgets.
 
 * :class:`Job` runs ``fn(progress, cancel, log)`` in a napari worker thread,
-  maps ``progress`` to a napari progress bar, sets a ``threading.Event`` on
-  cancel, and turns errors into notifications (never a traceback dialog).
+  maps ``progress`` to a napari progress bar (and to the dock's own
+  :class:`ProgressPanel`), sets a ``threading.Event`` on cancel, and turns
+  errors into notifications (never a traceback dialog).
+* :class:`ProgressPanel`: a progress bar with counts and time left, shown in a
+  dock while its job runs (pass it to a :class:`Job` as ``progress_bar``).
+* :func:`warm_up`: imports torch and the engine in a background thread when a
+  dock opens, so the first click does not wait for them.
 * :func:`set_layer` adds a result layer or updates the one of that name in
   place, keeping the source layer's scale and translate.
 * :class:`ModelRegistry` / :func:`model_registry`: per-viewer list of
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, Label
+from magicgui.widgets import ComboBox, Container, Label, ProgressBar
 from napari.layers import Image, Labels, Layer
 from napari.qt.threading import create_worker
 from napari.utils import cancelable_progress
@@ -38,7 +43,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal as PSignal
 from qtpy.QtCore import QObject, Signal
 
-from .._progress import Cancelled
+from ..progress import Cancelled
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +120,9 @@ class Job:
     preload : tuple of str
         Modules (e.g. ``("torch",)``) imported in the worker before its
         priority is lowered.
+    progress_bar : ProgressPanel, optional
+        The dock's own bar: started here, updated with each progress report
+        and told how the job ended.
 
     Attributes
     ----------
@@ -134,8 +142,10 @@ class Job:
         on_finished: Callable[[Job], None] | None = None,
         synchronous: bool | None = None,
         preload: tuple[str, ...] = (),
+        progress_bar: ProgressPanel | None = None,
     ) -> None:
         self.description = description
+        self.progress_bar = progress_bar
         self._preload = preload
         self.done = False
         self.cancelled = False
@@ -152,6 +162,8 @@ class Job:
         self._bridge.progressed.connect(self._show_progress)
         self._bridge.logged.connect(self._forward_log)
         self._pbar = _JobProgress(total=0, desc=description, cancel_callback=self.cancel)
+        if progress_bar is not None:
+            progress_bar.start()
         sync = SYNCHRONOUS if synchronous is None else synchronous
         if sync:
             self._run_synchronously()
@@ -212,6 +224,8 @@ class Job:
     def _show_progress(self, done: int, total: int) -> None:
         if self.done:
             return
+        if self.progress_bar is not None:
+            self.progress_bar.update(done, total)
         try:
             if self._pbar.total != total:
                 self._pbar.total = total
@@ -253,6 +267,8 @@ class Job:
             self._pbar.close()
         except Exception:
             log.debug("closing the progress bar failed", exc_info=True)
+        if self.progress_bar is not None:
+            self.progress_bar.finish(self)
         if self._on_finished is not None:
             try:
                 self._on_finished(self)
@@ -281,6 +297,132 @@ def _restore_priority(old: int | None) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), old)
     except OSError:
         pass
+
+
+# ------------------------------------------------------------ progress panel
+def clock(seconds: float) -> str:
+    """``75`` → ``"1:15"``, ``3725`` → ``"1:02:05"``."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def progress_text(done: int, total: int, elapsed: float, left: float | None) -> str:
+    """``"12/40 · 0:08 elapsed · about 0:19 left"`` (no estimate while ``left`` is None)."""
+    text = f"{done}/{total} · {clock(elapsed)} elapsed"
+    if done >= total:
+        return f"{done}/{total} · done in {clock(elapsed)}"
+    return text + (f" · about {clock(left)} left" if left is not None else "")
+
+
+def budget_text(step: int, elapsed: float, budget: float) -> str:
+    """``"step 40 · 0:45 elapsed · at most 1:15 left"`` for a run with a time budget."""
+    return (f"step {step} · {clock(elapsed)} elapsed · "
+            f"at most {clock(max(0.0, budget - elapsed))} left")
+
+
+class ProgressPanel(Container):
+    """A dock's own progress bar with counts and time left (hidden until a job starts).
+
+    Pass it to :class:`Job` as ``progress_bar``; the job calls :meth:`start`,
+    :meth:`update` for each progress report and :meth:`finish`. The time left
+    is extrapolated from the rate since the first report (start-up work such
+    as loading torch does not count). With ``budget`` (seconds) set, the bar
+    shows time instead: elapsed against the budget, the counts as steps.
+    """
+
+    def __init__(self) -> None:
+        self.bar = ProgressBar(min=0, max=1, value=0, label="")
+        self.text = Label(value="")
+        super().__init__(widgets=[self.bar, self.text], labels=False)
+        self.margins = (0, 0, 0, 0)
+        self.budget: float | None = None
+        self.done, self.total = 0, 0
+        self._t0 = self._first_t = time.perf_counter()
+        self._first_done: int | None = None
+        self.visible = False
+
+    def start(self) -> None:
+        """Show an empty bar and start the clock."""
+        self._t0 = time.perf_counter()
+        self._first_done = None
+        self.done, self.total = 0, 0
+        self.bar.max, self.bar.value = (1000 if self.budget else 1), 0
+        self.text.value = "starting…"
+        self.visible = True
+
+    def elapsed(self) -> float:
+        """Seconds since :meth:`start`."""
+        return time.perf_counter() - self._t0
+
+    def seconds_left(self) -> float | None:
+        """Estimated seconds until ``done == total``, or None before two reports."""
+        if self._first_done is None or self.done <= self._first_done:
+            return None
+        rate = (time.perf_counter() - self._first_t) / (self.done - self._first_done)
+        return rate * max(0, self.total - self.done)
+
+    def update(self, done: int, total: int) -> None:
+        """Show ``done`` of ``total`` (GUI thread)."""
+        if self._first_done is None:
+            self._first_done, self._first_t = done, time.perf_counter()
+        self.done, self.total = int(done), int(total)
+        elapsed = self.elapsed()
+        if self.budget:
+            self.bar.value = min(1000, int(1000 * elapsed / self.budget))
+            self.text.value = budget_text(self.done, elapsed, self.budget)
+            return
+        self.bar.max = max(1, self.total)
+        self.bar.value = min(self.done, self.bar.max)
+        self.text.value = progress_text(self.done, self.total, elapsed, self.seconds_left())
+
+    def finish(self, job: Job) -> None:
+        """Say how the job ended; the bar keeps its last value (full on success)."""
+        try:
+            took = clock(self.elapsed())
+            counts = f"{self.done}/{self.total} · " if self.total and not self.budget else ""
+            if job.cancelled or getattr(job.result, "cancelled", False):  # or stopped early
+                self.text.value = f"{counts}cancelled after {took}"
+            elif job.exception is not None:
+                self.text.value = f"failed after {took}"
+            else:
+                self.bar.value = self.bar.max
+                self.text.value = f"{counts}done in {took}"
+        except RuntimeError:  # the widget was closed
+            pass
+
+
+# ------------------------------------------------------------------- warm-up
+_WARMED: set[str] = set()
+
+#: What the docks import in the background when they open.
+WARM_MODULES = ("torch", "napari_emseg.models.zoo", "napari_emseg.predict",
+                "napari_emseg.train")
+
+
+def warm_up(modules: tuple[str, ...] = WARM_MODULES) -> threading.Thread | None:
+    """Import ``modules`` in a daemon thread (once per process); returns the thread.
+
+    Importing torch takes seconds; done when a dock opens, the first click on
+    Train or Predict starts working at once. Failures are ignored here (the
+    job that needs the module reports them).
+    """
+    todo = tuple(m for m in modules if m not in _WARMED and m not in sys.modules)
+    if not todo:
+        return None
+    _WARMED.update(todo)
+
+    def run() -> None:
+        for module in todo:
+            try:
+                __import__(module)
+            except Exception:
+                log.debug("warm-up import of %s failed", module, exc_info=True)
+
+    thread = threading.Thread(target=run, name="emseg-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 # ---------------------------------------------------------------------- layers
@@ -405,12 +547,13 @@ def watch_layers(viewer, callback: Callable[[], None]) -> None:
         layer.events.name.connect(fire)
 
 
-def layer_picker(viewer, kind: type[Layer], label: str, tooltip: str = "") -> ComboBox:
+def layer_picker(viewer, kind: type[Layer], label: str, tooltip: str = "",
+                 nullable: bool = False) -> ComboBox:
     """A combo box of the viewer's layers of type ``kind`` (value: the layer).
 
     The choices are recomputed by ``reset_choices()`` (call it from a
     :func:`watch_layers` callback); the newest matching layer is selected when
-    the current one disappears.
+    the current one disappears, unless ``nullable`` (then the value may be None).
     """
     ref = weakref.ref(viewer)
 
@@ -420,7 +563,7 @@ def layer_picker(viewer, kind: type[Layer], label: str, tooltip: str = "") -> Co
             return []
         return [(layer.name, layer) for layer in v.layers if isinstance(layer, kind)]
 
-    return ComboBox(label=label, choices=choices, nullable=False, tooltip=tooltip)
+    return ComboBox(label=label, choices=choices, nullable=nullable, tooltip=tooltip)
 
 
 def reason_label() -> Label:

@@ -1,4 +1,10 @@
-"""Predict dock widget: image layer + model → "<image> probabilities" layer."""
+"""Predict dock widget: image layer + model → "<image> probabilities" layer.
+
+A whole in-memory volume is predicted through :func:`napari_emseg.adapt.predict_adapted`:
+resampled to the model's voxel size when the layer's differs ("match the model's
+voxel size") and, on request, with BatchNorm statistics re-estimated on the
+volume ("adapt to this volume", AdaBN).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from ._common import (
     CancellableJobOwner,
     Job,
     ModelChoices,
+    ProgressPanel,
     base_name,
     layer_array,
     layer_picker,
@@ -46,6 +53,44 @@ DEFAULT_BLOCK = (64, 512, 512)
 REFRESH_INTERVAL = 0.5
 DEVICES = ("auto", "cpu", "cuda", "mps")
 EXTENTS = (("whole volume (3D)", "volume"), ("current slice (2D)", "slice"))
+
+
+def parse_voxel_size(text: str) -> tuple[float, ...] | None:
+    """``""`` → None (unknown); ``"5"`` → (5, 5, 5); ``"40, 5, 5"`` → (40, 5, 5) (nm)."""
+    text = text.strip().lower()
+    if text in ("", "auto", "none", "unknown"):
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace("x", ",").replace(" ", ",").split(",")
+                       if v)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 3
+    if len(values) not in (2, 3) or not all(0 < v < float("inf") for v in values):
+        raise ValueError("voxel size must be empty (unknown) or 1 to 3 numbers > 0 in nm, "
+                         f"e.g. '5' or '40,5,5'; got {text!r}")
+    return values
+
+
+def voxel_text(layer: Image | None) -> str:
+    """The layer's voxel size in nm as text ("" when unknown, i.e. every scale is 1)."""
+    if layer is None:
+        return ""
+    from .._writer import layer_voxel_size
+
+    ndim = layer_array(layer).ndim
+    sizes = layer_voxel_size(layer.scale, getattr(layer, "units", None), ndim)
+    return "" if sizes is None else ",".join(f"{v:g}" for v in sizes)
+
+
+def keep_as_previous(viewer: napari.viewer.Viewer, layer) -> None:
+    """Rename ``layer`` to "<name> (previous)", replacing an older such layer."""
+    name = f"{layer.name} (previous)"
+    old = _common.find_layer(viewer, name)
+    if old is not None and old is not layer:
+        viewer.layers.remove(old)
+    layer.name = name
 
 
 def _threshold_tag(threshold) -> dict:
@@ -182,6 +227,10 @@ def predict_job(
     target: str | Path | None = None,
     block_shape: tuple[int, int, int] | None = None,
     overwrite: bool = False,
+    adaptation: dict | None = None,
+    keep_previous: bool = False,
+    make_current: bool = True,
+    progress_bar: ProgressPanel | None = None,
 ) -> Job | None:
     """Predict ``layer`` with ``model`` in a worker; the result updates the viewer.
 
@@ -200,11 +249,21 @@ def predict_job(
         Predict only this slice (written into the probabilities layer).
     options : dict
         ``predict_volume`` keywords (patch, overlap, batch_size, device, amp, tta).
+    adaptation : dict, optional
+        ``voxel_size``, ``adapt`` and ``resample_to_model`` for
+        :func:`napari_emseg.adapt.predict_adapted` (whole in-memory volumes only).
+    keep_previous : bool
+        Keep an existing probabilities layer as "<name> (previous)".
+    make_current : bool
+        Make ``model`` the viewer's current model once the prediction is shown.
+    progress_bar : ProgressPanel, optional
+        The dock's own progress bar.
 
     Returns
     -------
     Job or None
-        None (and an error notification) when the inputs are unusable.
+        None (and an error notification) when the inputs are unusable. Its
+        ``info`` dict holds ``note``: what the adaptation did (may be empty).
     """
     if not _inputs_ok(layer, model):
         return None
@@ -213,7 +272,7 @@ def predict_job(
         return predict_blockwise_job(viewer, layer, model, target=target,
                                      block_shape=block_shape, overwrite=overwrite,
                                      options=options, on_finished=on_finished,
-                                     synchronous=synchronous)
+                                     synchronous=synchronous, progress_bar=progress_bar)
     opts = {k: v for k, v in (options or {}).items() if v is not None}
     if opts.get("device") == "auto":
         opts.pop("device")
@@ -222,7 +281,7 @@ def predict_job(
     name = _common.model_label(str(key)) if key else "model"
     layer_name = probabilities_name(layer.name)
 
-    tuned: dict = {}  # the model's threshold, handed to the Segment widget
+    tuned: dict = {"note": ""}  # the model's threshold (for Segment), what adapt did
 
     def work(progress, cancel, _log) -> np.ndarray:
         from .. import predict as engine
@@ -231,12 +290,22 @@ def predict_job(
         tuned["threshold"] = getattr(net, "meta", {}).get("threshold")
         if z is not None and data.ndim == 3:
             return engine.predict_slice(data, net, z, progress=progress, cancel=cancel, **opts)
-        return engine.predict_volume(data, net, progress=progress, cancel=cancel, **opts)
+        if adaptation is None:
+            return engine.predict_volume(data, net, progress=progress, cancel=cancel, **opts)
+        from ..adapt import describe, predict_adapted
+
+        prob, info = predict_adapted(np.asarray(data), net, **adaptation, progress=progress,
+                                     cancel=cancel, **opts)
+        tuned["note"] = describe(info)
+        return prob
 
     def show(prob: np.ndarray) -> None:
         prob = np.asarray(prob, dtype=np.float32)
         tag = _threshold_tag(tuned.get("threshold"))
         existing = _common.find_layer(viewer, layer_name, Image)
+        if existing is not None and keep_previous and z is None:
+            keep_as_previous(viewer, existing)
+            existing = None
         if existing is not None:  # before its data changes: Segment reads it then
             existing.metadata.update(tag)
         if z is not None and data.ndim == 3:
@@ -253,13 +322,15 @@ def predict_job(
         metadata = {**(existing.metadata if existing is not None else {}), **tag}
         _common.set_layer(viewer, layer_name, prob, "image", source=layer, metadata=metadata,
                           **PROB_DISPLAY)
-        if key is not None:
+        if key is not None and make_current:
             registry.set_current(str(key))
 
     where = f" (slice {z})" if z is not None and data.ndim == 3 else ""
-    return Job(work, description=f"Predict {layer.name!r} with {name}{where}",
-               on_returned=show, on_finished=on_finished, synchronous=synchronous,
-               preload=("torch",))
+    job = Job(work, description=f"Predict {layer.name!r} with {name}{where}",
+              on_returned=show, on_finished=on_finished, synchronous=synchronous,
+              preload=("torch",), progress_bar=progress_bar)
+    job.info = tuned
+    return job
 
 
 def predict_blockwise_job(
@@ -273,6 +344,7 @@ def predict_blockwise_job(
     options: dict | None = None,
     on_finished: Callable[[Job], None] | None = None,
     synchronous: bool | None = None,
+    progress_bar: ProgressPanel | None = None,
 ) -> Job | None:
     """Predict a lazy 3D layer block by block into a zarr, shown lazily as it fills.
 
@@ -394,8 +466,9 @@ def predict_blockwise_job(
 
     job = Job(work, description=f"Predict {layer.name!r} with {name} → {target.name}",
               on_returned=returned, on_log=on_log, on_finished=finished,
-              synchronous=synchronous, preload=("torch", "zarr"))
+              synchronous=synchronous, preload=("torch", "zarr"), progress_bar=progress_bar)
     job.target = target
+    job.info = {"note": ""}
     return job
 
 
@@ -403,34 +476,68 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
     """Dock widget: run a model on an image layer.
 
     The output is an Image layer ``"<image> probabilities"`` (magma, additive,
-    contrast 0–1) that a re-run updates in place.
+    contrast 0–1) that a re-run updates in place. The first bundled model is
+    chosen when the viewer has no current model.
     """
 
     done_status = "done"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
+        _common.warm_up()
         self._viewer = napari_viewer
         self._registry = model_registry(napari_viewer)
         self.job: Job | None = None
+        self._build(napari_viewer)
+        self._show_advanced(False)
 
+        self.advanced.changed.connect(self._show_advanced)
+        self.browse.changed.connect(self._browsed)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.image.changed.connect(self._image_changed)
+        self._follow_registry(napari_viewer)
+        self._default_model()
+        self._image_changed()
+
+    def _build(self, viewer) -> None:
         self.reason = _common.reason_label()
-        self.image = layer_picker(napari_viewer, Image, "image",
+        self.image = layer_picker(viewer, Image, "image",
                                   "EM stack (Z, Y, X) or single slice (Y, X)")
         self.model = ComboBox(label="model", choices=self._model_choices, nullable=True,
                               tooltip="Bundled model, or a checkpoint trained here / browsed to")
         self.browse = FileEdit(label="checkpoint file", mode="r", filter="*.pt",
                                tooltip="Browse… for a napari-emseg checkpoint (.pt)")
         self.extent = ComboBox(label="run on", choices=list(EXTENTS), value="volume",
-                               tooltip="Whole volume, or only the slice shown (fast preview)")
-        self.tta = CheckBox(text="test-time augmentation (8× slower)", value=False)
-        self.device = ComboBox(label="device", choices=list(DEVICES), value="auto")
-        self.advanced = CheckBox(text="advanced", value=False)
+                               tooltip="Whole volume, or only the slice shown (fast preview, "
+                                       "without adaptation)")
+        self.voxel = LineEdit(label="voxel size (nm)", value="",
+                              tooltip="The image's voxel size in nm, 'z,y,x' or one value; "
+                                      "filled from the layer's scale when it is not 1. Empty "
+                                      "= unknown (no resampling)")
+        self.match_voxel = CheckBox(text="match the model's voxel size", value=True,
+                                    tooltip="Resample the image to the voxel size the model "
+                                            "was trained at (when they differ by more than "
+                                            "25 %), and the probabilities back")
+        self.adapt = CheckBox(text="adapt to this volume", value=False,
+                              tooltip="Re-estimate the model's BatchNorm statistics on this "
+                                      "volume before predicting (AdaBN, no labels needed); "
+                                      "helps on EM that looks different from the model's")
+        self.tta = CheckBox(text="test-time augmentation (8× slower)", value=False,
+                            tooltip="Average the predictions of the 8 flips / rotations")
+        self.device = ComboBox(label="device", choices=list(DEVICES), value="auto",
+                               tooltip="auto: CUDA, then Apple MPS, else CPU")
+        self.advanced = CheckBox(text="advanced", value=False,
+                                 tooltip="Show tiling, batch and blockwise options")
         self.patch = LineEdit(label="patch", value="auto",
                               tooltip="'auto' (the model's), '256' or '32,128,128'")
-        self.overlap = FloatSpinBox(label="overlap", value=0.25, min=0.0, max=0.9, step=0.05)
-        self.batch = SpinBox(label="batch (0 = auto)", value=0, min=0, max=512)
-        self.amp = CheckBox(text="mixed precision on GPU", value=True)
+        self.overlap = FloatSpinBox(label="overlap", value=0.25, min=0.0, max=0.9, step=0.05,
+                                    tooltip="Fraction of a tile shared with its neighbours "
+                                            "(blended with a Gaussian weight)")
+        self.batch = SpinBox(label="batch (0 = auto)", value=0, min=0, max=512,
+                             tooltip="Tiles per forward pass; auto fits the device")
+        self.amp = CheckBox(text="mixed precision on GPU", value=True,
+                            tooltip="bfloat16 on CUDA: faster, same result within 1e-2")
         tip = " (lazy dask / zarr images only: predicted block by block into a zarr)"
         self.output = FileEdit(label="output zarr", mode="w", filter="*.zarr", value="",
                                tooltip="Where the probabilities are written; empty = "
@@ -441,28 +548,40 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
         self.overwrite = CheckBox(text="overwrite output (else resume)", value=False,
                                   tooltip="Start the output zarr over instead of resuming "
                                           "its unfinished blocks" + tip)
-        self.run_button = PushButton(text="Predict")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.run_button = PushButton(text="Predict", tooltip="Predict with these settings")
+        self.cancel_button = PushButton(text="Cancel", enabled=False,
+                                        tooltip="Stop; the layers stay as they were")
+        self.progress = ProgressPanel()
         self.status = Label(value="")
+        self.status.native.setWordWrap(True)
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                             labels=False)
         self._advanced = [self.patch, self.overlap, self.batch, self.amp, self.output,
                           self.block, self.overwrite]
-        self.extend([self.reason, self.image, self.model, self.browse, self.extent, self.tta,
-                     self.device, self.advanced, *self._advanced, buttons, self.status])
-        self._show_advanced(False)
-
-        self.advanced.changed.connect(self._show_advanced)
-        self.browse.changed.connect(self._browsed)
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.image.changed.connect(self._update_state)
-        self._follow_registry(napari_viewer)
-        self._update_state()
+        self.extend([self.reason, self.image, self.model, self.browse, self.extent, self.voxel,
+                     self.match_voxel, self.adapt, self.tta, self.device, self.advanced,
+                     *self._advanced, buttons, self.progress, self.status])
 
     # -- choices and state
+    def _default_model(self) -> None:
+        """Choose the first bundled model when none is chosen."""
+        if self.model.value:
+            return
+        bundled = [key for _label, key in self._registry.choices()
+                   if "/" not in key and "\\" not in key]
+        if bundled:
+            self.model.value = bundled[0]
+
     def _layers_changed(self) -> None:
         self.image.reset_choices()
+        self._update_state()
+
+    def _image_changed(self, _value=None) -> None:
+        """Prefill the voxel size from the new image layer's scale."""
+        try:
+            self.voxel.value = voxel_text(self.image.value)
+        except RuntimeError:  # widget deleted
+            return
         self._update_state()
 
     def _show_advanced(self, visible: bool) -> None:
@@ -478,7 +597,9 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
     def _update_state(self, _value=None) -> None:
         problem = _check_image(self.image.value)
         if problem is None and not self.model.value:
-            problem = "no model: no bundled models found; browse to a checkpoint file"
+            problem = ("no model chosen: pick one or browse to a checkpoint file"
+                       if self.model.choices else
+                       "no model: no bundled models found; browse to a checkpoint file")
         self.reason.value = problem or ""
         self.reason.visible = bool(problem)
         self.run_button.enabled = problem is None and not self._busy()
@@ -492,6 +613,14 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
             "device": self.device.value,
             "amp": bool(self.amp.value),
             "tta": bool(self.tta.value),
+        }
+
+    def adaptation(self) -> dict:
+        """``predict_adapted`` keywords: voxel size, adapt, resample to the model's."""
+        return {
+            "voxel_size": parse_voxel_size(self.voxel.value),
+            "adapt": bool(self.adapt.value),
+            "resample_to_model": bool(self.match_voxel.value),
         }
 
     def blockwise_options(self) -> dict:
@@ -513,6 +642,7 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
         try:
             opts = self.predict_options()
             blockwise = self.blockwise_options()
+            adaptation = self.adaptation()
         except ValueError as exc:
             _common.error(f"Predict: {exc}")
             return None
@@ -520,7 +650,8 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
         if self.extent.value == "slice" and layer is not None and layer_array(layer).ndim == 3:
             z = _common.current_index(self._viewer, layer)
         job = predict_job(self._viewer, layer, self.model.value, z=z, options=opts,
-                          on_finished=self._finished, **blockwise)
+                          on_finished=self._finished, adaptation=adaptation,
+                          progress_bar=self.progress, **blockwise)
         if job is None:
             return None
         self.job = job
@@ -531,3 +662,12 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
         if job.done:  # synchronous
             self._finished(job)
         return job
+
+    def _finished(self, job: Job) -> None:
+        super()._finished(job)
+        note = getattr(job, "info", {}).get("note")
+        if note and job.exception is None and not job.cancelled:
+            try:
+                self.status.value = f"done: {note}"
+            except RuntimeError:
+                pass

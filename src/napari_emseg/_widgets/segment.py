@@ -407,7 +407,7 @@ class SegmentWidget(CancellableJobOwner, Container):
 
 def _spacing(layer: Image, prob) -> tuple[float, ...] | None:
     """The layer's voxel size relative to its finest axis, when anisotropic (else None)."""
-    from .._voxel import relative_spacing
+    from ..io.voxel import relative_spacing
 
     scale = tuple(layer.scale[-3:])
     if prob.ndim != 3 or len(set(scale)) == 1:

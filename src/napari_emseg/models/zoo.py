@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .._atomic import atomic_path
+from ..io.atomic import atomic_path
 
 FORMAT = "napari-emseg"
 VERSION = 1

@@ -6,8 +6,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import _cli_common as common
-from ._cli_common import check_output, memory_guard, model_help
+import numpy as np
+
+from .._textbar import ProgressBar
+from ..io import read_volume
+from ..models.zoo import build_model, load_model
+from ..train import (
+    TrainConfig,
+    _resume_path,
+    fine_tune,
+    fine_tune_settings,
+    fit,
+    threshold_note,
+)
+from . import common
+from .common import check_output, memory_guard, model_help
 
 CROP_HINT = "train on a crop of the volume (a few hundred slices are plenty)"
 
@@ -69,9 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _config(args):
-    from .train import TrainConfig
-
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training settings the flags give (the engine's defaults for the rest)."""
     kw = dict(dims=args.dims, context=args.context, width=args.width, depth=args.depth,
               residual=args.residual, device=args.device, seed=args.seed)
     steps = args.steps if args.steps is not None else (
@@ -86,11 +98,8 @@ def _config(args):
     return TrainConfig(**kw)
 
 
-def _with_fine_tune_defaults(args, config):
+def _with_fine_tune_defaults(args: argparse.Namespace, config: TrainConfig):
     """Load ``--from``; its fine-tuning LR and batch size fill what the user left unset."""
-    from .models.zoo import load_model
-    from .train import fine_tune_settings
-
     model = load_model(args.source)
     config.lr, config.batch_size = fine_tune_settings(model, args.lr, args.batch_size)
     return model
@@ -99,8 +108,6 @@ def _with_fine_tune_defaults(args, config):
 def _check_resume(out: str) -> None:
     """``--resume``: a resume state that exists must be readable (else a clean error)."""
     import torch
-
-    from .train import _resume_path
 
     path = _resume_path(Path(out))
     if not path.exists():
@@ -118,10 +125,8 @@ def _check_resume(out: str) -> None:
                          "delete it to start over")
 
 
-def _new_model(args, painted):
+def _new_model(args: argparse.Namespace, painted: np.ndarray):
     """A fresh U-Net for painted labels without ``--from``."""
-    from .models.zoo import build_model
-
     n_out = max(1, int(painted.max()) - 1)
     in_channels = 2 * args.context + 1 if args.dims == 2 else 1
     return build_model(dict(dims=args.dims, in_channels=in_channels, out_channels=n_out,
@@ -129,12 +134,9 @@ def _new_model(args, painted):
                        {"context": args.context if args.dims == 2 else 0})
 
 
-def _train(args, image, labels, config, bar, log):
+def _train(args: argparse.Namespace, image: np.ndarray, labels: np.ndarray,
+           config: TrainConfig, bar, log):
     """One engine call: :func:`fine_tune` (--from / --painted) or :func:`fit`."""
-    import numpy as np
-
-    from .train import fine_tune, fit
-
     if args.source or args.painted:
         painted = labels if args.painted else np.where(labels > 0, labels + 1, 1)
         model = (_with_fine_tune_defaults(args, config) if args.source
@@ -145,21 +147,15 @@ def _train(args, image, labels, config, bar, log):
                resume=args.resume, progress=bar, on_log=log)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``emseg train``."""
-    import numpy as np
-
-    from ._textbar import ProgressBar
-    from .io import read_volume
-    from .train import threshold_note
-
     check_output(args.out, [args.image, args.labels, args.source],
                  args.overwrite or args.resume)
     if args.resume:
         _check_resume(args.out)
     image = read_volume(args.image, key=args.key)
     labels = read_volume(args.labels, key=args.key)
-    config = _config(args)
+    config = train_config(args)
 
     def log(rec):
         sys.stderr.write(f"\n  step {rec['step']}: loss {rec['loss']:.4f}, "

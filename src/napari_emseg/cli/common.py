@@ -6,9 +6,11 @@
   only with ``--overwrite``, and a folder only when it is a zarr we wrote;
 * :func:`memory_guard`: out-of-memory as a one-line error saying how much
   memory the volume needs;
+* :func:`resolve_threshold`: ``--threshold``, else the model's tuned one;
 * :class:`HelpFormatter`: ``--help`` shows the defaults.
 
-Imports nothing heavy at module level (the parser is built on every call).
+Imports neither torch nor napari at module level (the parser is built on
+every call).
 """
 
 from __future__ import annotations
@@ -17,9 +19,16 @@ import argparse
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
+
+from ..io import is_emseg_zarr
+from ..models.zoo import list_models, model_info
+from ..postprocess import SegmentSettings, segment_defaults
 
 __all__ = [
     "HelpFormatter",
@@ -31,10 +40,13 @@ __all__ = [
     "model_help",
     "non_negative_float",
     "non_negative_int",
+    "parse_threshold",
     "positive_float",
     "positive_int",
     "probability",
+    "resolve_threshold",
     "shape",
+    "threshold",
     "tta_count",
     "voxel_size",
 ]
@@ -126,6 +138,55 @@ def tta_count(text: str) -> int:
     return value
 
 
+# ----------------------------------------------------------------- threshold
+def parse_threshold(value: float | str) -> float | str:
+    """A foreground threshold: ``'otsu'`` or a number in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        Anything else, with a message naming ``--threshold``.
+    """
+    if str(value).strip().lower() == "otsu":
+        return "otsu"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--threshold must be a number in [0, 1] or 'otsu', got {value!r}") \
+            from None
+    if not 0.0 <= number <= 1.0:  # NaN fails too
+        raise ValueError(f"--threshold must be a number in [0, 1] or 'otsu', got {value!r}")
+    return number
+
+
+def threshold(text: str) -> float | str:
+    """argparse type for ``--threshold``: a number in [0, 1] or 'otsu'."""
+    try:
+        return parse_threshold(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number in [0, 1] or 'otsu', got {text!r}") from None
+
+
+def resolve_threshold(args: argparse.Namespace, meta: dict | None = None) -> float | str:
+    """``--threshold``, else the ``--model``'s tuned threshold, else the default.
+
+    Parameters
+    ----------
+    args : the parsed options (``threshold``, ``model``, ``quiet`` are read
+        when present)
+    meta : the loaded model's metadata (else the checkpoint is read for it)
+    """
+    if getattr(args, "threshold", None) is not None:
+        return parse_threshold(args.threshold)
+    if getattr(args, "model", None):
+        value = segment_defaults(meta or model_info(args.model)).threshold
+        if not getattr(args, "quiet", False):
+            print(f"threshold {value:g} (tuned for {args.model})", file=sys.stderr)
+        return value
+    return SegmentSettings().threshold
+
+
 # ----------------------------------------------------------------- shapes
 def _split(text: str) -> list[str]:
     """'32,128,128', '32x128x128' or '32 128 128' → ['32', '128', '128']."""
@@ -203,8 +264,6 @@ def _check_available(value: str) -> None:
 
 def model_help(what: str = "model") -> str:
     """Help text for a model option, listing the bundled models."""
-    from .models.zoo import list_models
-
     names = ", ".join(list_models()) or "none installed"
     return f"{what}: a bundled model name ({names}) or a checkpoint file (.pt)"
 
@@ -251,8 +310,6 @@ def check_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike |
         ``output`` exists and is not to be replaced: without ``--overwrite``,
         or a folder that is not a zarr napari-emseg wrote (never replaced).
     """
-    from .io import is_emseg_zarr
-
     out = Path(output).expanduser()
     target = out.resolve()
     for given in inputs:
@@ -317,8 +374,6 @@ def memory_guard(shape: Sequence[int], dtype, *, bytes_per_voxel: int = 8,
     except Exception as exc:  # MemoryError is an Exception; so is torch's OOM
         if not _is_out_of_memory(exc):
             raise
-        import numpy as np
-
         voxels = math.prod(int(n) for n in shape)
         need = voxels * (np.dtype(dtype).itemsize + bytes_per_voxel)
         cause = str(exc).splitlines()[0] if str(exc) else "allocation failed"

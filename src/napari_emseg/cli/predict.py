@@ -7,9 +7,15 @@ import sys
 import time
 from pathlib import Path
 
-from . import _cli_common as common
-from ._cli_common import check_output, memory_guard, model_help
-from ._textbar import progress_bar
+import numpy as np
+
+from .._textbar import progress_bar
+from ..adapt import describe, predict_adapted
+from ..io import read_volume, read_voxel_size, scale_text, write_volume
+from ..models.zoo import load_model
+from . import common
+from .blockwise import add_blockwise_arguments, run_blockwise_predict
+from .common import check_output, memory_guard, model_help
 
 DEFAULT_MODEL = "mito-2d"
 OUTPUT_SUFFIXES = (".tif", ".tiff", ".zarr")
@@ -59,8 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the model's")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    from ._cli_blockwise import add_blockwise_arguments
-
     add_blockwise_arguments(p)
     p.set_defaults(func=run)
 
@@ -76,8 +80,6 @@ def _check_output(args: argparse.Namespace) -> Path:
 
 def _voxel_size(args: argparse.Namespace, ndim: int) -> tuple[float, ...] | None:
     """--voxel-size, else the input's metadata; ``ndim`` values (nm) or None."""
-    from ._voxel import read_voxel_size
-
     if args.voxel_size is None:
         return read_voxel_size(args.input, key=args.key, ndim=ndim)
     if len(args.voxel_size) < ndim:
@@ -96,18 +98,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``emseg predict``; returns the exit code."""
     out = _check_output(args)
     if args.blockwise:
-        from ._cli_blockwise import run_blockwise_predict
-
         return run_blockwise_predict(args)
-    import numpy as np
-
-    from . import io
-    from ._voxel import scale_text
-    from .adapt import describe, predict_adapted
-    from .models import zoo
-
-    volume = io.read_volume(args.input, key=args.key)
-    model = zoo.load_model(args.model)
+    volume = read_volume(args.input, key=args.key)
+    model = load_model(args.model)
     voxel = _voxel_size(args, volume.ndim)
     meta = model.meta
     if not args.quiet:
@@ -126,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if done:
         print(f"emseg predict: {done}", file=sys.stderr)
     spatial = voxel if voxel is not None and len(voxel) == min(prob.ndim, 3) else None
-    io.write_volume(out, prob, voxel_size=spatial)
+    write_volume(out, prob, voxel_size=spatial)
     if not args.quiet:
         print(f"emseg predict: wrote {out} {tuple(prob.shape)} {prob.dtype} "
               f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -9,8 +9,18 @@ import sys
 import time
 from pathlib import Path
 
-from . import _cli_common as common
-from ._cli_common import check_output, model_help
+import numpy as np
+from scipy import ndimage as ndi
+
+from .._sample_data import SAMPLE_SCALE, load_sample
+from .._textbar import ProgressBar
+from ..io import write_labels, write_volume
+from ..metrics import evaluate
+from ..models.zoo import load_model
+from ..postprocess import segment, segment_defaults
+from ..predict import predict_volume
+from . import common
+from .common import check_output, model_help
 
 OUTPUTS = ("instances.tif", "probabilities.tif", "overview.png", "summary.json")
 
@@ -41,13 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def overview_png(path: Path, image, prob, labels, truth) -> Path:
+def overview_png(path: Path, image: np.ndarray, prob: np.ndarray, labels: np.ndarray,
+                 truth: np.ndarray) -> Path:
     """Save a 3-panel PNG (image, probabilities, instances) of the middle slice."""
-    import matplotlib
+    import matplotlib  # slow to import: only when a PNG is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     from skimage.segmentation import find_boundaries
 
     z = image.shape[0] // 2
@@ -96,19 +106,39 @@ def _check_show() -> None:
         raise ValueError("--show needs napari: pip install 'napari[all]'")
 
 
-def run(args) -> int:
+def _write_results(out: Path, image: np.ndarray, prob: np.ndarray, labels: np.ndarray,
+                   truth: np.ndarray, summary: dict) -> None:
+    """probabilities.tif, instances.tif (with the sample's voxel size), overview.png, summary.json."""
+    write_volume(out / "probabilities.tif", prob, voxel_size=SAMPLE_SCALE)
+    write_labels(out / "instances.tif", labels, voxel_size=SAMPLE_SCALE)
+    overview_png(out / "overview.png", image, prob, labels, truth)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    scores = summary["scores_vs_ground_truth"]
+    fg = scores["foreground"]
+    aps = scores["instances"]["thresholds"]
+    print(f"\npredicted in {summary['predict_seconds']:.1f} s, segmented in "
+          f"{summary['segment_seconds']:.1f} s: {summary['objects']} objects")
+    print(f"  vs ground truth: foreground IoU {fg['iou']:.3f}, Dice {fg['dice']:.3f}, "
+          + ", ".join(f"AP@{t} {v['ap']:.2f}" for t, v in aps.items()))
+    print(f"results written to {out.resolve()}/ ({', '.join(OUTPUTS)})")
+
+
+def _show(image: np.ndarray, prob: np.ndarray, labels: np.ndarray) -> None:
+    """Open the result in napari (blocks until the window is closed)."""
+    import napari  # heavy: only for --show
+
+    viewer = napari.Viewer()
+    viewer.add_image(image, name="Lucchi++ EM")
+    viewer.add_image(prob, name="probabilities", colormap="magma", blending="additive")
+    viewer.add_labels(labels, name="instances")
+    napari.run()
+
+
+def run(args: argparse.Namespace) -> int:
     """Run ``emseg demo``."""
-    import numpy as np
-
-    from ._sample_data import SAMPLE_SCALE as voxel
-    from ._sample_data import load_sample
-    from ._textbar import ProgressBar
-    from .io import write_labels, write_volume
-    from .metrics import evaluate
-    from .models.zoo import load_model
-    from .postprocess import segment, segment_defaults
-    from .predict import predict_volume
-
     if args.show:
         _check_show()
     out = Path(args.out)
@@ -117,41 +147,21 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     image, truth = load_sample()
     model = load_model(args.model)
-    settings = segment_defaults(model.meta)  # what `emseg segment --model` uses too
     print(f"sample: {image.shape} {image.dtype}; model: {args.model} "
           f"({model.meta.get('description', '')})")
     t0 = time.perf_counter()
     prob = predict_volume(image, model, tta=args.tta, device=args.device,
                           progress=ProgressBar("predict", "tiles"))
     t1 = time.perf_counter()
-    labels = segment(prob, settings).labels
+    labels = segment(prob, segment_defaults(model.meta)).labels  # as `emseg segment --model`
     t2 = time.perf_counter()
-    from scipy import ndimage as ndi
-
-    truth_instances = ndi.label(truth > 0)[0].astype(np.uint32)
-    scores = evaluate(labels, truth_instances)
-    write_volume(out / "probabilities.tif", prob, voxel_size=voxel)
-    write_labels(out / "instances.tif", labels, voxel_size=voxel)
-    overview_png(out / "overview.png", image, prob, labels, truth)
+    scores = evaluate(labels, ndi.label(truth > 0)[0].astype(np.uint32))
     summary = {"model": args.model, "shape": list(image.shape), "tta": args.tta,
                "predict_seconds": round(t1 - t0, 2), "segment_seconds": round(t2 - t1, 2),
                "objects": int(len(np.unique(labels)) - 1),
                "scores_vs_ground_truth": scores}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    print(f"\npredicted in {t1 - t0:.1f} s, segmented in {t2 - t1:.1f} s: "
-          f"{summary['objects']} objects")
-    fg = scores["foreground"]
-    aps = scores["instances"]["thresholds"]
-    print(f"  vs ground truth: foreground IoU {fg['iou']:.3f}, Dice {fg['dice']:.3f}, "
-          + ", ".join(f"AP@{t} {v['ap']:.2f}" for t, v in aps.items()))
-    print(f"results written to {out.resolve()}/ (instances.tif, probabilities.tif, "
-          f"overview.png, summary.json)")
+    _write_results(out, image, prob, labels, truth, summary)
+    _print_summary(summary, out)
     if args.show:
-        import napari
-
-        viewer = napari.Viewer()
-        viewer.add_image(image, name="Lucchi++ EM")
-        viewer.add_image(prob, name="probabilities", colormap="magma", blending="additive")
-        viewer.add_labels(labels, name="instances")
-        napari.run()
+        _show(image, prob, labels)
     return 0

@@ -11,6 +11,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .formats import (
+    HDF5_SUFFIXES,
+    MRC_SUFFIXES,
+    TIFF_SUFFIXES,
+    h5_datasets,
+    is_zarr_dir,
+    ome_multiscales,
+)
+
 #: Nanometres per unit, for the unit names EM software writes.
 NM_PER_UNIT = {
     "nm": 1.0, "nanometer": 1.0, "nanometre": 1.0,
@@ -49,18 +58,16 @@ def read_voxel_size(path: str | os.PathLike, key: str | None = None,
         ``None`` when the metadata does not give every axis (a 3D stack
         needs a z spacing as well).
     """
-    from . import io  # io imports this module at load time
-
     path = Path(path)
     suffix = path.suffix.lower()
     try:
         if path.is_dir():
-            sizes = _zarr_size(path, key) if io._is_zarr_dir(path) else None
-        elif suffix in io.TIFF_SUFFIXES:
+            sizes = _zarr_size(path, key) if is_zarr_dir(path) else None
+        elif suffix in TIFF_SUFFIXES:
             sizes = _tiff_size(path)
-        elif suffix in io.MRC_SUFFIXES:
+        elif suffix in MRC_SUFFIXES:
             sizes = _mrc_size(path)
-        elif suffix in io.HDF5_SUFFIXES:
+        elif suffix in HDF5_SUFFIXES:
             sizes = _hdf5_size(path, key)
         else:
             sizes = None
@@ -121,9 +128,7 @@ def _mrc_size(path: Path) -> list[float] | None:
 
 def _ome_scale(attrs: dict) -> list[float] | None:
     """Level-0 scale of an OME-Zarr multiscale, spatial axes only, in nm."""
-    from .io import _multiscales
-
-    ms = _multiscales(attrs)
+    ms = ome_multiscales(attrs)
     if not ms:
         return None
     axes = ms[0].get("axes") or []
@@ -179,11 +184,9 @@ def _attr_size(attrs: dict) -> list[float] | None:
 def _hdf5_size(path: Path, key: str | None) -> list[float] | None:
     import h5py
 
-    from .io import _h5_datasets
-
     with h5py.File(path, "r") as f:
         if key is None:
-            names = _h5_datasets(f)
+            names = h5_datasets(f)
             key = names[0] if len(names) == 1 else None
         for attrs in _attr_chain(f, key):
             sizes = _attr_size({k: _plain(v) for k, v in attrs.items()})
