@@ -13,7 +13,8 @@ swipes across the background away from objects); every other slice is scored. Me
 * ``dense``: ``fine_tune`` (new defaults) on dense labels of the 3 slices (a ceiling).
 
 Cases: ``far`` (``mito-2d``, trained on Lucchi++ FIB-SEM, adapted to the ISBI 2012
-ssTEM mitochondria), ``near`` (``mito-2d`` on held-back Lucchi++ slices), and
+ssTEM mitochondria), ``near`` (``mito-2d`` on held-back Lucchi++ slices, where a
+user paints corrections of its errors first: ``bench_finetune.paint_corrections``), and
 ``reverse`` (a model trained on ISBI 2012 mitochondria only, adapted to held-back
 Lucchi++ slices; needs ``--reverse-model``).
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +39,7 @@ from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_finetune
 DATA = REPO.parent / "shared" / "data"
 OUT = REPO / "benchmarks" / "results"
 TIMES = (15, 30, 60, 120, 180)
@@ -196,23 +199,30 @@ def run_rf(img, mask, painted, scored, threads: int) -> dict:
 
 # ------------------------------------------------------------------ cases
 def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: float,
-             threads: int, methods: list[str]) -> dict:
+             threads: int, methods: list[str], strokes: str = "skeletons") -> dict:
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
     from napari_emseg.train import TrainConfig, choose_recipe, fine_tune_defaults, painted_iou
 
-    painted = paint(mask, slices)
     scored = np.ones(img.shape[0], bool)
     scored[slices] = False
     model = load_model(model_name)
     t = float(model.meta.get("threshold", 0.5))
-    before = iou_rest(predict_volume(img, model) > t, mask, scored)
+    prob = predict_volume(img, model)
+    before = iou_rest(prob > t, mask, scored)
+    if strokes == "corrections":  # a user fixing the prediction (bench_finetune.py)
+        from bench_finetune import paint_corrections
+
+        painted = paint_corrections(mask, prob, t, slices=slices)
+    else:
+        painted = paint(mask, slices)
     gap = painted_iou(model, img, painted)
     recipe = choose_recipe(model, gap)
     print(f"{name}: {model_name} on {img.shape}, painted {100 * (painted > 0).mean():.2f} % "
           f"of the volume ({int((painted > 0).sum())} px on slices {slices}); before "
           f"{before:.4f}; painted IoU {gap}; recipe {recipe}", flush=True)
     out = {"model": model_name, "shape": list(img.shape), "painted_slices": slices,
+           "strokes": strokes,
            "painted_pixels": int((painted > 0).sum()),
            "painted_fraction_of_slices": round(float((painted[slices] > 0).mean()), 4),
            "before": round(before, 4), "painted_iou_before": gap, "recipe": recipe}
@@ -259,7 +269,7 @@ def main(argv=None) -> int:
         elif case == "near":
             img, mask = load_lucchi_heldback()
             res[case] = run_case(case, args.model, img, mask, [4, 12, 20], args.budget,
-                                 args.threads, args.methods)
+                                 args.threads, args.methods, strokes="corrections")
         elif args.reverse_model:
             img, mask = load_lucchi_heldback()
             res[case] = run_case(case, args.reverse_model, img, mask, [4, 12, 20],

@@ -72,19 +72,19 @@ def _brush(line: np.ndarray) -> np.ndarray:
 
 
 def paint_corrections(mask: np.ndarray, prob: np.ndarray, t: float, fraction: float = 0.01,
-                      seed: int = 0) -> np.ndarray:
+                      seed: int = 0, slices: list[int] | None = None) -> np.ndarray:
     """Strokes a user paints to correct a prediction, on every other slice.
 
     Strokes (3 px brush) along the skeletons of missed objects (2) and of
     false detections (1) come first, then strokes that confirm what is right:
     object skeletons (2) and a background line hugging each object 3-5 px
     outside it (1). The set is thinned at random to ``fraction`` of the
-    voxels, corrections last.
+    voxels (of ``slices`` when given), corrections last.
     """
     rng = np.random.default_rng(seed)
     fix = np.zeros(mask.shape, np.uint8)
     confirm = np.zeros(mask.shape, np.uint8)
-    for z in range(0, mask.shape[0], 2):
+    for z in range(0, mask.shape[0], 2) if slices is None else slices:
         gt, pred = mask[z] > 0, prob[z] > t
         for value, err in ((2, gt & ~pred), (1, pred & ~gt)):
             err = ndi.binary_opening(err, iterations=1)
@@ -93,7 +93,9 @@ def paint_corrections(mask: np.ndarray, prob: np.ndarray, t: float, fraction: fl
         ring = ndi.distance_transform_edt(~gt)
         confirm[z][(ring > 3) & (ring <= 5)] = 1
     painted = np.where(fix > 0, fix, confirm)
-    extra = int((painted > 0).sum()) - int(fraction * mask.size)
+    # a fraction of all voxels (every other slice painted), or of the given slices
+    budget = fraction * (mask.size if slices is None else len(slices) * mask[0].size)
+    extra = int((painted > 0).sum()) - int(budget)
     for idx in (np.flatnonzero((fix == 0) & (confirm > 0)), np.flatnonzero(fix)):
         k = min(max(extra, 0), idx.size)
         painted.flat[rng.choice(idx, k, replace=False)] = 0

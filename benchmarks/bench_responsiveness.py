@@ -305,6 +305,7 @@ def train_main(args: argparse.Namespace) -> dict:
         real(record)
 
     widget._logged = logged
+    start_model = widget.start_from.value
     meter.start()
     t0 = time.perf_counter()
     job = widget.train()
@@ -324,7 +325,7 @@ def train_main(args: argparse.Namespace) -> dict:
         "benchmark": "Train dock: event-loop stalls (10 ms QTimer) and live preview timing",
         "volume": {"shape": list(volume.shape), "source": f"{_data_path().name} slices "
                                                           f"0..{args.slices - 1}"},
-        "model": widget.start_from.value,
+        "model": start_model,
         "painted_voxels": int((layer.data > 0).sum()),
         "time_budget_min": args.minutes,
         "recipe": training.get("recipe"),

@@ -36,11 +36,15 @@ def test_train_dense_then_fine_tune_painted(crop_files, tmp_path, capsys):
                  str(out), "--painted", "--steps", "3", "--patch", "64,64"]) == 0
     tuned = load_model(out2)
     assert tuned.meta["training"]["painted_voxels"] == int((painted > 0).sum())
-    from napari_emseg.train import FINE_TUNE_LR
+    from napari_emseg.train import fine_tune_defaults
 
-    used = tuned.meta["training"]["config"]
-    assert used["lr"] == FINE_TUNE_LR  # --from: the fine-tuning rate of a 2D model
-    assert used["batch_size"] == 4  # and its fine-tuning batch
+    # --from: LR and batch of the recipe the gap rule chose (none given on the command line)
+    training = tuned.meta["training"]
+    recipe = fine_tune_defaults(load_model(out), training["recipe"])
+    assert training["config"]["lr"] == recipe.lr
+    assert training["config"]["batch_size"] == recipe.batch_size
+    assert training["config"]["steps"] == 3  # --steps given: no time budget
+    assert training["config"]["minutes"] is None
     printed = capsys.readouterr().out
     assert "checkpoint" in printed
     note = threshold_note(tuned.meta)  # only when the strokes confirmed a new threshold

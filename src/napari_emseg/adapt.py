@@ -78,7 +78,7 @@ def adapt_batchnorm(model, image: np.ndarray, *, tiles: int = 16, tile: int = 25
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from .train import pick_device
+    from .predict import select_device
 
     image = np.asarray(image)
     if image.ndim == 2:
@@ -91,7 +91,7 @@ def adapt_batchnorm(model, image: np.ndarray, *, tiles: int = 16, tile: int = 25
         return adapted.eval()
     spec = model.meta.get("normalization") or DEFAULT_NORMALIZATION
     lo, hi = normalization_range(image, spec)
-    dev = pick_device(device)
+    dev = select_device(device)
     adapted.to(dev).eval()
     for m in norms:
         m.reset_running_stats()
@@ -116,6 +116,61 @@ def _zyx(voxel: tuple[float, ...]) -> list[float | None]:
     """A voxel size as [z, y, x]; z is None for a 2D size."""
     sizes = [float(v) for v in voxel][-3:]
     return sizes if len(sizes) == 3 else [None, *sizes]
+
+
+def feature_shift(model, image: np.ndarray, *, tiles: int = 8, tile: int = 256,
+                  seed: int = 0, device: str | None = None) -> float | None:
+    """How far ``image`` is from the model's training data, without labels.
+
+    The mean over the model's BatchNorm layers and channels of
+    ``|mean_new - running_mean| / running_std``, where ``mean_new`` is the mean
+    activation on tiles of ``image``. About 0.08 on Lucchi++ slices the
+    bundled ``mito-2d`` never saw, 0.1 on FlyEM FIB-SEM and 0.38 on ISBI 2012
+    ssTEM (benchmarks/bench_adapt.py records it for each case).
+
+    Parameters
+    ----------
+    model : UNet with ``.meta``
+    image : ndarray (Z, Y, X) or (Y, X), raw grey values
+
+    Returns
+    -------
+    float, or None for a model without BatchNorm.
+    """
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from .predict import select_device
+
+    image = np.asarray(image)
+    image = image[None] if image.ndim == 2 else image
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    if not norms:
+        return None
+    spec = model.meta.get("normalization") or DEFAULT_NORMALIZATION
+    lo, hi = normalization_range(image, spec)
+    x = np.stack([apply_normalization(c, lo, hi) for c in _tiles(image, model, tile, tiles,
+                                                                  seed)])
+    shifts: list[float] = []
+
+    def measure(module, inputs, _output):
+        a = inputs[0].detach().float()
+        mean = a.mean(dim=[0, *range(2, a.ndim)])
+        std = (module.running_var + module.eps).sqrt()
+        shifts.append(float(((mean - module.running_mean).abs() / std).mean()))
+
+    hooks = [m.register_forward_hook(measure) for m in norms]
+    was_training = model.training
+    dev = select_device(device)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model.to(dev)(torch.from_numpy(x).to(dev))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return float(np.mean(shifts))
 
 
 def voxel_scale(image_voxel: tuple[float, ...] | None,

@@ -426,7 +426,7 @@ def warm_up(modules: tuple[str, ...] = WARM_MODULES) -> threading.Thread | None:
 
 
 # ---------------------------------------------------------------------- layers
-def _geometry(source: Layer | None, ndim: int) -> dict:
+def layer_geometry(source: Layer | None, ndim: int) -> dict:
     """scale/translate of ``source`` for a layer of ``ndim`` dims (leading axes 1/0)."""
     if source is None:
         return {}
@@ -472,7 +472,7 @@ def set_layer(
         applied when adding and re-applied on update.
     """
     cls = {"image": Image, "labels": Labels}[kind]
-    geometry = _geometry(source, data.ndim)
+    geometry = layer_geometry(source, data.ndim)
     layer = find_layer(viewer, name)
     if layer is not None and (not isinstance(layer, cls) or layer.ndim != data.ndim):
         index = viewer.layers.index(layer)

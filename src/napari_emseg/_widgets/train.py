@@ -443,7 +443,7 @@ class TrainWidget(ModelChoices, JobOwner, Container):
             layer = existing
         else:
             layer = self._viewer.add_labels(np.zeros(shape, np.uint8), name=name,
-                                            **_common._geometry(image, len(shape)))
+                                            **_common.layer_geometry(image, len(shape)))
         layer.metadata[ANNOTATION_KEY] = True
         layer.selected_label = 2
         layer.brush_size = 10
@@ -573,6 +573,8 @@ class TrainWidget(ModelChoices, JobOwner, Container):
                 log({"preview": prob, "z": z, "seconds": seconds})
 
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            if show_preview:  # at once: measuring the model first takes a while
+                preview(model, 0.0)
             return fine_tune(model, img, painted, config, checkpoint=checkpoint,
                              progress=progress, cancel=cancel, on_log=log,
                              preview=preview if show_preview else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +13,22 @@ from .._textbar import ProgressBar
 from ..io import read_volume
 from ..models.zoo import build_model, load_model
 from ..train import (
+    FINE_TUNE_EARLY_STOP,
+    FINE_TUNE_MAX_STEPS,
+    FINE_TUNE_MINUTES,
     TrainConfig,
-    _resume_path,
     fine_tune,
-    fine_tune_settings,
     fit,
+    resume_path,
     threshold_note,
 )
 from . import common
 from .common import check_output, memory_guard, model_help
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
 
 CROP_HINT = "train on a crop of the volume (a few hundred slices are plenty)"
 
@@ -98,18 +106,20 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**kw)
 
 
-def _with_fine_tune_defaults(args: argparse.Namespace, config: TrainConfig):
-    """Load ``--from``; its fine-tuning LR and batch size fill what the user left unset."""
-    model = load_model(args.source)
-    config.lr, config.batch_size = fine_tune_settings(model, args.lr, args.batch_size)
-    return model
+def _fine_tune_config(args: argparse.Namespace, config: TrainConfig) -> TrainConfig:
+    """Fine-tuning: the recipe's time budget and early stop unless --steps, --epochs or
+    --minutes is given; LR, batch and patch left to the recipe unless given."""
+    if args.steps is None and args.epochs is None and args.minutes is None:
+        config = replace(config, steps=FINE_TUNE_MAX_STEPS, minutes=FINE_TUNE_MINUTES,
+                         early_stop=FINE_TUNE_EARLY_STOP, warmup=10, val_every=50)
+    return config
 
 
 def _check_resume(out: str) -> None:
     """``--resume``: a resume state that exists must be readable (else a clean error)."""
     import torch
 
-    path = _resume_path(Path(out))
+    path = resume_path(Path(out))
     if not path.exists():
         return
     try:
@@ -139,10 +149,9 @@ def _train(args: argparse.Namespace, image: np.ndarray, labels: np.ndarray,
     """One engine call: :func:`fine_tune` (--from / --painted) or :func:`fit`."""
     if args.source or args.painted:
         painted = labels if args.painted else np.where(labels > 0, labels + 1, 1)
-        model = (_with_fine_tune_defaults(args, config) if args.source
-                 else _new_model(args, painted))
-        return fine_tune(model, image, painted, config, checkpoint=args.out, progress=bar,
-                         on_log=log)
+        model = load_model(args.source) if args.source else _new_model(args, painted)
+        return fine_tune(model, image, painted, _fine_tune_config(args, config),
+                         checkpoint=args.out, progress=bar, on_log=log)
     return fit(image, labels, config, checkpoint=args.out, ignore_label=args.ignore_label,
                resume=args.resume, progress=bar, on_log=log)
 
@@ -158,8 +167,13 @@ def run(args: argparse.Namespace) -> int:
     config = train_config(args)
 
     def log(rec):
+        if "recipe" in rec:  # fine-tuning: the recipe chosen before the first step
+            sys.stderr.write(f"  recipe {rec['recipe']} (feature shift "
+                             f"{_fmt(rec.get('feature_shift'))}, IoU on painted voxels "
+                             f"{_fmt(rec.get('painted_iou_before'))})\n")
+            return
         sys.stderr.write(f"\n  step {rec['step']}: loss {rec['loss']:.4f}, "
-                         f"val IoU {rec['val_iou']:.4f}\n")
+                         f"val IoU on painted voxels {rec['val_iou']:.4f}\n")
 
     with memory_guard(image.shape, image.dtype, hint=CROP_HINT):
         res = _train(args, np.asarray(image), np.asarray(labels), config,
