@@ -371,3 +371,136 @@ def test_fine_tuning_a_3d_model_uses_a_small_default_patch(crop, tmp_path):
     assert tuple(trained) == (8, 128, 128)
     assert load_model(tmp_path / "ft3.pt").meta["threshold"] == 0.5  # not chosen in 3D
     assert FINE_TUNE_PATCH_3D == (8, 128, 128)
+
+
+# ------------------------------------------------- the gap rule and the time budget
+def test_choose_recipe_on_constructed_cases():
+    from napari_emseg.train import FAR_SHIFT, NEAR_IOU, choose_recipe
+
+    trained = build_model(dict(dims=2, depth=2, width=4), {"training": {"steps": 9}})
+    untrained = build_model(dict(dims=2, depth=2, width=4))
+    assert choose_recipe(untrained, 0.95, 0.0) == "far"  # nothing to keep
+    assert choose_recipe(trained, 0.9, FAR_SHIFT / 2) == "near"
+    assert choose_recipe(trained, 0.9, FAR_SHIFT * 1.5) == "far"  # other data statistics
+    assert choose_recipe(trained, NEAR_IOU / 2, FAR_SHIFT / 2) == "far"  # fails on strokes
+    # correction strokes sit where the model is wrong: a middling IoU stays near
+    assert choose_recipe(trained, 0.44, FAR_SHIFT / 2) == "near"
+    assert choose_recipe(trained, None, None) == "near"
+
+
+def test_fine_tune_records_the_recipe_and_its_measurements(crop):
+    img, mask = crop
+    model = build_model(dict(dims=2, depth=2, width=4),
+                        {"training": {"steps": 9}, "normalization": {"mode": "percentile"}})
+    painted = np.zeros(img.shape, np.uint8)
+    painted[3, ::6, :] = 1 + (mask[3, ::6, :] > 0)
+    records = []
+    cfg = TrainConfig(steps=2, batch_size=2, patch=(64, 64), val_every=2, threads=2)
+    res = fine_tune(model, img, painted, cfg, on_log=records.append)
+    first = records[0]
+    assert set(first) == {"recipe", "painted_iou_before", "feature_shift"}
+    training = res.model.meta["training"]
+    assert training["recipe"] == first["recipe"] in ("near", "far")
+    assert training["feature_shift"] == pytest.approx(first["feature_shift"], abs=1e-4)
+
+
+def test_pseudo_labels_fill_only_confident_unpainted_voxels():
+    from napari_emseg.train import PSEUDO_BG, PSEUDO_FG, with_pseudo_labels
+
+    painted = np.zeros((2, 4, 4), np.uint8)
+    painted[0, 0, 0] = 2
+    targets = painted.astype(np.int64) - 1
+    prob = np.full((1, 4, 4), 0.5, np.float32)
+    prob[0, 1, :] = 0.97
+    prob[0, 2, :] = 0.02
+    prob[0, 0, 0] = 0.01  # painted: the stroke wins
+    out = with_pseudo_labels(targets, painted, [((slice(0, 1), slice(0, 4), slice(0, 4)),
+                                                 prob)])
+    assert out[0, 0, 0] == 1 and (out[0, 1] == PSEUDO_FG).all()
+    assert (out[0, 2] == PSEUDO_BG).all() and (out[0, 3] == -1).all()
+    assert (out[1] == -1).all() and (targets[0, 1] == -1).all()  # input untouched
+
+
+def test_pseudo_labels_add_a_weighted_term_to_the_loss():
+    from napari_emseg.train import PSEUDO_FG, PSEUDO_WEIGHT, masked_loss
+
+    logits = torch.zeros(1, 1, 2, 2)
+    target = torch.tensor([[[-1, -1], [PSEUDO_FG, -1]]])
+    expected = PSEUDO_WEIGHT * float(np.log(2.0))  # BCE of logit 0 towards 1
+    assert float(masked_loss(logits, target)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_early_stop_waits_for_a_plateau():
+    from napari_emseg.train import _EarlyStop
+
+    falling = _EarlyStop(patience=5, warmup=2)
+    for k in range(40):
+        falling.update(1.0 / (k + 1))
+    assert not falling.stopped
+    flat = _EarlyStop(patience=5, warmup=2)
+    steps = 0
+    while not flat.stopped and steps < 100:
+        flat.update(0.5)
+        steps += 1
+    assert flat.stopped and steps == 2 + 5 + 1
+
+
+class _FakeClock:
+    """``time.perf_counter`` that moves only when told (one second a training step)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def _fake_time(monkeypatch):
+    import napari_emseg.train as train_module
+
+    clock = _FakeClock()
+
+    class FakeTime:
+        perf_counter = staticmethod(clock.perf_counter)
+
+    monkeypatch.setattr(train_module, "time", FakeTime)
+    return clock
+
+
+def test_time_budget_stops_within_one_step(crop, monkeypatch):
+    img, mask = crop
+    clock = _fake_time(monkeypatch)
+    model = build_model(dict(dims=2, depth=2, width=4))
+
+    def step_done(done, total):
+        clock.now += 1.0
+
+    painted = np.zeros(img.shape, np.uint8)
+    painted[2, ::5, :] = 1 + (mask[2, ::5, :] > 0)
+    cfg = TrainConfig(steps=1000, minutes=7 / 60, batch_size=2, patch=(64, 64),
+                      val_every=1000, threads=2, early_stop=0)
+    res = fine_tune(model, img, painted, cfg, progress=step_done)
+    assert res.steps == 7  # the 7th step ends at the 7 s budget
+
+
+def test_preview_fires_on_schedule_and_stops_on_cancel(crop, monkeypatch):
+    img, mask = crop
+    clock = _fake_time(monkeypatch)
+    model = build_model(dict(dims=2, depth=2, width=4))
+    calls = []
+
+    def preview(m, seconds):
+        assert not m.training  # shown in eval mode
+        calls.append(seconds)
+
+    def step_done(done, total):
+        clock.now += 4.0
+
+    painted = np.zeros(img.shape, np.uint8)
+    painted[2, ::5, :] = 1 + (mask[2, ::5, :] > 0)
+    cfg = TrainConfig(steps=1000, batch_size=2, patch=(64, 64), val_every=1000, threads=2,
+                      preview_every=10.0)
+    res = fine_tune(model, img, painted, cfg, progress=step_done, preview=preview,
+                    cancel=lambda: len(calls) >= 4)
+    assert calls == [0.0, 12.0, 24.0, 36.0]  # at the start, then the first step after 10 s
+    assert res.cancelled and res.steps == 9

@@ -567,8 +567,8 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
             elapsed = time.perf_counter() - t0
             if budget and elapsed >= budget or stopper.stopped:
                 break
-            check_cancel(cancel)
             show(elapsed)
+            check_cancel(cancel)
             frac = max(step / total, elapsed / budget if budget else 0.0)
             for g in optim.param_groups:
                 g["lr"] = config.lr * _lr_factor(frac, step, config.warmup)

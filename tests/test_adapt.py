@@ -1,0 +1,128 @@
+"""Label-free adaptation: AdaBN, feature shift, voxel-size matching, 2.5D context."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from napari_emseg.adapt import (  # noqa: E402
+    adapt_batchnorm,
+    context_fits,
+    describe,
+    feature_shift,
+    predict_adapted,
+    resample,
+    voxel_scale,
+)
+from napari_emseg.models.unet import collapse_context  # noqa: E402
+from napari_emseg.models.zoo import build_model  # noqa: E402
+
+FIXED = {"mode": "fixed", "low": 0.0, "high": 255.0}
+
+
+def _model(context: int = 0, **meta):
+    model = build_model(dict(dims=2, in_channels=2 * context + 1, depth=2, width=4),
+                        {"context": context, "normalization": FIXED,
+                         "training": {"steps": 1}, **meta})
+    return model.eval()
+
+
+def _volume(seed: int = 0, scale: float = 1.0, offset: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal(100, 20, (6, 64, 64)) * scale + offset, 0, 255).astype(np.float32)
+
+
+def test_adabn_changes_only_batchnorm_statistics():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = adapt_batchnorm(model, _volume(offset=60), tiles=4, tile=64)
+    after = adapted.state_dict()
+    for key, value in before.items():
+        if "running_" in key:
+            assert not torch.equal(after[key], value), key  # re-estimated
+        elif "num_batches" not in key:
+            assert torch.equal(after[key], value), key  # weights untouched
+    # the input model is not modified
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert adapted.meta["adapted"]["tiles"] == 4 and not adapted.training
+
+
+def test_adabn_statistics_are_those_of_the_new_volume():
+    model = _model()
+    adapted = adapt_batchnorm(model, _volume(offset=60), tiles=4, tile=64)
+    first = adapted.down[0].norm1
+    # an independent estimate: the first convolution's output on the same tiles
+    from napari_emseg.adapt import _tiles
+
+    x = torch.from_numpy(np.stack(_tiles(_volume(offset=60), model, 64, 4, 0)) / 255.0)
+    with torch.no_grad():
+        out = model.down[0].conv1(x.float())
+    assert torch.allclose(first.running_mean, out.mean(dim=(0, 2, 3)), atol=1e-4)
+
+
+def test_feature_shift_separates_seen_from_unseen_data():
+    model = _model()
+    seen = _volume(seed=1)
+    model = adapt_batchnorm(model, seen, tiles=6, tile=64)  # "trained" on this kind of data
+    near = feature_shift(model, _volume(seed=2), tiles=4, tile=64)
+    far = feature_shift(model, _volume(seed=2, scale=0.4, offset=120), tiles=4, tile=64)
+    assert near < 0.1 < far
+
+
+def test_feature_shift_is_none_without_batchnorm():
+    model = build_model(dict(dims=2, depth=2, width=4, norm="group"),
+                        {"normalization": FIXED})
+    assert feature_shift(model, _volume(), tiles=2, tile=64) is None
+
+
+def test_voxel_scale_resamples_only_beyond_the_tolerance():
+    assert voxel_scale((5, 5, 5), (5, 5, 5)) is None
+    assert voxel_scale((5, 6, 6), (5, 5, 5)) is None  # 20 %: within tolerance
+    assert voxel_scale((50, 10, 10), (5, 5, 5)) == (1.0, 2.0, 2.0)  # 2D model: z kept
+    assert voxel_scale((50, 10, 10), (5, 5, 5), dims=3) == (10.0, 2.0, 2.0)
+    assert voxel_scale(None, (5, 5, 5)) is None and voxel_scale((5, 5), None) is None
+    assert voxel_scale((8, 8), (5, 5, 5)) == (1.0, 1.6, 1.6)
+
+
+def test_resample_round_trip_keeps_shape_and_label_alignment():
+    labels = np.zeros((4, 60, 90), np.uint16)
+    labels[:, 10:30, 20:50] = 7
+    big = resample(labels, (1.0, 2.0, 2.0), order=0)
+    assert big.shape == (4, 120, 180) and big.dtype == np.uint16
+    assert set(np.unique(big)) == {0, 7}
+    back = resample(big, shape=labels.shape, order=0)
+    assert back.shape == labels.shape
+    assert (back == labels).mean() > 0.99  # same place, up to a boundary pixel
+    ys, xs = np.nonzero(back[0] == 7)
+    assert abs(ys.mean() - 19.5) < 1 and abs(xs.mean() - 34.5) < 1
+
+
+def test_collapse_context_equals_feeding_the_slice_as_its_own_neighbours():
+    model = _model(context=1)
+    flat = collapse_context(model)
+    assert flat.config["in_channels"] == 1 and flat.meta["context"] == 0
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x.repeat(1, 3, 1, 1)), flat(x), atol=1e-5)
+
+
+def test_context_fits_compares_section_thickness():
+    model = _model(context=1, voxel_size_nm=[5.0, 5.0, 5.0])
+    assert context_fits(model, (5.0, 5.0, 5.0))
+    assert not context_fits(model, (50.0, 4.0, 4.0))
+    assert context_fits(model, None) and context_fits(_model(), (50.0, 4.0, 4.0))
+
+
+def test_predict_adapted_resamples_and_collapses_and_says_so():
+    model = _model(context=1, voxel_size_nm=[5.0, 5.0, 5.0])
+    image = _volume()
+    prob, info = predict_adapted(image, model, voxel_size=(50.0, 10.0, 10.0), adapt=True)
+    assert prob.shape == image.shape and prob.dtype == np.float32
+    assert info == {"adapted": True, "resampled": [1.0, 2.0, 2.0], "context_collapsed": True}
+    text = describe(info)
+    assert "voxel size" in text and "own neighbour" in text and "BatchNorm" in text
+    plain, info = predict_adapted(image, model)
+    assert info == {"adapted": False, "resampled": None, "context_collapsed": False}
+    assert describe(info) == "" and plain.shape == image.shape
