@@ -337,3 +337,83 @@ def test_napari_offers_this_reader_only_for_em_formats(name, ours):
     pm.discover(include_npe1=False)
     plugins = {r.plugin_name for r in pm.iter_compatible_readers([name])}
     assert ("napari-emseg" in plugins) == ours
+
+
+# ------------------------------------------------------------- training side
+def _tiny_cfg(**kw):
+    from napari_emseg.train import TrainConfig
+
+    return TrainConfig(dims=2, depth=2, width=4, patch=(32, 32), batch_size=2, steps=3,
+                       val_every=3, threads=1, **kw)
+
+
+def test_training_masks_nan_voxels_and_writes_finite_weights(tmp_path):
+    import torch
+
+    from napari_emseg.models.zoo import load_model
+    from napari_emseg.train import fit
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(100, 10, (2, 48, 48)).astype(np.float32)
+    mask = (img > 100).astype(np.uint8)
+    img[0, :5, :5] = np.nan
+    img[1, 10, 10] = np.inf
+    original = img.copy()
+    res = fit(img, mask, _tiny_cfg(), checkpoint=tmp_path / "m.pt")
+    model = load_model(res.checkpoint)
+    assert all(bool(torch.isfinite(v).all()) for v in model.state_dict().values()
+               if v.is_floating_point())
+    np.testing.assert_array_equal(img, original)  # input untouched (NaN == NaN here)
+
+
+def test_non_finite_weights_are_never_written_or_loaded(tmp_path):
+    import torch
+
+    from napari_emseg.models.zoo import CheckpointError, build_model, load_model, save_checkpoint
+
+    model = build_model(dict(dims=2, depth=2, width=4))
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    with pytest.raises(CheckpointError, match="NaN/Inf weights"):
+        save_checkpoint(model, tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
+    good = save_checkpoint(build_model(dict(dims=2, depth=2, width=4)), tmp_path / "ok.pt")
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["state_dict"]["head.bias"].fill_(float("inf"))
+    ckpt["meta"].pop("weights_sha256")  # as an old checkpoint without a hash
+    torch.save(ckpt, tmp_path / "inf.pt")
+    with pytest.raises(CheckpointError, match="NaN/Inf weights"):
+        load_model(tmp_path / "inf.pt")
+
+
+def test_a_0_255_mask_trains_a_binary_model_and_says_so():
+    from napari_emseg.train import fit
+
+    rng = np.random.default_rng(1)
+    img = rng.normal(100, 10, (2, 48, 48)).astype(np.float32)
+    mask = np.where(img > 100, 255, 0).astype(np.uint8)
+    with pytest.warns(UserWarning, match="binary mask"):
+        res = fit(img, mask, _tiny_cfg())
+    assert res.model.config["out_channels"] == 1
+
+
+def test_more_than_16_classes_needs_an_explicit_option():
+    from napari_emseg.train import fit
+
+    img = np.zeros((1, 48, 48), np.float32)
+    ids = (np.arange(48 * 48).reshape(1, 48, 48) % 40).astype(np.uint16)
+    with pytest.raises(ValueError, match="max_classes"):
+        fit(img, ids, _tiny_cfg())
+
+
+def test_cancel_before_any_check_keeps_the_existing_checkpoint(tmp_path):
+    from napari_emseg.models.zoo import build_model, save_checkpoint
+    from napari_emseg.train import fit
+
+    target = save_checkpoint(build_model(dict(dims=2, depth=2, width=4)), tmp_path / "m.pt")
+    before = target.read_bytes()
+    img = np.random.default_rng(2).normal(100, 10, (2, 48, 48)).astype(np.float32)
+    res = fit(img, (img > 100).astype(np.uint8), _tiny_cfg(), checkpoint=target,
+              cancel=lambda: True)
+    assert res.cancelled and res.checkpoint is None
+    assert target.read_bytes() == before

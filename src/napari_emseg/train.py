@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ._augment import augment, crop_reflect, sample_patch
-from ._normalize import normalization_range
+from ._normalize import apply_normalization, normalization_range
 from .adapt import adapt_batchnorm, feature_shift
 from .progress import CancelCheck, Cancelled, ProgressCallback, check_cancel, report
 
@@ -118,6 +119,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9: small gradients, small steps)
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     class_names: list[str] | None = None
+    max_classes: int = 16  # more foreground classes than this is refused (instance ids?)
 
     def resolved_patch(self) -> tuple[int, ...]:
         """The patch size, defaulting to 256² (2D) or 32×128×128 (3D)."""
@@ -164,8 +166,12 @@ def _prepare(images, targets, config: TrainConfig):
         if img.ndim == 2:
             img, tgt = img[None], tgt[None]
         lo, hi = normalization_range(img, config.normalization)
-        out_i.append(((img.astype(np.float32) - lo) / (hi - lo)).astype(np.float32))
-        out_t.append(tgt.astype(np.int64))
+        out_i.append(apply_normalization(img, lo, hi))
+        tgt = tgt.astype(np.int64)  # a new array
+        bad = ~np.isfinite(img) if np.issubdtype(img.dtype, np.floating) else None
+        if bad is not None and bad.any():
+            tgt[bad] = -1  # NaN/Inf voxels (normalised to 0) never count in the loss
+        out_t.append(tgt)
     return out_i, out_t
 
 
@@ -613,8 +619,10 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
         stop.set()
         if layout is not None:
             model.to(memory_format=torch.contiguous_format)
-    if best < 0 or (cancelled and ckpt_path and not ckpt_path.exists()):
+    if best < 0 and not cancelled:
         save_best(validate(model, val_crops, device, config.freeze_norm))
+    if cancelled and best < 0:  # nothing of this run was validated: the target is kept
+        ckpt_path = None
     if ckpt_path and history:
         plot_history(history, ckpt_path.with_suffix(".png"))
     if best_state:  # the result is the best model seen, the one in the checkpoint
@@ -733,12 +741,18 @@ def fit(
     images, labels = _as_list(images), _as_list(labels)
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} label volumes")
+    labels = [_as_binary_mask(np.asarray(lab), ignore_label, k) for k, lab in enumerate(labels)]
     targets = [dense_targets(lab, ignore_label) for lab in labels]
     for k, (img, tgt) in enumerate(zip(images, targets, strict=True)):
         _check_pair(np.asarray(img), np.asarray(labels[k]), f"volume {k}")
         if (tgt >= 0).sum() == 0:
             raise ValueError(f"volume {k}: labels contain no labelled voxels")
     n_classes = max(2, int(max(t.max() for t in targets)) + 1)
+    if n_classes - 1 > config.max_classes:
+        raise ValueError(f"labels hold {n_classes - 1} foreground classes (values up to "
+                         f"{n_classes - 1}); more than {config.max_classes} needs "
+                         "TrainConfig(max_classes=...) (are these instance ids? train on "
+                         "labels > 0 for one class)")
     if all(len(np.unique(t[t >= 0])) < 2 for t in targets):
         raise ValueError("labels contain a single class: training from scratch needs "
                          "background and at least one foreground class")
@@ -758,6 +772,19 @@ def fit(
     return _train_loop(model, imgs, tgts, _val_crops(vi, vt, config, sparse=False), config,
                        sparse=False, checkpoint=checkpoint, meta=info, progress=progress,
                        cancel=cancel, on_log=on_log, resume=resume)
+
+
+def _as_binary_mask(labels: np.ndarray, ignore_label: int | None, k: int) -> np.ndarray:
+    """A {0, v} mask with v > 1 (e.g. 0/255) as {0, 1}, with a warning saying so."""
+    values = np.unique(labels[labels != ignore_label] if ignore_label is not None else labels)
+    if len(values) == 2 and values[0] == 0 and values[1] > 1:
+        warnings.warn(f"volume {k}: labels hold only 0 and {values[1]}: read as a binary mask "
+                      f"({values[1]} = foreground)", stacklevel=3)
+        out = (labels == values[1]).astype(np.uint8)
+        if ignore_label is not None:
+            out = np.where(labels == ignore_label, ignore_label, out)
+        return out
+    return labels
 
 
 def _with_auto(config: TrainConfig, lr: float, batch_size: int) -> TrainConfig:

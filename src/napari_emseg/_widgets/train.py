@@ -615,6 +615,9 @@ class TrainWidget(ModelChoices, JobOwner, Container):
 
     def _trained(self, result) -> None:
         self.result = result
+        if result.cancelled and result.checkpoint is None:
+            self.status.value = "cancelled before the first check: no model was saved"
+            return
         if result.checkpoint is None or not Path(result.checkpoint).is_file():
             _common.error("Train: no checkpoint was written")
             return

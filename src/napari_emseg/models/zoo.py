@@ -119,7 +119,19 @@ def read_checkpoint(name_or_path: str | os.PathLike) -> dict:
         if key not in ckpt:
             raise CheckpointError(f"{path} lacks the {key!r} entry")
     _verify_weights(ckpt, path)
+    bad = _non_finite(ckpt["state_dict"])
+    if bad:
+        raise CheckpointError(f"{path} holds NaN/Inf weights ({bad}): it cannot predict")
     return ckpt
+
+
+def _non_finite(state: dict) -> str:
+    """``""``, or how many float tensors of ``state`` hold NaN/Inf (e.g. ``"3 tensors"``)."""
+    import torch
+
+    n = sum(1 for v in state.values()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    return f"{n} tensor{'s' if n > 1 else ''}" if n else ""
 
 
 def model_info(name_or_path: str | os.PathLike) -> dict:
@@ -207,6 +219,10 @@ def save_checkpoint(model, path: str | os.PathLike, meta: dict | None = None) ->
     full_meta.pop("source", None)
     full_meta["dims"] = model.config["dims"]
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    bad = _non_finite(state)
+    if bad:
+        raise CheckpointError(f"not writing {path}: the model has NaN/Inf weights ({bad}); "
+                              "training diverged (try a smaller learning rate)")
     full_meta["weights_sha256"] = weights_sha256(state)
     ckpt = {"format": FORMAT, "version": VERSION, "config": _plain(dict(model.config)),
             "meta": _plain(full_meta), "state_dict": state}
