@@ -32,6 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 WEIGHTS = REPO / "src" / "napari_emseg" / "models" / "weights"
 
+# Instance segmentation defaults stored with the mitochondria models (meta["segment"],
+# read by postprocess.segment_defaults): 3D watershed after a z-median of 5 (the size
+# the held-back evaluation chose), h 4, objects under 2000 voxels dropped.
+MITO_SEGMENT = {"method": "watershed", "dims": 3, "zfilter": 5, "h": 4.0, "min_size": 2000}
+
 RECIPES = {
     "mito-2d": dict(
         data=("lucchi_pp_train_image.tif", "lucchi_pp_train_mask.tif"), holdout=0.15,
@@ -39,6 +44,7 @@ RECIPES = {
                     patch=(256, 256), batch_size=8, lr=2e-3, val_every=200, val_slices=6,
                     steps=20000),
         classes=["background", "mitochondria"],
+        voxel_size_nm=[5.0, 5.0, 5.0], segment=MITO_SEGMENT,
         description="2.5D residual U-Net (3 adjacent slices in), mitochondria in FIB-SEM/EM",
     ),
     "mito-3d": dict(
@@ -48,6 +54,7 @@ RECIPES = {
                     lr=3e-4, val_every=100, val_slices=4, steps=20000),
         classes=["background", "mitochondria"],
         inflate="mito-2d",  # starts from the bundled 2.5D model, inflated to 3D
+        voxel_size_nm=[5.0, 5.0, 5.0], segment=MITO_SEGMENT,
         description="3D residual U-Net (y/x pooling, full z resolution) inflated from "
                     "mito-2d and trained in 3D, mitochondria in FIB-SEM/EM",
     ),
@@ -57,6 +64,7 @@ RECIPES = {
                     patch=(256, 256), batch_size=8, lr=2e-3, val_every=50, val_slices=5,
                     steps=20000, label_bias=0.0),
         classes=["background", "membrane"],
+        voxel_size_nm=[50.0, 4.0, 4.0],
         description="2D residual U-Net, neuronal membranes in ssTEM",
         boundary_tolerance=2,  # also report boundary F1 within 2 px (fixed before looking)
     ),
@@ -74,7 +82,7 @@ RECIPES = {
                     steps=20000, balance_volumes=True),
         classes=["background", "mitochondria"],
         collapse="mito-2d",
-        voxel_size_nm=[5.0, 5.0],
+        voxel_size_nm=[5.0, 5.0], segment=MITO_SEGMENT,
         description="2D residual U-Net (one slice in), mitochondria in FIB-SEM and ssTEM "
                     "(Lucchi++ and ISBI 2012)",
     ),
@@ -127,8 +135,7 @@ def train(name: str, minutes: float, threads: int | None, resume: bool,
                                "val_slices": [c, c + v.shape[0]]}
                               for (image_file, mask_file, _), c, v
                               in zip(_pairs(recipe), cut, vi, strict=True)]}
-    if recipe.get("voxel_size_nm"):
-        meta["voxel_size_nm"] = list(recipe["voxel_size_nm"])
+    meta.update(recipe_meta(recipe))
     if init:
         meta["warm_start"] = _warm_start_record(init)
     elif recipe.get("inflate") and not resume:
@@ -273,6 +280,11 @@ def _inflated(checkpoint: Path):
     return inflate_2d(load_model(checkpoint))
 
 
+def recipe_meta(recipe: dict) -> dict:
+    """What a recipe stores in its model's metadata: voxel size and segment settings."""
+    return {key: recipe[key] for key in ("voxel_size_nm", "segment") if key in recipe}
+
+
 def _collapsed(checkpoint: Path):
     """The 2.5D model in ``checkpoint`` as a one-slice 2D U-Net."""
     from napari_emseg.models.unet import collapse_context
@@ -367,21 +379,29 @@ def _boundary_scores(pred: np.ndarray, gt: np.ndarray, tolerance: float) -> dict
             f"val_boundary_f1_{tolerance:g}px": round(scores["f1"], 4)}
 
 
-def install(name: str, tta: bool | int = True, checkpoint: Path | None = None) -> Path:
-    """Evaluate the best run checkpoint and copy it (with metrics) into the package."""
+def install(name: str, tta: bool | int = True, checkpoint: Path | None = None,
+            install_as: str | None = None, metrics: dict | None = None) -> Path:
+    """Evaluate the best run checkpoint and copy it (with metrics) into the package.
+
+    ``install_as`` names the bundled model (default: the recipe's name);
+    ``metrics`` reuses an evaluation already made of this very checkpoint.
+    """
     import torch
 
     from napari_emseg.models.zoo import load_model, save_checkpoint
 
     src = Path(checkpoint) if checkpoint else run_dir(name) / f"{name}.pt"
-    metrics = evaluate(name, src, tta=tta)
+    metrics = metrics or evaluate(name, src, tta=tta)
     model = load_model(src)
-    meta = dict(model.meta)
+    meta = {**model.meta, **recipe_meta(RECIPES[name])}
+    target = install_as or name
+    if install_as:
+        meta["name"], meta["recipe"] = install_as, name
     meta["metrics"] = {**meta.get("metrics", {}), "held_back": metrics}
     meta["threshold"] = metrics["threshold"]
     meta["torch"] = str(torch.__version__)
     WEIGHTS.mkdir(parents=True, exist_ok=True)
-    dst = save_checkpoint(model, WEIGHTS / f"{name}.pt", meta)
+    dst = save_checkpoint(model, WEIGHTS / f"{target}.pt", meta)
     csv = run_dir(name) / f"{name}.csv"
     if csv.exists():
         shutil.copy(csv, REPO / "benchmarks" / "results" / f"train_{name}.csv")
@@ -406,6 +426,8 @@ def main(argv=None) -> int:
                     help="test-time augmentation variants for --evaluate/--install: flips "
                          "first, then rotations (2D: 4 = y/x flips, 8 = all; 3D: 8 = "
                          "z/y/x flips, 16 = all; 0 = off)")
+    ap.add_argument("--install-as", default=None, metavar="MODEL",
+                    help="--install under this bundled name (e.g. mito-2d-mix as mito-2d)")
     ap.add_argument("--checkpoint", type=Path, default=None,
                     help="--install/--evaluate this file instead of runs/NAME/NAME.pt")
     ap.add_argument("--final", action="store_true",
@@ -429,7 +451,7 @@ def main(argv=None) -> int:
     elif args.average:
         args.checkpoint = averaged_checkpoint(args.name, args.average)
     if args.install:
-        install(args.name, tta, args.checkpoint)
+        install(args.name, tta, args.checkpoint, args.install_as)
     elif args.evaluate:
         evaluate(args.name, args.checkpoint, tta=tta)
     else:

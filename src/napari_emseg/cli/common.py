@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,44 +81,37 @@ def _number(text: str, kind: type, what: str) -> int | float:
     return value
 
 
+def _checked(text: str, kind: type, what: str, ok) -> Any:
+    """``text`` as ``kind`` when ``ok(value)``, else an argparse error saying ``what``."""
+    value = _number(text, kind, what)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    value = _number(text, int, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+    return _checked(text, int, "a positive integer", lambda v: v >= 1)
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _checked(text, int, "an integer >= 0", lambda v: v >= 0)
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0."""
-    value = _number(text, float, "a number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
+    return _checked(text, float, "a number > 0", lambda v: v > 0)
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0."""
-    value = _number(text, float, "a number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
+    return _checked(text, float, "a number >= 0", lambda v: v >= 0)
 
 
 def probability(text: str) -> float:
     """A number in [0, 1]."""
-    value = _number(text, float, "a number in [0, 1]")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
-    return value
+    return _checked(text, float, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
 
 
 def fraction(text: str) -> float:
