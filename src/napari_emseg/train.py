@@ -515,122 +515,171 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
                 checkpoint: str | os.PathLike | None, meta: dict, progress, cancel,
                 on_log, resume: bool, save_state: bool = True,
                 preview: PreviewCallback | None = None) -> TrainResult:
-    import torch
-
-    device = pick_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    model.to(device)
-    set_train_mode(model, config.freeze_norm)
-    optim = _optimizer(model, config)
-    ckpt_path = Path(checkpoint) if checkpoint else None
-    step, best, history, elapsed0 = 0, -1.0, [], 0.0
-    best_state: dict = {}
-    if resume and ckpt_path and resume_path(ckpt_path).exists():
-        if ckpt_path.exists():
-            from .models.zoo import read_checkpoint
-
-            best_state = dict(read_checkpoint(ckpt_path)["state_dict"])
-        state = torch.load(resume_path(ckpt_path), map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optim.load_state_dict(state["optim"])
-        step, best, history = state["step"], state["best"], list(state["history"])
-        elapsed0 = float(state["elapsed"])
+    """Train ``model`` until its steps, time budget or early stop; keep the best checks."""
+    run = _Run(model, config, checkpoint, meta, val_crops, on_log, save_state)
+    if resume:
+        run.resume()
     sampler = PatchSampler(images, targets, config, sparse)
-    sampler.rng = np.random.default_rng(config.seed + step)
+    sampler.rng = np.random.default_rng(config.seed + run.step)
     stop = threading.Event()
     batches = _prefetch(sampler, stop)
-    use_amp = config.amp and (device.startswith("cuda") or cpu_bf16_faster(device))
-    layout = _memory_format(model.config["dims"]) if use_amp and device == "cpu" else None
-    if layout is not None:
-        model.to(memory_format=layout)
-    t0 = time.perf_counter() - elapsed0
-    total = config.steps
-    budget = config.minutes * 60 if config.minutes else None
-    losses: list[float] = []
-    cancelled = False
     stopper = _EarlyStop(config.early_stop, config.warmup)
     show = _Preview(preview, config.preview_every, model, config.freeze_norm)
-
-    def save_best(iou: float) -> None:
-        nonlocal best
-        best = iou
-        best_state.update({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        if ckpt_path:
-            info = dict(meta)
-            info["training"] = {**meta.get("training", {}), "steps": step,
-                                "seconds": round(time.perf_counter() - t0, 1),
-                                "device": _device_name(device), "config": _config_dict(config),
-                                "history": history[-200:]}
-            info["metrics"] = {**meta.get("metrics", {}), "val_iou": round(iou, 4)}
-            from .models.zoo import save_checkpoint
-
-            save_checkpoint(model, ckpt_path, info)
-
     try:
-        while step < total:
-            elapsed = time.perf_counter() - t0
-            if budget and elapsed >= budget or stopper.stopped:
-                break
-            show(elapsed)
+        while run.step < config.steps and not stopper.stopped and not run.over_budget():
+            show(run.elapsed())
             check_cancel(cancel)
-            frac = max(step / total, elapsed / budget if budget else 0.0)
-            for g in optim.param_groups:
-                g["lr"] = config.lr * _lr_factor(frac, step, config.warmup)
-            item = batches.get()
-            if isinstance(item, Exception):
-                raise item
-            xb = torch.from_numpy(item[0]).to(device, non_blocking=True)
-            if layout is not None:
-                xb = xb.contiguous(memory_format=layout)
-            tb = torch.from_numpy(item[1]).to(device, non_blocking=True)
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_amp):
-                loss = masked_loss(model(xb), tb, config.loss)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            losses.append(float(loss.detach()))
-            stopper.update(losses[-1])
-            step += 1
-            report(progress, step, total)
-            last = (step == total or stopper.stopped
-                    or (budget and time.perf_counter() - t0 >= budget))
-            if step % config.val_every == 0 or last:
-                iou = validate(model, val_crops, device, config.freeze_norm)
-                rec = {"step": step, "seconds": round(time.perf_counter() - t0, 1),
-                       "loss": round(float(np.mean(losses)), 5), "val_iou": round(iou, 4),
-                       "lr": optim.param_groups[0]["lr"]}
-                losses.clear()
-                history.append(rec)
-                if on_log:
-                    on_log(rec)
-                    set_train_mode(model, config.freeze_norm)  # callbacks may predict
-                if iou > best:
-                    save_best(iou)
-                if ckpt_path:
-                    _write_log(ckpt_path.with_suffix(".csv"), history)
-                if ckpt_path and save_state:
-                    _save_resume(resume_path(ckpt_path), model, optim, step, best, history,
-                                 time.perf_counter() - t0)
+            stopper.update(run.train_step(batches))
+            report(progress, run.step, config.steps)
+            last = run.step == config.steps or stopper.stopped or run.over_budget()
+            if run.step % config.val_every == 0 or last:
+                run.check()
     except Cancelled:
-        cancelled = True
+        run.cancelled = True
     finally:
         stop.set()
-        if layout is not None:
-            model.to(memory_format=torch.contiguous_format)
-    if best < 0 and not cancelled:
-        save_best(validate(model, val_crops, device, config.freeze_norm))
-    if cancelled and best < 0:  # nothing of this run was validated: the target is kept
-        ckpt_path = None
-    if ckpt_path and history:
-        plot_history(history, ckpt_path.with_suffix(".png"))
-    if best_state:  # the result is the best model seen, the one in the checkpoint
-        model.load_state_dict(best_state)
-    model.eval()
-    model.meta = {**getattr(model, "meta", {}), **meta}
-    return TrainResult(model=model, checkpoint=ckpt_path, best_iou=best, history=history,
-                       steps=step, seconds=time.perf_counter() - t0, cancelled=cancelled)
+        run.restore_layout()
+    return run.finish()
+
+
+class _Run:
+    """The state of one training run: model, optimiser, best checkpoint, history."""
+
+    def __init__(self, model, config: TrainConfig, checkpoint, meta: dict, val_crops,
+                 on_log, save_state: bool):
+        import torch
+
+        self.device = pick_device(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.model, self.config, self.meta, self.val_crops = model, config, meta, val_crops
+        self.on_log, self.save_state = on_log, save_state
+        model.to(self.device)
+        set_train_mode(model, config.freeze_norm)
+        self.optim = _optimizer(model, config)
+        self.ckpt_path = Path(checkpoint) if checkpoint else None
+        self.step, self.best, self.history, self.losses = 0, -1.0, [], []
+        self.best_state: dict = {}
+        self.cancelled = False
+        self.use_amp = config.amp and (self.device.startswith("cuda")
+                                       or cpu_bf16_faster(self.device))
+        self.layout = (_memory_format(model.config["dims"])
+                       if self.use_amp and self.device == "cpu" else None)
+        if self.layout is not None:
+            model.to(memory_format=self.layout)
+        self.budget = config.minutes * 60 if config.minutes else None
+        self.t0 = time.perf_counter()
+
+    def resume(self) -> None:
+        """Continue from the checkpoint's ``.resume.pt`` state, when there is one."""
+        import torch
+
+        if not (self.ckpt_path and resume_path(self.ckpt_path).exists()):
+            return
+        if self.ckpt_path.exists():
+            from .models.zoo import read_checkpoint
+
+            self.best_state = dict(read_checkpoint(self.ckpt_path)["state_dict"])
+        state = torch.load(resume_path(self.ckpt_path), map_location=self.device,
+                           weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optim.load_state_dict(state["optim"])
+        self.step, self.best = state["step"], state["best"]
+        self.history = list(state["history"])
+        self.t0 = time.perf_counter() - float(state["elapsed"])
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def over_budget(self) -> bool:
+        return bool(self.budget) and self.elapsed() >= self.budget
+
+    def train_step(self, batches: queue.Queue) -> float:
+        """One optimisation step on the next batch; returns its loss."""
+        import torch
+
+        cfg = self.config
+        frac = max(self.step / cfg.steps, self.elapsed() / self.budget if self.budget else 0.0)
+        for g in self.optim.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(frac, self.step, cfg.warmup)
+        item = batches.get()
+        if isinstance(item, Exception):
+            raise item
+        xb = torch.from_numpy(item[0]).to(self.device, non_blocking=True)
+        if self.layout is not None:
+            xb = xb.contiguous(memory_format=self.layout)
+        tb = torch.from_numpy(item[1]).to(self.device, non_blocking=True)
+        with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
+                            enabled=self.use_amp):
+            loss = masked_loss(self.model(xb), tb, cfg.loss)
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optim.step()
+        self.losses.append(float(loss.detach()))
+        self.step += 1
+        return self.losses[-1]
+
+    def check(self) -> None:
+        """Validate, log, keep the best model and write the run's files."""
+        cfg = self.config
+        iou = validate(self.model, self.val_crops, self.device, cfg.freeze_norm)
+        rec = {"step": self.step, "seconds": round(self.elapsed(), 1),
+               "loss": round(float(np.mean(self.losses)), 5), "val_iou": round(iou, 4),
+               "lr": self.optim.param_groups[0]["lr"]}
+        self.losses.clear()
+        self.history.append(rec)
+        if self.on_log:
+            self.on_log(rec)
+            set_train_mode(self.model, cfg.freeze_norm)  # callbacks may predict
+        if iou > self.best:
+            self.save_best(iou)
+        if self.ckpt_path:
+            _write_log(self.ckpt_path.with_suffix(".csv"), self.history)
+        if self.ckpt_path and self.save_state:
+            _save_resume(resume_path(self.ckpt_path), self.model, self.optim, self.step,
+                         self.best, self.history, self.elapsed())
+
+    def save_best(self, iou: float) -> None:
+        """Keep the current weights as the best (in memory and in the checkpoint)."""
+        self.best = iou
+        self.best_state.update({k: v.detach().cpu().clone()
+                                for k, v in self.model.state_dict().items()})
+        if not self.ckpt_path:
+            return
+        from .models.zoo import save_checkpoint
+
+        info = dict(self.meta)
+        info["training"] = {**self.meta.get("training", {}), "steps": self.step,
+                            "seconds": round(self.elapsed(), 1),
+                            "device": _device_name(self.device),
+                            "config": _config_dict(self.config),
+                            "history": self.history[-200:]}
+        info["metrics"] = {**self.meta.get("metrics", {}), "val_iou": round(iou, 4)}
+        save_checkpoint(self.model, self.ckpt_path, info)
+
+    def restore_layout(self) -> None:
+        import torch
+
+        if self.layout is not None:
+            self.model.to(memory_format=torch.contiguous_format)
+
+    def finish(self) -> TrainResult:
+        """The best model seen (also in the checkpoint) as a :class:`TrainResult`."""
+        if self.best < 0 and self.cancelled and self.ckpt_path and self.ckpt_path.exists():
+            self.ckpt_path = None  # nothing of this run was checked: what was there stays
+        if self.best < 0:
+            self.save_best(validate(self.model, self.val_crops, self.device,
+                                    self.config.freeze_norm))
+        if self.ckpt_path and self.history:
+            plot_history(self.history, self.ckpt_path.with_suffix(".png"))
+        if self.best_state:
+            self.model.load_state_dict(self.best_state)
+        self.model.eval()
+        self.model.meta = {**getattr(self.model, "meta", {}), **self.meta}
+        return TrainResult(model=self.model, checkpoint=self.ckpt_path, best_iou=self.best,
+                           history=self.history, steps=self.step, seconds=self.elapsed(),
+                           cancelled=self.cancelled)
 
 
 class _EarlyStop:
