@@ -504,3 +504,20 @@ def test_preview_fires_on_schedule_and_stops_on_cancel(crop, monkeypatch):
                     cancel=lambda: len(calls) >= 4)
     assert calls == [0.0, 12.0, 24.0, 36.0]  # at the start, then the first step after 10 s
     assert res.cancelled and res.steps == 9
+
+
+def test_fine_tune_trains_at_the_models_voxel_size(crop):
+    img, mask = crop
+    model = build_model(dict(dims=2, in_channels=3, depth=2, width=4),
+                        {"context": 1, "training": {"steps": 9},
+                         "voxel_size_nm": [5.0, 5.0, 5.0]})
+    painted = np.zeros(img.shape, np.uint8)
+    painted[3, ::6, :] = 1 + (mask[3, ::6, :] > 0)
+    cfg = TrainConfig(steps=2, batch_size=2, patch=(64, 64), val_every=2, threads=2)
+    res = fine_tune(model, img, painted, cfg, recipe="near", voxel_size=(50.0, 10.0, 10.0))
+    training = res.model.meta["training"]
+    assert training["resampled"] == [1.0, 2.0, 2.0]  # 10 nm pixels seen at 5 nm
+    assert training["context_collapsed"] and res.model.config["in_channels"] == 1
+    plain = fine_tune(model, img, painted, cfg, recipe="near")
+    assert plain.model.meta["training"]["resampled"] is None
+    assert plain.model.config["in_channels"] == 3

@@ -231,6 +231,42 @@ def context_fits(model, image_voxel: tuple[float, ...] | None) -> bool:
     return float(image_voxel[0]) <= CONTEXT_Z_RATIO * float(trained[0])
 
 
+def to_model_scale(model, image: np.ndarray, labels: np.ndarray | None,
+                   voxel_size: tuple[float, ...] | None, *, resample_image: bool = True):
+    """``(model, image, labels, info)`` as the model saw its training data.
+
+    A 2.5D model whose sections would be much thicker than in training becomes
+    a one-slice model (:func:`context_fits`); an image more than
+    :data:`VOXEL_TOLERANCE` off the model's voxel size is resampled to it
+    (labels by nearest neighbour) when ``resample_image``. Nothing changes
+    when ``voxel_size`` is None.
+
+    Parameters
+    ----------
+    model : UNet with ``.meta``
+    image : ndarray (Z, Y, X) or (Y, X)
+    labels : integer ndarray of the same shape, or None
+    voxel_size : the image's voxel size in nm, or None
+
+    Returns
+    -------
+    model, image, labels, and ``info``: ``resampled`` (zoom factors ZYX or
+    None) and ``context_collapsed`` (bool)
+    """
+    from .models.unet import collapse_context
+
+    collapsed = model.config["dims"] == 2 and not context_fits(model, voxel_size)
+    if collapsed:
+        model = collapse_context(model)
+    factors = (voxel_scale(voxel_size, model.meta.get("voxel_size_nm"), model.config["dims"])
+               if resample_image and np.ndim(image) == 3 else None)
+    if factors:
+        image = resample(image, factors)
+        labels = None if labels is None else resample(labels, factors, order=0)
+    info = {"resampled": list(factors) if factors else None, "context_collapsed": collapsed}
+    return model, image, labels, info
+
+
 def predict_adapted(image: np.ndarray, model, *, voxel_size: tuple[float, ...] | None = None,
                     adapt: bool = False, resample_to_model: bool = True,
                     progress: ProgressCallback | None = None,
@@ -260,23 +296,16 @@ def predict_adapted(image: np.ndarray, model, *, voxel_size: tuple[float, ...] |
     info : dict, what was done: ``adapted`` (bool), ``resampled`` (zoom factors
         ZYX or None), ``context_collapsed`` (bool)
     """
-    from .models.unet import collapse_context
     from .predict import predict_volume
 
     image = np.asarray(image)
-    info = {"adapted": False, "resampled": None, "context_collapsed": False}
-    if model.config["dims"] == 2 and not context_fits(model, voxel_size):
-        model = collapse_context(model)
-        info["context_collapsed"] = True
-    factors = (voxel_scale(voxel_size, model.meta.get("voxel_size_nm"), model.config["dims"])
-               if resample_to_model and image.ndim == 3 else None)
-    work = resample(image, factors) if factors else image
-    info["resampled"] = list(factors) if factors else None
+    model, work, _, info = to_model_scale(model, image, None, voxel_size,
+                                          resample_image=resample_to_model)
+    info["adapted"] = adapt
     if adapt:
         model = adapt_batchnorm(model, work, cancel=cancel)
-        info["adapted"] = True
     prob = predict_volume(work, model, progress=progress, cancel=cancel, **predict_kwargs)
-    if factors:
+    if info["resampled"]:
         prob = (resample(prob, shape=image.shape) if prob.ndim == image.ndim else
                 np.stack([resample(p, shape=image.shape) for p in prob]))
     return prob, info

@@ -26,7 +26,7 @@ import numpy as np
 
 from ._augment import augment, crop_reflect, sample_patch
 from ._normalize import apply_normalization, normalization_range
-from .adapt import adapt_batchnorm, feature_shift
+from .adapt import adapt_batchnorm, feature_shift, to_model_scale
 from .progress import CancelCheck, Cancelled, ProgressCallback, check_cancel, report
 
 #: ``preview(model, seconds)``: called while training, the model in eval mode.
@@ -867,6 +867,7 @@ def fine_tune(
     cancel: CancelCheck | None = None,
     on_log=None,
     preview: PreviewCallback | None = None,
+    voxel_size: tuple[float, ...] | None = None,
 ) -> TrainResult:
     """Fine-tune a model from sparse painted labels (0 unlabeled, 1 background, 2.. class).
 
@@ -885,6 +886,13 @@ def fine_tune(
     preview : ``(model, seconds) -> None``, called at the start and every
         ``config.preview_every`` seconds (model in eval mode), e.g. to show the
         current prediction of one slice.
+    voxel_size : the image's voxel size in nm (ZYX), optional. A 2.5D model
+        whose sections would be much thicker than in training learns one
+        slice at a time (:func:`~napari_emseg.adapt.context_fits`); an image
+        more than 25 % off the model's voxel size is trained at the model's
+        (:func:`~napari_emseg.adapt.to_model_scale`). The result then
+        predicts at the model's voxel size: use
+        :func:`~napari_emseg.adapt.predict_adapted` with the same voxel size.
 
     Validation IoU is measured on the painted voxels (there is no held-out data).
     ``result.model.meta["training"]`` records the recipe and the IoU before.
@@ -895,6 +903,7 @@ def fine_tune(
              else load_model(model_or_checkpoint))
     image, painted = np.asarray(image), np.asarray(painted)
     n_classes = _check_painted(model, image, painted)
+    model, image, painted, scaled = to_model_scale(model, image, painted, voxel_size)
     binary = model.config["out_channels"] == 1
     regions = _painted_regions(model, image, painted, cancel=cancel) if binary else []
     before = _regions_iou(model, painted, regions)
@@ -916,6 +925,7 @@ def fine_tune(
                         "painted_voxels": int((painted > 0).sum()), "recipe": chosen,
                         "painted_iou_before": None if before is None else round(before, 4),
                         "feature_shift": None if shift is None else round(shift, 4),
+                        "voxel_size_nm": list(voxel_size) if voxel_size else None, **scaled,
                         "history_before": list(meta.get("training", {})
                                                .get("history", []))[-20:]}
     meta.pop("source", None)

@@ -50,7 +50,7 @@ from ._common import (
     layer_picker,
     model_registry,
 )
-from .predict import DEVICES, parse_patch, predict_job
+from .predict import DEVICES, parse_patch, parse_voxel_size, predict_job, voxel_text
 
 if TYPE_CHECKING:
     import napari
@@ -544,12 +544,17 @@ class TrainWidget(ModelChoices, JobOwner, Container):
                        progress_bar=self.progress)
         return self.job
 
+    def voxel_size(self) -> tuple[float, ...] | None:
+        """The image layer's voxel size in nm from its scale (None when unknown)."""
+        return parse_voxel_size(voxel_text(self.image.value))
+
     def _work(self, image, painted: np.ndarray, source: str, patch, checkpoint: Path):
         """The job's function: build or load the model, fine-tune with a live preview."""
         fields = self.config_fields()
         depth, width = int(self.new_depth.value), int(self.new_width.value)
         show_preview = bool(self.live_preview.value)
         device = fields["device"]
+        voxel_size = self.voxel_size()
         widget = self
 
         def work(progress, cancel, log):
@@ -577,7 +582,8 @@ class TrainWidget(ModelChoices, JobOwner, Container):
                 preview(model, 0.0)
             return fine_tune(model, img, painted, config, checkpoint=checkpoint,
                              progress=progress, cancel=cancel, on_log=log,
-                             preview=preview if show_preview else None)
+                             preview=preview if show_preview else None,
+                             voxel_size=voxel_size)
 
         return work
 
@@ -684,6 +690,8 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         options = {"device": self.device.value}
         self.predict_job = predict_job(self._viewer, self.image.value,
                                        str(self.last_checkpoint), options=options,
+                                       adaptation={"voxel_size": self.voxel_size(),
+                                                   "resample_to_model": True},
                                        on_finished=self._finished, keep_previous=True,
                                        make_current=self.rejected is None,
                                        progress_bar=self.progress)
