@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -125,7 +126,7 @@ def iou_rest(pred: np.ndarray, mask: np.ndarray, scored: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- methods
 def run_unet(model_name: str, img, mask, painted, scored, config, recipe: str,
-             label: str) -> dict:
+             label: str, voxel_size=None) -> dict:
     """Fine-tune; snapshots at TIMES (wall time from the call) scored afterwards."""
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
@@ -142,7 +143,8 @@ def run_unet(model_name: str, img, mask, painted, scored, config, recipe: str,
             snaps.append((wall, {k: v.detach().clone() for k, v in m.state_dict().items()}))
 
     config = replace(config, preview_every=1.0)
-    res = fine_tune(model, img, painted, config, recipe=recipe, preview=keep)
+    res = fine_tune(model, img, painted, config, recipe=recipe, preview=keep,
+                    voxel_size=voxel_size)
     wall = time.perf_counter() - t_call
     final_t = float(res.model.meta.get("threshold", 0.5))
     curve = []
@@ -199,7 +201,9 @@ def run_rf(img, mask, painted, scored, threads: int) -> dict:
 
 # ------------------------------------------------------------------ cases
 def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: float,
-             threads: int, methods: list[str], strokes: str = "skeletons") -> dict:
+             threads: int, methods: list[str], strokes: str = "skeletons",
+             voxel_size=None) -> dict:
+    from napari_emseg.adapt import feature_shift
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
     from napari_emseg.train import TrainConfig, choose_recipe, fine_tune_defaults, painted_iou
@@ -217,7 +221,8 @@ def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: f
     else:
         painted = paint(mask, slices)
     gap = painted_iou(model, img, painted)
-    recipe = choose_recipe(model, gap)
+    shift = feature_shift(model, img)
+    recipe = choose_recipe(model, gap, shift)
     print(f"{name}: {model_name} on {img.shape}, painted {100 * (painted > 0).mean():.2f} % "
           f"of the volume ({int((painted > 0).sum())} px on slices {slices}); before "
           f"{before:.4f}; painted IoU {gap}; recipe {recipe}", flush=True)
@@ -225,10 +230,14 @@ def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: f
            "strokes": strokes,
            "painted_pixels": int((painted > 0).sum()),
            "painted_fraction_of_slices": round(float((painted[slices] > 0).mean()), 4),
-           "before": round(before, 4), "painted_iou_before": gap, "recipe": recipe}
-    new_cfg = replace(fine_tune_defaults(model, recipe), minutes=budget / 60)
+           "before": round(before, 4), "painted_iou_before": gap, "feature_shift": shift,
+           "recipe": recipe, "voxel_size_nm": voxel_size}
+    # the recipe's settings with a longer budget; lr, batch and patch left to fine_tune
+    new_cfg = replace(fine_tune_defaults(model, recipe), minutes=budget / 60, lr=None,
+                      batch_size=None, patch=None)
     if "new" in methods:
-        out["new"] = run_unet(model_name, img, mask, painted, scored, new_cfg, "auto", "new")
+        out["new"] = run_unet(model_name, img, mask, painted, scored, new_cfg, "auto", "new",
+                              voxel_size)
     if "today" in methods:
         today = TrainConfig(steps=200, lr=3e-5, batch_size=4, warmup=10, val_every=50,
                             minutes=budget / 60)
@@ -238,7 +247,8 @@ def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: f
     if "dense" in methods:
         dense = np.zeros_like(painted)
         dense[slices] = np.where(mask[slices] > 0, 2, 1)
-        out["dense"] = run_unet(model_name, img, mask, dense, scored, new_cfg, "auto", "dense")
+        out["dense"] = run_unet(model_name, img, mask, dense, scored, new_cfg, "auto", "dense",
+                                voxel_size)
     return out
 
 
@@ -259,21 +269,24 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    load0 = round(os.getloadavg()[0], 2)  # other work on the machine slows every method
     res = {"device": f"{device}: {name}", "threads": args.threads, "budget_s": args.budget,
            "times_s": list(TIMES)}
     for case in args.cases:
         if case == "far":
             img, mask = load_isbi_mito()
             res[case] = run_case(case, args.model, img, mask, [4, 14, 24], args.budget,
-                                 args.threads, args.methods)
+                                 args.threads, args.methods, voxel_size=(50.0, 4.0, 4.0))
         elif case == "near":
             img, mask = load_lucchi_heldback()
             res[case] = run_case(case, args.model, img, mask, [4, 12, 20], args.budget,
-                                 args.threads, args.methods, strokes="corrections")
+                                 args.threads, args.methods, strokes="corrections",
+                                 voxel_size=(5.0, 5.0, 5.0))
         elif args.reverse_model:
             img, mask = load_lucchi_heldback()
             res[case] = run_case(case, args.reverse_model, img, mask, [4, 12, 20],
                                  args.budget, args.threads, args.methods)
+    res["load_average_1min"] = {"start": load0, "end": round(os.getloadavg()[0], 2)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     print(f"written {args.out}")

@@ -136,7 +136,7 @@ def _wait_warm(app, meter: StallMeter) -> dict:
     """Spin until the dock's background imports are done; their stalls and duration."""
     import sys
 
-    from napari_emseg._widgets._common import WARM_MODULES
+    from napari_emseg._widgets.jobs import WARM_MODULES
 
     t0 = time.perf_counter()
     _spin(app, 120, until=lambda: all(m in sys.modules for m in WARM_MODULES))
@@ -174,11 +174,11 @@ def main(argv: list[str] | None = None) -> dict:
     import tifffile
     from qtpy.QtWidgets import QApplication
 
-    from napari_emseg._widgets import _common
-    from napari_emseg._widgets._common import model_registry
+    from napari_emseg._widgets import jobs
+    from napari_emseg._widgets.registry import model_registry
 
     if args.nice is not None:
-        _common.WORKER_NICE = args.nice
+        jobs.WORKER_NICE = args.nice
     path = _data_path()
     volume = tifffile.imread(path, key=range(args.slices))
     tmp = Path(tempfile.mkdtemp(prefix="emseg-bench-"))
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline": baseline,
         "during_prediction": during,
         "during_prediction_by_phase": phases,
-        "worker_nice": _common.WORKER_NICE,
+        "worker_nice": jobs.WORKER_NICE,
         "stall_ratio_max": round(during["max_stall_ms"] / max(baseline["max_stall_ms"], 1e-3),
                                  2),
         "goal_max_stall_ms": 50,
@@ -262,10 +262,10 @@ def train_main(args: argparse.Namespace) -> dict:
     import tifffile
     from qtpy.QtWidgets import QApplication
 
-    from napari_emseg._widgets import _common
+    from napari_emseg._widgets import jobs
 
     if args.nice is not None:
-        _common.WORKER_NICE = args.nice
+        jobs.WORKER_NICE = args.nice
     volume = tifffile.imread(_data_path(), key=range(args.slices))
     mask = tifffile.imread(_mask_path(), key=range(args.slices))
     tmp = Path(tempfile.mkdtemp(prefix="emseg-bench-"))
@@ -342,7 +342,7 @@ def train_main(args: argparse.Namespace) -> dict:
         "baseline": baseline,
         "during_training": meter.stats(t0, t_done),
         "goal_max_stall_ms": 50,
-        "worker_nice": _common.WORKER_NICE,
+        "worker_nice": jobs.WORKER_NICE,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(),
                     "load_average_1min": round(os.getloadavg()[0], 2),

@@ -45,9 +45,9 @@ def tiny(tmp_path):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts predict_volume calls (one per block predicted)."""
-    from napari_emseg import predict
+    from napari_emseg.blockwise import predict
 
-    real = predict.predict_volume
+    real = predict.predict_volume  # the name blockwise prediction calls
     counter = {"n": 0, "after": None}
 
     def counting(*args, **kwargs):
@@ -71,7 +71,7 @@ def _open_lazy(viewer, path):
 
 
 def _widget(viewer, tiny):
-    from napari_emseg._widgets._common import model_registry
+    from napari_emseg._widgets.registry import model_registry
 
     pw = open_widget(viewer, "Predict")
     model_registry(viewer).add(tiny)

@@ -42,7 +42,7 @@ def test_first_bundled_model_is_preselected(make_napari_viewer):
 
 def test_adapt_checkbox_changes_the_prediction(make_napari_viewer, qtbot, tmp_path, crop,
                                                notes):
-    from napari_emseg._widgets._common import model_registry
+    from napari_emseg._widgets.registry import model_registry
     from napari_emseg.adapt import predict_adapted
     from napari_emseg.models import zoo
     from napari_emseg.predict import predict_volume
@@ -81,7 +81,7 @@ def test_voxel_size_from_the_layer_and_resampling(make_napari_viewer, qtbot, tmp
                                                   notes):
     import torch
 
-    from napari_emseg._widgets._common import model_registry
+    from napari_emseg._widgets.registry import model_registry
     from napari_emseg.adapt import predict_adapted
     from napari_emseg.models import zoo
     from napari_emseg.predict import predict_volume
@@ -121,7 +121,7 @@ def test_voxel_size_from_the_layer_and_resampling(make_napari_viewer, qtbot, tmp
 
 
 def test_qt_free_helpers():
-    from napari_emseg._widgets._common import budget_text, clock, progress_text
+    from napari_emseg._widgets.jobs import budget_text, clock, progress_text
     from napari_emseg._widgets.predict import parse_voxel_size
 
     assert parse_voxel_size("") is None and parse_voxel_size("auto") is None

@@ -135,7 +135,7 @@ def test_widget_and_cli_give_identical_labels(make_napari_viewer, qtbot, tmp_pat
     viewer2 = make_napari_viewer()
     viewer2.add_image(prob, name="em probabilities", scale=voxel)
     run(qtbot, open_widget(viewer2, "Segment instances"), notes)
-    assert main(["segment", str(src), str(out), "--quiet"]) == 0
+    assert main(["segment", str(src), str(out), "--quiet", "--overwrite"]) == 0
     np.testing.assert_array_equal(viewer2.layers["em instances"].data,
                                   np.asarray(read_volume(out)))
 
@@ -193,7 +193,7 @@ def _checkpoint_with(path, seed: int, **meta):
 
 def test_segment_takes_the_threshold_the_model_was_tuned_to(make_napari_viewer, qtbot, crop,
                                                             tmp_path, notes):
-    from napari_emseg._widgets._common import model_registry
+    from napari_emseg._widgets.registry import model_registry
 
     tuned = _checkpoint_with(tmp_path / "a.pt", 0, threshold=0.7)
     other = _checkpoint_with(tmp_path / "b.pt", 1, threshold=0.3)

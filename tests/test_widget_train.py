@@ -52,8 +52,9 @@ def _quick(tw, tmp_path: Path, steps: int = 4) -> None:
     tw.folder.value = tmp_path / "models"
 
 
+@pytest.mark.slow
 def test_paint_finetune_predict_again(make_napari_viewer, qtbot, tmp_path, crop, notes):
-    from napari_emseg._widgets._common import model_registry
+    from napari_emseg._widgets.registry import model_registry
     from napari_emseg.adapt import adapt_batchnorm
     from napari_emseg.models import zoo
     from napari_emseg.predict import predict_slice, predict_volume
@@ -134,7 +135,7 @@ def test_live_preview_refreshes_and_follows_the_shown_slice(make_napari_viewer, 
                                                             tmp_path, crop, notes,
                                                             monkeypatch):
     from napari_emseg._widgets import train as train_widget
-    from napari_emseg._widgets._common import model_registry
+    from napari_emseg._widgets.registry import model_registry
 
     image, mask = crop
     viewer = make_napari_viewer()
@@ -174,7 +175,7 @@ def test_live_preview_refreshes_and_follows_the_shown_slice(make_napari_viewer, 
 
 def test_train_from_scratch_and_cancel(make_napari_viewer, qtbot, tmp_path, crop, notes,
                                        monkeypatch):
-    from napari_emseg._widgets import _common
+    from napari_emseg._widgets import jobs
     from napari_emseg._widgets.train import SCRATCH
     from napari_emseg.models import zoo
 
@@ -202,13 +203,13 @@ def test_train_from_scratch_and_cancel(make_napari_viewer, qtbot, tmp_path, crop
 
     # Cancel during training: stops early, keeps the best model so far, no error
     first = tw.last_checkpoint
-    real = _common.Job._progress
+    real = jobs.Job._progress
 
     def progress_then_cancel(self, done, total):
         real(self, done, total)
         self.cancel()
 
-    monkeypatch.setattr(_common.Job, "_progress", progress_then_cancel)
+    monkeypatch.setattr(jobs.Job, "_progress", progress_then_cancel)
     tw.steps.value = 50
     job = tw.train()
     wait_job(qtbot, job, timeout=120_000)
@@ -222,7 +223,7 @@ def test_train_from_scratch_and_cancel(make_napari_viewer, qtbot, tmp_path, crop
 @pytest.mark.parametrize("dims", [2, 3])
 def test_auto_settings_come_from_the_recipe(make_napari_viewer, qtbot, tmp_path, crop, notes,
                                             dims):
-    from napari_emseg._widgets._common import model_registry
+    from napari_emseg._widgets.registry import model_registry
     from napari_emseg.models import zoo
     from napari_emseg.train import fine_tune_defaults
 
@@ -273,11 +274,12 @@ def test_time_budget_is_the_default(make_napari_viewer):
         assert widget.tooltip, widget.label
 
 
+@pytest.mark.slow
 def test_ground_truth_mask_is_never_the_default_annotation(make_napari_viewer, qtbot,
                                                            tmp_path, crop, notes):
     """Issue: the sample's ground truth (1 = mitochondrion) was used as annotations."""
     from napari_emseg._sample_data import lucchi_sample
-    from napari_emseg._widgets._common import model_registry
+    from napari_emseg._widgets.registry import model_registry
     from napari_emseg.models.zoo import list_models
 
     viewer = make_napari_viewer()
@@ -342,7 +344,7 @@ def _fake_fine_tune(best: float, before: float | None):
 def test_worse_run_is_not_made_current(make_napari_viewer, qtbot, tmp_path, crop, notes,
                                        monkeypatch):
     import napari_emseg.train
-    from napari_emseg._widgets._common import model_registry
+    from napari_emseg._widgets.registry import model_registry
 
     image, mask = crop
     viewer = make_napari_viewer()

@@ -63,12 +63,12 @@ class Notes:
 
 def capture_notes(monkeypatch) -> Notes:
     """Replace the widgets' error/info/warning notifications by lists (use in a fixture)."""
-    from napari_emseg._widgets import _common
+    from napari_emseg._widgets import jobs
 
     captured = Notes()
-    monkeypatch.setattr(_common, "show_error", captured.errors.append)
-    monkeypatch.setattr(_common, "show_info", captured.infos.append)
-    monkeypatch.setattr(_common, "show_warning", captured.warnings.append)
+    monkeypatch.setattr(jobs, "show_error", captured.errors.append)
+    monkeypatch.setattr(jobs, "show_info", captured.infos.append)
+    monkeypatch.setattr(jobs, "show_warning", captured.warnings.append)
     return captured
 
 

@@ -29,17 +29,10 @@ from magicgui.widgets import (
 )
 from napari.layers import Image
 
-from . import _common
-from ._common import (
-    CancellableJobOwner,
-    Job,
-    ModelChoices,
-    ProgressPanel,
-    base_name,
-    layer_array,
-    layer_picker,
-    model_registry,
-)
+from . import jobs, layers
+from .jobs import CancellableJobOwner, Job, ProgressPanel
+from .layers import base_name, layer_array, layer_picker
+from .registry import ModelChoices, model_label, model_registry
 
 if TYPE_CHECKING:
     import napari
@@ -87,14 +80,14 @@ def voxel_text(layer: Image | None) -> str:
 def keep_as_previous(viewer: napari.viewer.Viewer, layer) -> None:
     """Rename ``layer`` to "<name> (previous)", replacing an older such layer."""
     name = f"{layer.name} (previous)"
-    old = _common.find_layer(viewer, name)
+    old = layers.find_layer(viewer, name)
     if old is not None and old is not layer:
         viewer.layers.remove(old)
     layer.name = name
 
 
 def _threshold_tag(threshold) -> dict:
-    return {} if threshold is None else {_common.THRESHOLD_KEY: float(threshold)}
+    return {} if threshold is None else {layers.THRESHOLD_KEY: float(threshold)}
 
 
 def probabilities_name(image_name: str) -> str:
@@ -206,10 +199,10 @@ def _inputs_ok(layer, model) -> bool:
     """True when ``layer`` is a usable image and a model is chosen; else notify."""
     problem = _check_image(layer)
     if problem:
-        _common.error(f"Predict: {problem}")
+        jobs.error(f"Predict: {problem}")
         return False
     if model is None or model == "":
-        _common.error("Predict: no model chosen (pick a bundled model or browse to a "
+        jobs.error("Predict: no model chosen (pick a bundled model or browse to a "
                       "checkpoint file)")
         return False
     return True
@@ -276,9 +269,9 @@ def predict_job(
     opts = {k: v for k, v in (options or {}).items() if v is not None}
     if opts.get("device") == "auto":
         opts.pop("device")
-    registry = model_registry(viewer)
+    known = model_registry(viewer)
     key = model if isinstance(model, (str, Path)) else None
-    name = _common.model_label(str(key)) if key else "model"
+    name = model_label(str(key)) if key else "model"
     layer_name = probabilities_name(layer.name)
 
     tuned: dict = {"note": ""}  # the model's threshold (for Segment), what adapt did
@@ -302,7 +295,7 @@ def predict_job(
     def show(prob: np.ndarray) -> None:
         prob = np.asarray(prob, dtype=np.float32)
         tag = _threshold_tag(tuned.get("threshold"))
-        existing = _common.find_layer(viewer, layer_name, Image)
+        existing = layers.find_layer(viewer, layer_name, Image)
         if existing is not None and keep_previous and z is None:
             keep_as_previous(viewer, existing)
             existing = None
@@ -320,10 +313,10 @@ def predict_job(
             volume[..., z, :, :] = prob
             prob = volume
         metadata = {**(existing.metadata if existing is not None else {}), **tag}
-        _common.set_layer(viewer, layer_name, prob, "image", source=layer, metadata=metadata,
+        layers.set_layer(viewer, layer_name, prob, "image", source=layer, metadata=metadata,
                           **PROB_DISPLAY)
         if key is not None and make_current:
-            registry.set_current(str(key))
+            known.set_current(str(key))
 
     where = f" (slice {z})" if z is not None and data.ndim == 3 else ""
     job = Job(work, description=f"Predict {layer.name!r} with {name}{where}",
@@ -379,7 +372,7 @@ def predict_blockwise_job(
         return None
     data = layer_array(layer)
     if data.ndim != 3:
-        _common.error(f"Predict: blockwise prediction needs a 3D (Z, Y, X) image; "
+        jobs.error(f"Predict: blockwise prediction needs a 3D (Z, Y, X) image; "
                       f"{layer.name!r} has {data.ndim} dimensions")
         return None
     target = default_target(layer) if target in (None, "") else Path(target).expanduser()
@@ -387,16 +380,16 @@ def predict_blockwise_job(
         target = target.with_name(target.name + ".zarr")
     source = _source_path(layer)
     if source is not None and source.resolve() == target.resolve():
-        _common.error(f"Predict: the output {target} is the image's own file; "
+        jobs.error(f"Predict: the output {target} is the image's own file; "
                       "choose another output path")
         return None
     block = tuple(block_shape or DEFAULT_BLOCK)
     opts = {k: v for k, v in (options or {}).items() if v is not None}
     if opts.get("device") == "auto":
         opts.pop("device")
-    registry = model_registry(viewer)
+    known = model_registry(viewer)
     key = model if isinstance(model, (str, Path)) else None
-    name = _common.model_label(str(key)) if key else "model"
+    name = model_label(str(key)) if key else "model"
     layer_name = probabilities_name(layer.name)
     state = {"ready": False}  # set in the worker once the target exists
     shown: dict[str, Any] = {"layer": None}  # GUI thread only
@@ -433,12 +426,12 @@ def predict_blockwise_job(
         import zarr
 
         lazy = da.from_zarr(zarr.open_array(str(target), mode="r"))
-        existing = _common.find_layer(viewer, layer_name)
+        existing = layers.find_layer(viewer, layer_name)
         index = None
         if existing is not None:  # replaced: a cached or in-memory layer would not refresh
             index = viewer.layers.index(existing)
             viewer.layers.remove(existing)
-        new = _common.set_layer(viewer, layer_name, lazy, "image", source=layer, cache=False,
+        new = layers.set_layer(viewer, layer_name, lazy, "image", source=layer, cache=False,
                                 metadata={"emseg_target": str(target),
                                           **_threshold_tag(state.get("threshold"))},
                                 **PROB_DISPLAY)
@@ -453,14 +446,14 @@ def predict_blockwise_job(
     def returned(_path: str) -> None:
         show()
         if key is not None:
-            registry.set_current(str(key))
+            known.set_current(str(key))
 
     def finished(job: Job) -> None:
         try:
             if state["ready"] and (job.cancelled or job.exception is not None):
                 show()  # the finished blocks, zeros elsewhere
         except Exception as exc:
-            _common.error(f"Predict: could not show {target}: {exc}")
+            jobs.error(f"Predict: could not show {target}: {exc}")
         if on_finished is not None:
             on_finished(job)
 
@@ -484,7 +477,7 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
-        _common.warm_up()
+        jobs.warm_up()
         self._viewer = napari_viewer
         self._registry = model_registry(napari_viewer)
         self.job: Job | None = None
@@ -501,7 +494,7 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
         self._image_changed()
 
     def _build(self, viewer) -> None:
-        self.reason = _common.reason_label()
+        self.reason = layers.reason_label()
         self.image = layer_picker(viewer, Image, "image",
                                   "EM stack (Z, Y, X) or single slice (Y, X)")
         self.model = ComboBox(label="model", choices=self._model_choices, nullable=True,
@@ -636,7 +629,7 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
     def run(self, _value=None) -> Job | None:
         """Start prediction with the current settings (returns the job)."""
         if self._busy():
-            _common.info("Predict: a prediction is already running")
+            jobs.info("Predict: a prediction is already running")
             return None
         layer = self.image.value
         try:
@@ -644,11 +637,11 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
             blockwise = self.blockwise_options()
             adaptation = self.adaptation()
         except ValueError as exc:
-            _common.error(f"Predict: {exc}")
+            jobs.error(f"Predict: {exc}")
             return None
         z = None
         if self.extent.value == "slice" and layer is not None and layer_array(layer).ndim == 3:
-            z = _common.current_index(self._viewer, layer)
+            z = layers.current_index(self._viewer, layer)
         job = predict_job(self._viewer, layer, self.model.value, z=z, options=opts,
                           on_finished=self._finished, adaptation=adaptation,
                           progress_bar=self.progress, **blockwise)

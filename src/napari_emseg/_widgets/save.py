@@ -9,8 +9,10 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 from napari.layers import Labels
 
 from .._writer import layer_voxel_size
-from . import _common
-from ._common import Job, JobOwner, ModelChoices, layer_array, layer_picker, model_registry
+from . import jobs, layers, registry
+from .jobs import Job, JobOwner
+from .layers import layer_array, layer_picker
+from .registry import ModelChoices, model_registry
 
 if TYPE_CHECKING:
     import napari
@@ -35,13 +37,13 @@ class SaveWidget(ModelChoices, JobOwner, Container):
         self._registry = model_registry(napari_viewer)
         self.job: Job | None = None
 
-        self.labels_reason = _common.reason_label()
+        self.labels_reason = layers.reason_label()
         self.labels_layer = layer_picker(napari_viewer, Labels, "labels layer")
         self.labels_path = FileEdit(label="labels file", mode="w",
                                     filter="*.tif *.tiff *.zarr",
                                     tooltip=".tif / .tiff (multi-page) or .zarr")
         self.save_labels_button = PushButton(text="Save labels")
-        self.model_reason = _common.reason_label()
+        self.model_reason = layers.reason_label()
         self.model = ComboBox(label="model", choices=self._model_choices, nullable=True)
         self.checkpoint_path = FileEdit(label="checkpoint file", mode="w", filter="*.pt")
         self.save_checkpoint_button = PushButton(text="Save checkpoint")
@@ -80,12 +82,12 @@ class SaveWidget(ModelChoices, JobOwner, Container):
     def _start(self, work, description: str, done_text,
                preload: tuple[str, ...] = ()) -> Job | None:
         if self._busy():
-            _common.info("Save: a save is already running")
+            jobs.info("Save: a save is already running")
             return None
 
         def show(path) -> None:
             self.status.value = done_text(path)
-            _common.info(self.status.value)
+            jobs.info(self.status.value)
 
         self.job = Job(work, description=description, on_returned=show,
                        on_finished=lambda _job: self._update_state(), preload=preload)
@@ -101,14 +103,14 @@ class SaveWidget(ModelChoices, JobOwner, Container):
         """
         layer = self.labels_layer.value
         if layer is None:
-            _common.error("Save: no Labels layer to save")
+            jobs.error("Save: no Labels layer to save")
             return None
         path = _chosen(self.labels_path.value)
         if path is None:
-            _common.error("Save: choose a labels file (.tif, .tiff or .zarr) first")
+            jobs.error("Save: choose a labels file (.tif, .tiff or .zarr) first")
             return None
         if path.suffix.lower() not in LABEL_SUFFIXES:
-            _common.error(f"Save: {path.name!r} must end in .tif, .tiff or .zarr")
+            jobs.error(f"Save: {path.name!r} must end in .tif, .tiff or .zarr")
             return None
         data = layer_array(layer)
         sizes = layer_voxel_size(layer.scale, getattr(layer, "units", None), data.ndim)
@@ -134,12 +136,12 @@ class SaveWidget(ModelChoices, JobOwner, Container):
     def _model_job(self, kind: str) -> Job | None:
         key = self.model.value
         if not key:
-            _common.error("Save: no model chosen")
+            jobs.error("Save: no model chosen")
             return None
         widget = self.checkpoint_path if kind == "checkpoint" else self.torchscript_path
         path = _chosen(widget.value)
         if path is None or path.is_dir():
-            _common.error(f"Save: choose a {'checkpoint' if kind == 'checkpoint' else 'TorchScript'}"
+            jobs.error(f"Save: choose a {'checkpoint' if kind == 'checkpoint' else 'TorchScript'}"
                           " file name first")
             return None
         if not path.suffix:
@@ -155,5 +157,5 @@ class SaveWidget(ModelChoices, JobOwner, Container):
             return zoo.export_torchscript(model, path)
 
         what = "checkpoint" if kind == "checkpoint" else "TorchScript model"
-        return self._start(work, f"Save {what} of {_common.model_label(key)}",
+        return self._start(work, f"Save {what} of {registry.model_label(key)}",
                            lambda p: f"{what} saved to {p}", preload=("torch",))

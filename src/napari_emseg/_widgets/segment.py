@@ -28,8 +28,9 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels, Layer
 
 from ..postprocess import SegmentSettings, segment_defaults
-from . import _common
-from ._common import CancellableJobOwner, Job, base_name, layer_array, layer_picker
+from . import jobs, layers
+from .jobs import CancellableJobOwner, Job
+from .layers import base_name, layer_array, layer_picker
 
 if TYPE_CHECKING:
     import napari
@@ -84,7 +85,7 @@ def model_meta(layer: Image | None) -> dict | None:
     """The predicting model's settings stored on ``layer`` by Predict, as model metadata."""
     if layer is None:
         return None
-    meta = {"threshold": layer.metadata.get(_common.THRESHOLD_KEY),
+    meta = {"threshold": layer.metadata.get(layers.THRESHOLD_KEY),
             "segment": layer.metadata.get(SEGMENT_KEY)}
     return meta if any(v is not None for v in meta.values()) else None
 
@@ -118,7 +119,7 @@ class SegmentWidget(CancellableJobOwner, Container):
         d = SegmentSettings()
         self._base = d  # settings without a widget (opening, closing, ...) come from here
 
-        self.reason = _common.reason_label()
+        self.reason = layers.reason_label()
         self.probabilities = layer_picker(napari_viewer, Image, "probabilities",
                                           "Output of Predict (float values in [0, 1])")
         self.probabilities.choices = _probability_choices(napari_viewer)
@@ -166,7 +167,7 @@ class SegmentWidget(CancellableJobOwner, Container):
         self._membranes = False
         self.method.changed.connect(self._swap_values)
         self.probabilities.changed.connect(self._adopt_model_settings)
-        _common.watch_layers(napari_viewer, self._layers_changed)
+        layers.watch_layers(napari_viewer, self._layers_changed)
         self._select_probabilities()
         self._update_state()
         self._adopt_model_settings()
@@ -285,13 +286,13 @@ class SegmentWidget(CancellableJobOwner, Container):
         layer = self.probabilities.value
         problem = _check_probabilities(layer)
         if problem:
-            _common.error(f"Segment: {problem}")
+            jobs.error(f"Segment: {problem}")
             return None
         return layer, layer_array(layer)
 
     def _start(self, work, show, description: str) -> Job | None:
         if self._busy():
-            _common.info("Segment: a segmentation is already running")
+            jobs.info("Segment: a segmentation is already running")
             return None
         self.job = Job(work, description=description, on_returned=show,
                        on_finished=self._finished)
@@ -323,11 +324,11 @@ class SegmentWidget(CancellableJobOwner, Container):
                                        cancel=cancel)
 
         def show(result) -> None:
-            _common.set_layer(viewer, f"{name} instances", result.instances, "labels",
+            layers.set_layer(viewer, f"{name} instances", result.instances, "labels",
                               source=layer)
             msg = f"{int(result.instances.max())} instances"
             if result.objects is not None:
-                _common.set_layer(viewer, f"{name} objects 3D", result.objects, "labels",
+                layers.set_layer(viewer, f"{name} objects 3D", result.objects, "labels",
                                   source=layer)
                 msg += f", {int(result.objects.max())} 3D objects"
             self.status.value = msg
@@ -348,7 +349,7 @@ class SegmentWidget(CancellableJobOwner, Container):
             return segment_neurons(prob, **params, progress=progress, cancel=cancel)
 
         def show(labels: np.ndarray) -> None:
-            _common.set_layer(viewer, name, labels, "labels", source=layer)
+            layers.set_layer(viewer, name, labels, "labels", source=layer)
             self.status.value = f"{int(labels.max())} neurites"
 
         return self._start(work, show, f"Neurons from {layer.name!r}")
@@ -359,7 +360,7 @@ class SegmentWidget(CancellableJobOwner, Container):
         if chosen is None:
             return None
         layer, prob = chosen
-        z = _common.current_index(self._viewer, layer) if prob.ndim == 3 else None
+        z = layers.current_index(self._viewer, layer) if prob.ndim == 3 else None
         membranes = self.method.value[0] == "membranes"
         if membranes:
             neuron_params = {**self.neuron_parameters(), "dims": 2}
@@ -383,9 +384,9 @@ class SegmentWidget(CancellableJobOwner, Container):
 
         def show(labels: np.ndarray) -> None:
             if z is None:
-                _common.set_layer(viewer, name, labels, "labels", source=layer)
+                layers.set_layer(viewer, name, labels, "labels", source=layer)
             else:
-                existing = _common.find_layer(viewer, name, Labels)
+                existing = layers.find_layer(viewer, name, Labels)
                 if existing is not None and tuple(existing.data.shape) == tuple(prob.shape) \
                         and isinstance(existing.data, np.ndarray):
                     if self._preview_z is not None and self._preview_z < prob.shape[0]:
@@ -395,7 +396,7 @@ class SegmentWidget(CancellableJobOwner, Container):
                 else:
                     volume = np.zeros(prob.shape, np.uint32)
                     volume[z] = labels
-                    _common.set_layer(viewer, name, volume, "labels", source=layer)
+                    layers.set_layer(viewer, name, volume, "labels", source=layer)
                 self._preview_z = z
             where = f" on slice {z}" if z is not None else ""
             before = "" if membranes else " (before tracking and the size filter)"

@@ -38,19 +38,11 @@ from ..train import (
     SCRATCH_LR,
     threshold_note,
 )
-from . import _common
-from ._common import (
-    Job,
-    JobOwner,
-    ModelChoices,
-    ProgressPanel,
-    base_name,
-    current_index,
-    layer_array,
-    layer_picker,
-    model_registry,
-)
+from . import jobs, layers, registry
+from .jobs import Job, JobOwner, ProgressPanel
+from .layers import base_name, current_index, layer_array, layer_picker
 from .predict import DEVICES, parse_patch, parse_voxel_size, predict_job, voxel_text
+from .registry import ModelChoices, model_registry
 
 if TYPE_CHECKING:
     import napari
@@ -223,7 +215,7 @@ class TrainWidget(ModelChoices, JobOwner, Container):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
-        _common.warm_up()
+        jobs.warm_up()
         self._viewer = napari_viewer
         self._registry = model_registry(napari_viewer)
         self.job: Job | None = None
@@ -243,7 +235,7 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         self._layers_changed()
 
     def _build_fields(self, viewer) -> None:
-        self.reason = _common.reason_label()
+        self.reason = layers.reason_label()
         self.image = layer_picker(viewer, Image, "image", "The EM stack to learn from")
         self.annotations = layer_picker(
             viewer, Labels, "annotations",
@@ -288,7 +280,7 @@ class TrainWidget(ModelChoices, JobOwner, Container):
                                       "'32,128,128' for 3D")
         self.device = ComboBox(label="device", choices=list(DEVICES), value="auto",
                                tooltip="auto: CUDA, then Apple MPS, else CPU")
-        folder = Path(_common.DEFAULT_MODEL_DIR).expanduser()
+        folder = Path(registry.DEFAULT_MODEL_DIR).expanduser()
         self.folder = FileEdit(label="save to folder", mode="d", value=folder,
                                tooltip="Where the new checkpoint (.pt), its log (.csv) and "
                                        "loss chart (.png) are written")
@@ -370,11 +362,11 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         """``"<image> annotations"`` or another real annotation layer; never a mask."""
         image = self.image.value
         shape = tuple(layer_array(image).shape) if image is not None else None
-        layers = [layer for layer in self._viewer.layers if isinstance(layer, Labels)]
+        candidates = [layer for layer in self._viewer.layers if isinstance(layer, Labels)]
         if image is not None:
             name = annotations_name(image.name)
-            layers.sort(key=lambda layer: layer.name != name)  # that name first
-        for layer in layers:
+            candidates.sort(key=lambda layer: layer.name != name)  # that name first
+        for layer in candidates:
             if is_annotation_layer(layer, shape):
                 return layer
         return None
@@ -434,16 +426,16 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         """Add an empty Labels layer shaped like the image ("<image> annotations")."""
         image = self.image.value
         if image is None:
-            _common.error("Train: no image layer to annotate; open an EM stack first")
+            jobs.error("Train: no image layer to annotate; open an EM stack first")
             return None
         shape = tuple(layer_array(image).shape)
         name = annotations_name(image.name)
-        existing = _common.find_layer(self._viewer, name, Labels)
+        existing = layers.find_layer(self._viewer, name, Labels)
         if existing is not None and tuple(existing.data.shape) == shape:
             layer = existing
         else:
             layer = self._viewer.add_labels(np.zeros(shape, np.uint8), name=name,
-                                            **_common.layer_geometry(image, len(shape)))
+                                            **layers.layer_geometry(image, len(shape)))
         layer.metadata[ANNOTATION_KEY] = True
         layer.selected_label = 2
         layer.brush_size = 10
@@ -451,7 +443,7 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         self._viewer.layers.selection.active = layer
         self.annotations.reset_choices()
         self.annotations.value = layer
-        _common.info("Paint with 2 = foreground, 1 = background; 0 stays unlabeled")
+        jobs.info("Paint with 2 = foreground, 1 = background; 0 stays unlabeled")
         return layer
 
     def config_fields(self) -> dict:
@@ -476,11 +468,11 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         layer = self.annotations.value
         painted = np.asarray(layer_array(layer))
         if not painted.any():
-            _common.error(f"Train: annotation layer {layer.name!r} is empty: paint "
+            jobs.error(f"Train: annotation layer {layer.name!r} is empty: paint "
                           "background (1) and foreground (2) strokes first")
             return None
         if not np.issubdtype(painted.dtype, np.integer) or painted.min() < 0:
-            _common.error(f"Train: annotation layer {layer.name!r} must hold "
+            jobs.error(f"Train: annotation layer {layer.name!r} must hold "
                           "non-negative integer labels")
             return None
         return painted.copy()
@@ -495,7 +487,7 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         if self._confirmed == key:
             return True
         self._confirmed = key
-        _common.warning(f"Train: {problem}. Click Train again to train anyway.")
+        jobs.warning(f"Train: {problem}. Click Train again to train anyway.")
         self.status.value = f"warning: {problem}. Click Train again to train anyway."
         return False
 
@@ -511,11 +503,11 @@ class TrainWidget(ModelChoices, JobOwner, Container):
     def train(self, _value=None) -> Job | None:
         """Start fine-tuning / training with the current settings (returns the job)."""
         if self._busy():
-            _common.info("Train: training is already running")
+            jobs.info("Train: training is already running")
             return None
         problem = self._problem()
         if problem:
-            _common.error(f"Train: {problem}")
+            jobs.error(f"Train: {problem}")
             return None
         painted = self._painted()
         if painted is None or not self._confirm_one_class(painted):
@@ -523,7 +515,7 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         try:
             patch = parse_patch(self.patch.value)
         except ValueError as exc:
-            _common.error(f"Train: {exc}")
+            jobs.error(f"Train: {exc}")
             return None
         image_layer = self.image.value
         source = self.start_from.value
@@ -565,7 +557,7 @@ class TrainWidget(ModelChoices, JobOwner, Container):
             model = _start_model(source, painted, patch, depth, width)
             dims = int(model.config["dims"])
             if dims == 3 and img.ndim == 2:
-                raise ValueError(f"{_common.model_label(source)} is a 3D model but the image "
+                raise ValueError(f"{registry.model_label(source)} is a 3D model but the image "
                                  "is 2D (Y, X); start from a 2D model or from scratch")
             config = TrainConfig(**fields, patch=_expand_patch(patch, dims))
 
@@ -613,11 +605,11 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         if z is not None:
             prob = prob[None]
             translate[0] += z * scale[0]
-        _common.set_layer(self._viewer, preview_name(image.name), prob, "image",
+        layers.set_layer(self._viewer, preview_name(image.name), prob, "image",
                           scale=list(scale), translate=list(translate), **PREVIEW_DISPLAY)
         where = f"slice {z}" if z is not None else "the image"
         self.status.value = (f"training… live preview of {where} at "
-                             f"{_common.clock(float(record.get('seconds', 0.0)))}")
+                             f"{jobs.clock(float(record.get('seconds', 0.0)))}")
 
     def _trained(self, result) -> None:
         self.result = result
@@ -625,7 +617,7 @@ class TrainWidget(ModelChoices, JobOwner, Container):
             self.status.value = "cancelled before the first check: no model was saved"
             return
         if result.checkpoint is None or not Path(result.checkpoint).is_file():
-            _common.error("Train: no checkpoint was written")
+            jobs.error("Train: no checkpoint was written")
             return
         self.last_checkpoint = Path(result.checkpoint)
         training = result.model.meta.get("training", {})
@@ -637,17 +629,17 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         text = _result_text(result, before)
         self.status.value = ("stopped early: " if result.cancelled else "") + text
         if worse:
-            _common.warning(
+            jobs.warning(
                 f"Train: the new model is worse on the painted voxels (IoU {before:.3f} → "
                 f"{result.best_iou:.3f}); saved to {self.last_checkpoint} but NOT used. "
-                f"The current model stays {_common.model_label(self.previous_model)}; click "
+                f"The current model stays {registry.model_label(self.previous_model)}; click "
                 "'Use new model' to use it anyway")
             self.status.value += " — worse than before: not used (see 'Use new model')"
         elif result.cancelled:
-            _common.info(f"Training stopped; best model so far saved and now current: "
+            jobs.info(f"Training stopped; best model so far saved and now current: "
                          f"{self.last_checkpoint}")
         else:
-            _common.info(f"Training done: {text}. It is now the current model (Predict "
+            jobs.info(f"Training done: {text}. It is now the current model (Predict "
                          "uses it; 'Revert to previous model' undoes this)")
 
     def use_new_model(self, _value=None) -> None:
@@ -664,8 +656,8 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         if not self.previous_model:
             return
         self._registry.set_current(self.previous_model)
-        self.status.value = f"reverted to {_common.model_label(self.previous_model)}"
-        _common.info(f"Train: {self.status.value}")
+        self.status.value = f"reverted to {registry.model_label(self.previous_model)}"
+        jobs.info(f"Train: {self.status.value}")
         self._update_state()
 
     def cancel(self, _value=None) -> None:
@@ -682,10 +674,10 @@ class TrainWidget(ModelChoices, JobOwner, Container):
         "<image> probabilities (previous)" for comparison.
         """
         if self.last_checkpoint is None:
-            _common.error("Train: nothing trained yet; click Train first")
+            jobs.error("Train: nothing trained yet; click Train first")
             return None
         if self.predict_job is not None and not self.predict_job.done:
-            _common.info("Train: a prediction is already running")
+            jobs.info("Train: a prediction is already running")
             return None
         options = {"device": self.device.value}
         self.predict_job = predict_job(self._viewer, self.image.value,

@@ -48,10 +48,16 @@ def _weights_root() -> Path:
     return Path(str(resources.files("napari_emseg.models") / WEIGHTS_DIR))
 
 
+#: Bundled models listed first, in this order (the first is the default choice).
+PREFERRED_ORDER = ("mito-2d", "mito-3d", "mito-2d-mix", "membrane-2d")
+
+
 def list_models() -> list[str]:
-    """Names of the bundled checkpoints, e.g. ``["membrane-2d", "mito-2d"]``."""
+    """Names of the bundled checkpoints, :data:`PREFERRED_ORDER` first, then by name."""
     root = _weights_root()
-    return sorted(p.stem for p in root.glob("*.pt")) if root.is_dir() else []
+    names = sorted(p.stem for p in root.glob("*.pt")) if root.is_dir() else []
+    rank = {name: k for k, name in enumerate(PREFERRED_ORDER)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:

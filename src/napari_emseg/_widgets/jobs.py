@@ -1,23 +1,14 @@
-"""Helpers shared by the dock widgets.
+"""Running work off the GUI thread, and telling the user about it.
 
 * :class:`Job` runs ``fn(progress, cancel, log)`` in a napari worker thread,
-  maps ``progress`` to a napari progress bar (and to the dock's own
-  :class:`ProgressPanel`), sets a ``threading.Event`` on cancel, and turns
+  maps ``progress`` to a napari progress bar and to the dock's own
+  :class:`ProgressPanel`, sets a ``threading.Event`` on cancel, and turns
   errors into notifications (never a traceback dialog).
-* :class:`ProgressPanel`: a progress bar with counts and time left, shown in a
-  dock while its job runs (pass it to a :class:`Job` as ``progress_bar``).
+* :func:`error` / :func:`info` / :func:`warning`: napari notifications.
 * :func:`warm_up`: imports torch and the engine in a background thread when a
   dock opens, so the first click does not wait for them.
-* :func:`set_layer` adds a result layer or updates the one of that name in
-  place, keeping the source layer's scale and translate.
-* :class:`ModelRegistry` / :func:`model_registry`: per-viewer list of
-  checkpoints (what Train produced, what the user browsed to), so the widgets
-  share models without a global singleton.
-* :func:`layer_picker`: a combo box of the viewer's layers of one type that
-  refreshes when layers are added, removed or renamed.
-* Widget mixins: :class:`JobOwner` / :class:`CancellableJobOwner` (one job at a
-  time, Cancel button, status line) and :class:`ModelChoices` (a model combo
-  box that follows the registry).
+* Mixins :class:`JobOwner` / :class:`CancellableJobOwner`: one job at a time,
+  a Cancel button and a status line.
 
 No torch import here.
 """
@@ -29,26 +20,18 @@ import os
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, ProgressBar
-from napari.layers import Image, Labels, Layer
+from magicgui.widgets import Container, Label, ProgressBar
 from napari.qt.threading import create_worker
 from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from psygnal import Signal as PSignal
 from qtpy.QtCore import QObject, Signal
 
 from ..progress import Cancelled
 
 log = logging.getLogger(__name__)
-
-#: Where Train writes checkpoints unless the user picks another folder.
-DEFAULT_MODEL_DIR = "~/.napari-emseg/models"
 
 #: Tests may set this to True to run jobs on the calling (GUI) thread.
 SYNCHRONOUS = False
@@ -61,10 +44,6 @@ PROGRESS_INTERVAL = 0.05
 WORKER_NICE = 10
 
 Work = Callable[[Callable[[int, int], None], Callable[[], bool], Callable[[dict], None]], Any]
-
-
-# layer metadata key: the threshold the predicting model was tuned to (Predict → Segment)
-THRESHOLD_KEY = "emseg_threshold"
 
 
 # ------------------------------------------------------------------ notifications
@@ -300,6 +279,8 @@ def _restore_priority(old: int | None) -> None:
 
 
 # ------------------------------------------------------------ progress panel
+
+
 def clock(seconds: float) -> str:
     """``75`` → ``"1:15"``, ``3725`` → ``"1:02:05"``."""
     seconds = max(0, int(round(seconds)))
@@ -397,6 +378,8 @@ class ProgressPanel(Container):
 _WARMED: set[str] = set()
 
 #: What the docks import in the background when they open.
+
+
 WARM_MODULES = ("torch", "napari_emseg.models.zoo", "napari_emseg.predict",
                 "napari_emseg.train")
 
@@ -426,220 +409,8 @@ def warm_up(modules: tuple[str, ...] = WARM_MODULES) -> threading.Thread | None:
 
 
 # ---------------------------------------------------------------------- layers
-def layer_geometry(source: Layer | None, ndim: int) -> dict:
-    """scale/translate of ``source`` for a layer of ``ndim`` dims (leading axes 1/0)."""
-    if source is None:
-        return {}
-    scale = list(np.asarray(source.scale, float))
-    translate = list(np.asarray(source.translate, float))
-    extra = ndim - len(scale)
-    if extra > 0:
-        scale, translate = [1.0] * extra + scale, [0.0] * extra + translate
-    elif extra < 0:
-        scale, translate = scale[-extra:], translate[-extra:]
-    return {"scale": scale, "translate": translate}
 
 
-def find_layer(viewer, name: str, kind: type[Layer] | None = None) -> Layer | None:
-    """The layer called ``name`` (of type ``kind`` if given), else None."""
-    for layer in viewer.layers:
-        if layer.name == name and (kind is None or isinstance(layer, kind)):
-            return layer
-    return None
-
-
-def set_layer(
-    viewer,
-    name: str,
-    data: np.ndarray,
-    kind: str,
-    *,
-    source: Layer | None = None,
-    **kwargs: Any,
-) -> Layer:
-    """Add a layer or update the one called ``name`` in place.
-
-    Parameters
-    ----------
-    viewer : napari.Viewer
-    name : str
-    data : ndarray
-    kind : "image" or "labels"
-    source : Layer, optional
-        Its scale and translate are copied (leading axes padded for extra dims).
-    **kwargs
-        Display options (colormap, blending, contrast_limits, opacity, ...),
-        applied when adding and re-applied on update.
-    """
-    cls = {"image": Image, "labels": Labels}[kind]
-    geometry = layer_geometry(source, data.ndim)
-    layer = find_layer(viewer, name)
-    if layer is not None and (not isinstance(layer, cls) or layer.ndim != data.ndim):
-        index = viewer.layers.index(layer)
-        viewer.layers.remove(layer)
-        new = cls(data, name=name, **geometry, **kwargs)
-        viewer.layers.insert(index, new)
-        return new
-    if layer is None:
-        add = viewer.add_image if kind == "image" else viewer.add_labels
-        return add(data, name=name, **geometry, **kwargs)
-    layer.data = data
-    for key, value in {**geometry, **kwargs}.items():
-        setattr(layer, key, value)
-    layer.refresh()
-    return layer
-
-
-def base_name(layer_name: str) -> str:
-    """``"cells probabilities"`` → ``"cells"`` (strips the suffixes we add)."""
-    for suffix in (" probabilities", " instances", " objects 3D", " annotations"):
-        if layer_name.endswith(suffix):
-            return layer_name[: -len(suffix)]
-    return layer_name
-
-
-def layer_array(layer: Layer) -> Any:
-    """The full-resolution data of a layer (level 0 of a multiscale)."""
-    data = layer.data
-    if getattr(layer, "multiscale", False):
-        data = data[0]
-    return data
-
-
-def current_index(viewer, layer: Layer, axis: int = 0) -> int:
-    """Data index of the slice the viewer shows along ``axis`` of ``layer``."""
-    shape = layer_array(layer).shape
-    try:
-        pos = layer.world_to_data(viewer.dims.point)
-        value = int(round(float(pos[axis])))
-    except Exception:
-        step = viewer.dims.current_step
-        value = int(step[len(step) - layer.ndim + axis])
-    return int(np.clip(value, 0, shape[axis] - 1))
-
-
-def watch_layers(viewer, callback: Callable[[], None]) -> None:
-    """Call ``callback()`` when layers are added, removed, moved or renamed.
-
-    ``callback`` is held weakly when it is a bound method, so a closed widget
-    is not kept alive by the viewer's events.
-    """
-    ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else (lambda: callback)
-
-    def fire(_event=None) -> None:
-        fn = ref()
-        if fn is None:
-            return
-        try:
-            fn()
-        except RuntimeError:  # the Qt widget was already deleted
-            pass
-
-    def changed(event=None) -> None:
-        layer = getattr(event, "value", None)
-        if isinstance(layer, Layer) and event.type == "inserted":
-            layer.events.name.connect(fire)
-        fire()
-
-    for name in ("inserted", "removed", "moved"):
-        getattr(viewer.layers.events, name).connect(changed)
-    for layer in viewer.layers:
-        layer.events.name.connect(fire)
-
-
-def layer_picker(viewer, kind: type[Layer], label: str, tooltip: str = "",
-                 nullable: bool = False) -> ComboBox:
-    """A combo box of the viewer's layers of type ``kind`` (value: the layer).
-
-    The choices are recomputed by ``reset_choices()`` (call it from a
-    :func:`watch_layers` callback); the newest matching layer is selected when
-    the current one disappears, unless ``nullable`` (then the value may be None).
-    """
-    ref = weakref.ref(viewer)
-
-    def choices(_widget=None) -> list[tuple[str, Layer]]:
-        v = ref()
-        if v is None:
-            return []
-        return [(layer.name, layer) for layer in v.layers if isinstance(layer, kind)]
-
-    return ComboBox(label=label, choices=choices, nullable=nullable, tooltip=tooltip)
-
-
-def reason_label() -> Label:
-    """A label that says why a widget is disabled (empty when all is ready)."""
-    label = Label(value="")
-    label.native.setWordWrap(True)
-    label.native.setStyleSheet("color: #e0a040;")
-    return label
-
-
-# ------------------------------------------------------------- model registry
-class ModelRegistry:
-    """Checkpoints known to one viewer's widgets, newest last.
-
-    ``current`` is the model last used or produced (bundled name or path), so
-    Train can start from what Predict used and Save can write what Train made.
-    """
-
-    changed = PSignal()
-
-    def __init__(self) -> None:
-        self.paths: list[Path] = []
-        self.current: str | None = None
-
-    def add(self, path: str | Path, *, make_current: bool = True) -> str:
-        """Register a checkpoint file; returns its key (the path as a string)."""
-        path = Path(path).expanduser().resolve()
-        if path not in self.paths:
-            self.paths.append(path)
-        if make_current:
-            self.current = str(path)
-        self.changed.emit()
-        return str(path)
-
-    def set_current(self, key: str) -> None:
-        """Remember ``key`` (bundled name or path) as the current model."""
-        if key != self.current:
-            self.current = key
-            self.changed.emit()
-
-    def choices(self) -> list[tuple[str, str]]:
-        """(label, key) pairs: bundled models, then registered checkpoint files."""
-        from ..models.zoo import list_models
-
-        items = [(f"{name} (bundled)", name) for name in list_models()]
-        seen = set()
-        for path in reversed(self.paths):  # newest first
-            if path in seen:
-                continue
-            seen.add(path)
-            items.append((f"{path.name} ({path.parent.name})", str(path)))
-        return items
-
-
-_REGISTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def model_registry(viewer) -> ModelRegistry:
-    """The :class:`ModelRegistry` of ``viewer`` (created on first use)."""
-    # npe2 hands widgets a PublicOnlyProxy of the viewer (one per widget): key on
-    # the real viewer so every widget of that viewer shares one registry
-    viewer = getattr(viewer, "__wrapped__", viewer)
-    registry = _REGISTRIES.get(viewer)
-    if registry is None:
-        registry = _REGISTRIES[viewer] = ModelRegistry()
-    return registry
-
-
-def model_label(key: str | None) -> str:
-    """Short display name of a model key (bundled name or checkpoint path)."""
-    if not key:
-        return "none"
-    return Path(key).name if ("/" in key or "\\" in key) else key
-
-
-# -------------------------------------------------------------- widget mixins
 class JobOwner:
     """Mixin for a dock widget that runs one :class:`Job` at a time (``self.job``)."""
 
@@ -677,43 +448,3 @@ class CancellableJobOwner(JobOwner):
             self._update_state()
         except RuntimeError:  # widget closed while the job ran
             pass
-
-
-class ModelChoices:
-    """Mixin: a model combo box that follows the viewer's :class:`ModelRegistry`.
-
-    The widget sets ``self._registry = model_registry(viewer)`` before building
-    the combo box (``choices=self._model_choices``), names it in
-    ``model_field``, defines ``_layers_changed()`` and ``_update_state()``, and
-    calls :meth:`_follow_registry` at the end of ``__init__``.
-    """
-
-    _registry: ModelRegistry
-    #: attribute name of the model combo box
-    model_field = "model"
-    #: re-select the previous choice when the registry's current model is not offered
-    keep_previous_model = False
-
-    def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
-        return self._registry.choices()
-
-    def _follow_registry(self, viewer) -> None:
-        """Refresh on registry, model choice and layer changes, and once now."""
-        getattr(self, self.model_field).changed.connect(self._update_state)
-        self._registry.changed.connect(self._registry_changed)
-        watch_layers(viewer, self._layers_changed)
-        self._registry_changed()
-
-    def _registry_changed(self) -> None:
-        combo = getattr(self, self.model_field)
-        try:
-            previous = combo.value if self.keep_previous_model else None
-            combo.reset_choices()
-            current = self._registry.current
-            if current and current in combo.choices:
-                combo.value = current
-            elif self.keep_previous_model and previous in combo.choices:
-                combo.value = previous
-        except RuntimeError:  # widget deleted
-            return
-        self._update_state()

@@ -1,0 +1,171 @@
+"""Layer helpers of the dock widgets (Qt-free logic where possible).
+
+* :func:`set_layer` adds a result layer or updates the one of that name in
+  place, keeping the source layer's scale and translate.
+* :func:`layer_picker`: a combo box of the viewer's layers of one type that
+  refreshes when layers are added, removed or renamed.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import ComboBox, Label
+from napari.layers import Image, Labels, Layer
+
+# layer metadata key: the threshold the predicting model was tuned to (Predict → Segment)
+THRESHOLD_KEY = "emseg_threshold"
+
+
+def layer_geometry(source: Layer | None, ndim: int) -> dict:
+    """scale/translate of ``source`` for a layer of ``ndim`` dims (leading axes 1/0)."""
+    if source is None:
+        return {}
+    scale = list(np.asarray(source.scale, float))
+    translate = list(np.asarray(source.translate, float))
+    extra = ndim - len(scale)
+    if extra > 0:
+        scale, translate = [1.0] * extra + scale, [0.0] * extra + translate
+    elif extra < 0:
+        scale, translate = scale[-extra:], translate[-extra:]
+    return {"scale": scale, "translate": translate}
+
+
+def find_layer(viewer, name: str, kind: type[Layer] | None = None) -> Layer | None:
+    """The layer called ``name`` (of type ``kind`` if given), else None."""
+    for layer in viewer.layers:
+        if layer.name == name and (kind is None or isinstance(layer, kind)):
+            return layer
+    return None
+
+
+def set_layer(
+    viewer,
+    name: str,
+    data: np.ndarray,
+    kind: str,
+    *,
+    source: Layer | None = None,
+    **kwargs: Any,
+) -> Layer:
+    """Add a layer or update the one called ``name`` in place.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+    name : str
+    data : ndarray
+    kind : "image" or "labels"
+    source : Layer, optional
+        Its scale and translate are copied (leading axes padded for extra dims).
+    **kwargs
+        Display options (colormap, blending, contrast_limits, opacity, ...),
+        applied when adding and re-applied on update.
+    """
+    cls = {"image": Image, "labels": Labels}[kind]
+    geometry = layer_geometry(source, data.ndim)
+    layer = find_layer(viewer, name)
+    if layer is not None and (not isinstance(layer, cls) or layer.ndim != data.ndim):
+        index = viewer.layers.index(layer)
+        viewer.layers.remove(layer)
+        new = cls(data, name=name, **geometry, **kwargs)
+        viewer.layers.insert(index, new)
+        return new
+    if layer is None:
+        add = viewer.add_image if kind == "image" else viewer.add_labels
+        return add(data, name=name, **geometry, **kwargs)
+    layer.data = data
+    for key, value in {**geometry, **kwargs}.items():
+        setattr(layer, key, value)
+    layer.refresh()
+    return layer
+
+
+def base_name(layer_name: str) -> str:
+    """``"cells probabilities"`` → ``"cells"`` (strips the suffixes we add)."""
+    for suffix in (" probabilities", " instances", " objects 3D", " annotations"):
+        if layer_name.endswith(suffix):
+            return layer_name[: -len(suffix)]
+    return layer_name
+
+
+def layer_array(layer: Layer) -> Any:
+    """The full-resolution data of a layer (level 0 of a multiscale)."""
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]
+    return data
+
+
+def current_index(viewer, layer: Layer, axis: int = 0) -> int:
+    """Data index of the slice the viewer shows along ``axis`` of ``layer``."""
+    shape = layer_array(layer).shape
+    try:
+        pos = layer.world_to_data(viewer.dims.point)
+        value = int(round(float(pos[axis])))
+    except Exception:
+        step = viewer.dims.current_step
+        value = int(step[len(step) - layer.ndim + axis])
+    return int(np.clip(value, 0, shape[axis] - 1))
+
+
+def watch_layers(viewer, callback: Callable[[], None]) -> None:
+    """Call ``callback()`` when layers are added, removed, moved or renamed.
+
+    ``callback`` is held weakly when it is a bound method, so a closed widget
+    is not kept alive by the viewer's events.
+    """
+    ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else (lambda: callback)
+
+    def fire(_event=None) -> None:
+        fn = ref()
+        if fn is None:
+            return
+        try:
+            fn()
+        except RuntimeError:  # the Qt widget was already deleted
+            pass
+
+    def changed(event=None) -> None:
+        layer = getattr(event, "value", None)
+        if isinstance(layer, Layer) and event.type == "inserted":
+            layer.events.name.connect(fire)
+        fire()
+
+    for name in ("inserted", "removed", "moved"):
+        getattr(viewer.layers.events, name).connect(changed)
+    for layer in viewer.layers:
+        layer.events.name.connect(fire)
+
+
+def layer_picker(viewer, kind: type[Layer], label: str, tooltip: str = "",
+                 nullable: bool = False) -> ComboBox:
+    """A combo box of the viewer's layers of type ``kind`` (value: the layer).
+
+    The choices are recomputed by ``reset_choices()`` (call it from a
+    :func:`watch_layers` callback); the newest matching layer is selected when
+    the current one disappears, unless ``nullable`` (then the value may be None).
+    """
+    ref = weakref.ref(viewer)
+
+    def choices(_widget=None) -> list[tuple[str, Layer]]:
+        v = ref()
+        if v is None:
+            return []
+        return [(layer.name, layer) for layer in v.layers if isinstance(layer, kind)]
+
+    return ComboBox(label=label, choices=choices, nullable=nullable, tooltip=tooltip)
+
+
+def reason_label() -> Label:
+    """A label that says why a widget is disabled (empty when all is ready)."""
+    label = Label(value="")
+    label.native.setWordWrap(True)
+    label.native.setStyleSheet("color: #e0a040;")
+    return label
+
+
+# ------------------------------------------------------------- model registry
