@@ -89,3 +89,18 @@ def test_train_help_describes_every_option_and_shows_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 16)" in text and "(default: 4)" in text  # --width, --depth
     assert "mito-2d" in text  # --from lists the bundled models
+
+
+def test_painted_labels_with_two_classes_train_a_new_three_class_model(crop_files, tmp_path):
+    image, _ = crop_files
+    shape = tifffile.imread(image).shape
+    painted = np.zeros(shape, np.uint8)
+    painted[1, :, :8] = 1
+    painted[1, :, 30:38] = 2
+    painted[1, :, 60:68] = 3
+    tifffile.imwrite(tmp_path / "painted.tif", painted)
+    out = tmp_path / "three.pt"
+    assert main(["train", str(image), str(tmp_path / "painted.tif"), str(out), "--painted",
+                 "--steps", "2", "--patch", "64,64", "--width", "4", "--depth", "2"]) == 0
+    model = load_model(out)
+    assert model.config["out_channels"] == 3 and model.meta["activation"] == "softmax"

@@ -67,6 +67,7 @@ def test_masked_loss_ignores_unlabeled_pixels():
     assert torch.all(multi.grad[0, :, :, 0] == 0)
 
 
+@pytest.mark.slow
 def test_only_background_painted_never_creates_foreground(crop):
     """Unpainted voxels (0) must not act as foreground: the model stays all background."""
     img, _ = crop
@@ -199,6 +200,7 @@ def test_fine_tune_defaults_to_a_small_learning_rate_for_trained_models():
     assert fine_tune_defaults(trained).freeze_norm is False
 
 
+@pytest.mark.slow
 def test_decoder_only_training_keeps_the_encoder(crop):
     img, mask = crop
     model = build_model(dict(dims=2, depth=3, width=4))
@@ -308,6 +310,7 @@ def fine_tuned(crop, tmp_path_factory):
     return fine_tune(model, img, painted, cfg, checkpoint=path), painted
 
 
+@pytest.mark.slow
 def test_fine_tune_chooses_the_threshold_on_the_painted_voxels(crop, fine_tuned):
     from napari_emseg.predict import predict_volume
     from napari_emseg.train import CALIBRATION_THRESHOLDS
@@ -521,3 +524,18 @@ def test_fine_tune_trains_at_the_models_voxel_size(crop):
     plain = fine_tune(model, img, painted, cfg, recipe="near")
     assert plain.model.meta["training"]["resampled"] is None
     assert plain.model.config["in_channels"] == 3
+
+
+def test_new_model_one_builder_for_every_class_count():
+    from napari_emseg.train import new_model, painted_classes
+
+    binary = new_model(2, TrainConfig(depth=2, width=4))
+    assert binary.config["out_channels"] == 1 and binary.meta["activation"] == "sigmoid"
+    painted = np.zeros((2, 8, 8), np.uint8)
+    painted[0, 0, :3] = (1, 2, 3)  # background and two classes
+    three = new_model(painted_classes(painted), TrainConfig(depth=2, width=4, context=1))
+    assert three.config["out_channels"] == 3 and three.meta["activation"] == "softmax"
+    assert three.config["in_channels"] == 3 and three.meta["context"] == 1
+    assert not three.meta.get("training")  # fine-tuning treats it as untrained
+    with pytest.raises(ValueError, match="at least one class"):
+        new_model(1)

@@ -24,10 +24,10 @@ def tb():
 
 @pytest.mark.parametrize("name", ["mito-2d", "mito-3d", "membrane-2d"])
 def test_recipe_builds_a_model(tb, name):
-    from napari_emseg.train import TrainConfig, _make_model
+    from napari_emseg.train import TrainConfig, new_model
 
     cfg = TrainConfig(**tb.RECIPES[name]["config"])
-    model = _make_model(cfg, 1)
+    model = new_model(2, cfg)
     assert model.config["dims"] == cfg.dims
     div = model.divisor()
     assert all(p % d == 0 for p, d in zip(cfg.resolved_patch(), div, strict=True))
@@ -37,7 +37,7 @@ def test_mito_3d_recipe_matches_the_inflated_mito_2d(tb):
     """The 3D recipe must accept the inflated 2D model as its warm start."""
     from napari_emseg.models.unet import UNet, inflate_2d
     from napari_emseg.models.zoo import build_model
-    from napari_emseg.train import TrainConfig, _make_model, _warm_start
+    from napari_emseg.train import TrainConfig, _warm_start, new_model
 
     recipe = tb.RECIPES["mito-3d"]
     source = tb.RECIPES[recipe["inflate"]]["config"]
@@ -45,7 +45,7 @@ def test_mito_3d_recipe_matches_the_inflated_mito_2d(tb):
                             depth=source["depth"], width=source["width"],
                             residual=source["residual"], norm=source["norm"]).config)
     net2.meta = {"name": recipe["inflate"]}
-    target = _make_model(TrainConfig(**recipe["config"]), 1)
+    target = new_model(2, TrainConfig(**recipe["config"]))
     _warm_start(target, inflate_2d(net2))  # raises on an architecture mismatch
     for key, value in net2.state_dict().items():
         if value.ndim == 1:  # norm parameters carried over unchanged

@@ -497,18 +497,43 @@ def plot_history(history: list[dict], path: str | os.PathLike) -> Path | None:
     return Path(path)
 
 
-def _make_model(config: TrainConfig, out_channels: int, model=None):
+def new_model(n_classes: int = 2, config: TrainConfig | None = None, *,
+              class_names: list[str] | None = None):
+    """A new, untrained U-Net for background + ``n_classes - 1`` classes.
+
+    Parameters
+    ----------
+    n_classes : int
+        Classes including background (2 = binary: one sigmoid output; more:
+        softmax over ``n_classes`` outputs).
+    config : TrainConfig, optional
+        Architecture (dims, context, depth, width, norm, residual, ...), patch,
+        normalisation; defaults to ``TrainConfig()``.
+    class_names : names of the classes, background first (default generic names)
+
+    Returns
+    -------
+    UNet with ``.meta`` (classes, activation, context, normalisation, patch;
+    no ``"training"`` entry, so fine-tuning treats it as untrained).
+    """
     from .models.zoo import build_model
 
-    if model is not None:
-        return model
-    return build_model(dict(dims=config.dims, in_channels=2 * config.context + 1
-                            if config.dims == 2 else 1,
-                            out_channels=out_channels, depth=config.depth,
-                            width=config.width, norm=config.norm,
-                            residual=config.residual, dropout=config.dropout,
-                            anisotropic_levels=config.anisotropic_levels,
-                            pool_z=config.pool_z, first_kernel_z=config.first_kernel_z))
+    if n_classes < 2:
+        raise ValueError(f"a model needs background and at least one class, got {n_classes}")
+    config = config or TrainConfig()
+    if class_names:
+        config = TrainConfig(**{**asdict(config), "class_names": list(class_names)})
+    arch = dict(dims=config.dims, in_channels=2 * config.context + 1 if config.dims == 2 else 1,
+                out_channels=1 if n_classes == 2 else n_classes, depth=config.depth,
+                width=config.width, norm=config.norm, residual=config.residual,
+                dropout=config.dropout, anisotropic_levels=config.anisotropic_levels,
+                pool_z=config.pool_z, first_kernel_z=config.first_kernel_z)
+    return build_model(arch, _meta_for(config, n_classes, {"name": "new model"}))
+
+
+def painted_classes(painted: np.ndarray) -> int:
+    """Classes (with background) that painted labels (1 background, 2.. classes) need."""
+    return max(2, int(np.asarray(painted).max()))
 
 
 def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, sparse: bool,
@@ -813,7 +838,7 @@ def fit(
         vi, vt = imgs, tgts
     if n_classes > 2 and config.loss != "ce_dice":
         config = TrainConfig(**{**asdict(config), "loss": "ce_dice"})
-    model = _make_model(config, 1 if n_classes == 2 else n_classes)
+    model = new_model(n_classes, config)
     if init is not None:
         _warm_start(model, init)
     info = _meta_for(config, n_classes, meta)

@@ -724,15 +724,10 @@ def _result_text(result, before: float | None) -> str:
 def _start_model(source: str, painted: np.ndarray, patch, depth: int, width: int):
     """The model to train (worker thread): a new 2D U-Net, or ``source`` loaded."""
     from ..models import zoo
+    from ..train import TrainConfig, new_model, painted_classes
 
     if source != SCRATCH:
         return zoo.load_model(source)
-    n_fg = max(1, int(painted.max()) - 1)
-    classes = (["background", "foreground"] if n_fg == 1 else
-               ["background"] + [f"class {i}" for i in range(1, n_fg + 1)])
     size = (patch or (256,))[0]
-    return zoo.build_model(
-        dict(dims=2, in_channels=1, out_channels=1 if n_fg == 1 else n_fg + 1,
-             depth=depth, width=width, norm="batch"),
-        {"name": "scratch", "classes": classes, "patch": [size, size],
-         "activation": "sigmoid" if n_fg == 1 else "softmax"})
+    return new_model(painted_classes(painted),
+                     TrainConfig(dims=2, depth=depth, width=width, patch=(size, size)))

@@ -11,7 +11,7 @@ import numpy as np
 
 from .._textbar import ProgressBar
 from ..io import read_volume
-from ..models.zoo import build_model, load_model
+from ..models.zoo import load_model
 from ..train import (
     FINE_TUNE_EARLY_STOP,
     FINE_TUNE_MAX_STEPS,
@@ -19,6 +19,8 @@ from ..train import (
     TrainConfig,
     fine_tune,
     fit,
+    new_model,
+    painted_classes,
     resume_path,
     threshold_note,
 )
@@ -137,11 +139,7 @@ def _check_resume(out: str) -> None:
 
 def _new_model(args: argparse.Namespace, painted: np.ndarray):
     """A fresh U-Net for painted labels without ``--from``."""
-    n_out = max(1, int(painted.max()) - 1)
-    in_channels = 2 * args.context + 1 if args.dims == 2 else 1
-    return build_model(dict(dims=args.dims, in_channels=in_channels, out_channels=n_out,
-                            depth=args.depth, width=args.width, residual=args.residual),
-                       {"context": args.context if args.dims == 2 else 0})
+    return new_model(painted_classes(painted), train_config(args))
 
 
 def _train(args: argparse.Namespace, image: np.ndarray, labels: np.ndarray,
