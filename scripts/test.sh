@@ -2,6 +2,8 @@
 # Install napari-emseg with its test extras into .venv and run the test suite
 # headless. This is the README's test command and what CI runs (.ci/run).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
+# Tests that need real EM read $EMSEG_DATA or ../shared/data; without it they skip
+# (reasons printed, -rs) and, when CI is set, fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,14 +29,20 @@ fi
 .venv/bin/ruff check src tests benchmarks scripts
 .venv/bin/npe2 validate napari-emseg
 
+DATA=${EMSEG_DATA:-../shared/data}
+if [ ! -d "$DATA/fixtures" ]; then
+  echo "test.sh: no test data in $DATA (set EMSEG_DATA): tests that need it will skip" \
+       "(or fail with CI set); see README, Tests" >&2
+fi
+
 export QT_QPA_PLATFORM=${QT_QPA_PLATFORM:-offscreen}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 set +e
 if command -v xvfb-run >/dev/null 2>&1; then
   xvfb-run -a -s "-screen 0 1280x1024x24" env QT_QPA_PLATFORM=xcb \
-    .venv/bin/python -m pytest -p no:cacheprovider "$@"
+    .venv/bin/python -m pytest -p no:cacheprovider -rs "$@"
 else
-  .venv/bin/python -m pytest -p no:cacheprovider "$@"
+  .venv/bin/python -m pytest -p no:cacheprovider -rs "$@"
 fi
 rc=$?
 set -e

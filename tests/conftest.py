@@ -1,4 +1,11 @@
-"""Shared pytest fixtures: location of the real EM test data."""
+"""Shared pytest fixtures: location of the real EM test data.
+
+Tests that need real EM read it from ``$EMSEG_DATA`` or ``../shared/data``
+(a folder next to the clone holding ``fixtures/`` and the full volumes; its
+README lists every file with its source and SHA-256).  When neither exists
+the tests skip with that reason locally, and fail when ``CI`` is set, so a CI
+run without the data cannot pass by skipping.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +15,33 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
 def _data_dir() -> Path | None:
     env = os.environ.get("EMSEG_DATA")
-    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
+    for cand in ([Path(env)] if env else []) + [DEFAULT_DATA]:
         if (cand / "fixtures").is_dir():
             return cand
     return None
 
 
+def missing_data(what: str) -> None:
+    """Skip (locally) or fail (when ``$CI`` is set) because test data is missing."""
+    where = os.environ.get("EMSEG_DATA") or str(DEFAULT_DATA)
+    reason = (f"{what} not found (looked in {where}): set EMSEG_DATA to the folder "
+              "holding fixtures/ and the EM volumes")
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """``../shared/data`` (or ``$EMSEG_DATA``); skips the test when absent."""
+    """``$EMSEG_DATA`` or ``../shared/data``; skips locally, fails under ``CI``, when absent."""
     found = _data_dir()
     if found is None:
-        pytest.skip("shared EM data not found (set EMSEG_DATA)")
+        missing_data("shared EM data")
     return found
 
 

@@ -66,7 +66,7 @@ def test_widget_modules_do_not_import_torch():
 
 def test_predict_layer_equals_engine_and_updates_in_place(make_napari_viewer, qtbot, crop,
                                                           tiny, notes):
-    from napari_emseg._widgets._common import model_registry
+    from napari_emseg._widgets.registry import model_registry
     from napari_emseg.predict import predict_slice, predict_volume
 
     viewer = make_napari_viewer()
@@ -104,27 +104,27 @@ def test_predict_layer_equals_engine_and_updates_in_place(make_napari_viewer, qt
 
 def test_predict_cancel_mid_run_leaves_layers(make_napari_viewer, qtbot, crop, tiny, notes,
                                               monkeypatch):
-    from napari_emseg._widgets import _common
+    from napari_emseg._widgets import jobs, registry
 
     viewer = make_napari_viewer()
     viewer.add_image(crop, name="em")
     before = np.full(crop.shape, 0.25, np.float32)
     viewer.add_image(before.copy(), name="em probabilities")
     pw = open_widget(viewer, "Predict")
-    _common.model_registry(viewer).add(tiny)
+    registry.model_registry(viewer).add(tiny)
     pw.advanced.value = True
     pw.batch.value = 1  # many small batches: the cancel check runs between them
 
     # press Cancel right after the first batch is done (from the worker's callback)
     calls = []
-    real = _common.Job._progress
+    real = jobs.Job._progress
 
     def progress_then_cancel(self, done, total):
         calls.append((done, total))
         real(self, done, total)
         self.cancel()
 
-    monkeypatch.setattr(_common.Job, "_progress", progress_then_cancel)
+    monkeypatch.setattr(jobs.Job, "_progress", progress_then_cancel)
     names = [layer.name for layer in viewer.layers]
     job = pw.run()
     assert pw.cancel_button.enabled and not pw.run_button.enabled
@@ -139,27 +139,31 @@ def test_predict_cancel_mid_run_leaves_layers(make_napari_viewer, qtbot, crop, t
     assert pw.status.value == "cancelled"
 
 
-def test_bad_states_notify_without_exceptions(make_napari_viewer, qtbot, tmp_path, crop,
-                                              tiny, notes):
-    from napari_emseg._widgets import _common
+def _docks(viewer, tiny):
+    """Predict, Segment, Train and Save docks with the tiny model registered."""
+    from napari_emseg._widgets import registry
 
-    viewer = make_napari_viewer()
-    pw = open_widget(viewer, "Predict")
-    sw = open_widget(viewer, "Segment instances")
-    tw = open_widget(viewer, "Train from annotations")
-    vw = open_widget(viewer, "Save labels and model")
-    _common.model_registry(viewer).add(tiny)
+    docks = [open_widget(viewer, name) for name in
+             ("Predict", "Segment instances", "Train from annotations", "Save labels and model")]
+    registry.model_registry(viewer).add(tiny)
+    return docks
 
-    # no layers at all
+
+# bad states, one test each: a failure in one does not hide the others
+def test_no_layers_notify_without_exceptions(make_napari_viewer, tiny, notes):
+    pw, sw, tw, vw = _docks(make_napari_viewer(), tiny)
     assert pw.run() is None and sw.run() is None and sw.preview() is None
     assert tw.train() is None and tw.new_annotation_layer() is None
     assert tw.predict_again() is None and vw.save_labels() is None
     assert len(notes.errors) == 7
     assert "no image layer" in notes.errors[0] and "probabilities" in notes.errors[1]
 
-    # no / empty / wrong-sized annotation layer
+
+def test_missing_empty_or_wrong_sized_annotations_notify(make_napari_viewer, crop, tiny,
+                                                         notes):
+    viewer = make_napari_viewer()
+    _pw, _sw, tw, _vw = _docks(viewer, tiny)
     viewer.add_image(crop, name="em")
-    notes.errors.clear()
     assert tw.train() is None and "no annotation layer" in notes.errors[-1]
     layer = tw.new_annotation_layer()
     assert isinstance(layer, Labels) and layer.name == "em annotations"
@@ -170,11 +174,17 @@ def test_bad_states_notify_without_exceptions(make_napari_viewer, qtbot, tmp_pat
     assert "shape" in tw.reason.value and not tw.train_button.enabled
     assert tw.train() is None and "shape" in notes.errors[-1]
 
-    # a 2D image with a 3D model: error notification from the worker, no layer added
+
+def test_3d_model_on_a_2d_image_notifies_and_adds_no_layer(make_napari_viewer, qtbot,
+                                                           tmp_path, crop, tiny, notes):
+    from napari_emseg._widgets import registry
+
+    viewer = make_napari_viewer()
+    pw, _sw, _tw, _vw = _docks(viewer, tiny)
     viewer.add_image(crop[0], name="slice")
     pw.image.value = viewer.layers["slice"]
     model3d = tiny_checkpoint(tmp_path / "tiny3d.pt", dims=3)
-    _common.model_registry(viewer).add(model3d)
+    registry.model_registry(viewer).add(model3d)
     assert pw.model.value == str(model3d.resolve())
     n_layers = len(viewer.layers)
     job = pw.run()
@@ -184,11 +194,16 @@ def test_bad_states_notify_without_exceptions(make_napari_viewer, qtbot, tmp_pat
     assert len(viewer.layers) == n_layers
     assert pw.status.value.startswith("failed")
 
-    # bad paths in Save
+
+def test_bad_save_path_and_bad_patch_are_refused_before_running(make_napari_viewer, tmp_path,
+                                                                crop, tiny, notes):
+    viewer = make_napari_viewer()
+    pw, _sw, tw, vw = _docks(viewer, tiny)
+    viewer.add_image(crop, name="em")
+    tw.new_annotation_layer()
     vw.labels_layer.value = viewer.layers["em annotations"]
     vw.labels_path.value = str(tmp_path / "labels.png")
     assert vw.save_labels() is None and ".tif" in notes.errors[-1]
-    # a bad patch string is refused before anything runs
     pw.image.value = viewer.layers["em"]
     pw.patch.value = "big"
     assert pw.run() is None and "patch" in notes.errors[-1]
@@ -197,7 +212,7 @@ def test_bad_states_notify_without_exceptions(make_napari_viewer, qtbot, tmp_pat
 def test_save_labels_and_model(make_napari_viewer, qtbot, tmp_path, tiny, notes):
     import torch
 
-    from napari_emseg._widgets import _common
+    from napari_emseg._widgets import registry
     from napari_emseg.io import read_volume
     from napari_emseg.models import zoo
 
@@ -215,7 +230,7 @@ def test_save_labels_and_model(make_napari_viewer, qtbot, tmp_path, tiny, notes)
         np.testing.assert_array_equal(np.asarray(read_volume(tmp_path / name)), labels)
 
     assert not vw.save_checkpoint_button.enabled  # no model yet
-    _common.model_registry(viewer).add(tiny)
+    registry.model_registry(viewer).add(tiny)
     assert vw.save_checkpoint_button.enabled
     vw.checkpoint_path.value = str(tmp_path / "copy.pt")
     job = vw.save_checkpoint()
