@@ -11,6 +11,8 @@ import warnings
 import numpy as np
 
 MAX_SAMPLE = 4_000_000
+#: Grey values at the 1st and 99.8th percentile map to 0 and 1 unless a model says otherwise.
+DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
 
 
 def _sample(volume) -> np.ndarray:
@@ -39,7 +41,7 @@ def normalization_range(volume, spec: dict | None) -> tuple[float, float]:
         ``{"mode": "minmax"}``, ``{"mode": "fixed", "low": 0, "high": 255}`` or
         ``{"mode": "none"}``.
     """
-    spec = spec or {"mode": "percentile", "low": 1.0, "high": 99.8}
+    spec = spec or DEFAULT_NORMALIZATION
     mode = spec.get("mode", "percentile")
     if mode == "none":
         return 0.0, 1.0

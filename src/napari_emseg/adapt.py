@@ -21,14 +21,13 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ._augment import crop_reflect
-from ._normalize import apply_normalization, normalization_range
+from ._normalize import DEFAULT_NORMALIZATION, apply_normalization, normalization_range
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
 
 #: Relative difference of voxel sizes above which images are resampled.
 VOXEL_TOLERANCE = 0.25
 #: Sections this much thicker than the model's training data make 2.5D context wrong.
 CONTEXT_Z_RATIO = 2.0
-DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
 
 
 def _tile_starts(shape: tuple[int, ...], tile: int, n: int, rng) -> list[tuple[int, int, int]]:

@@ -25,14 +25,13 @@ from typing import Any
 import numpy as np
 
 from ._augment import augment, crop_reflect, sample_patch
-from ._normalize import apply_normalization, normalization_range
+from ._normalize import DEFAULT_NORMALIZATION, apply_normalization, normalization_range
 from .adapt import adapt_batchnorm, feature_shift, to_model_scale
 from .progress import CancelCheck, Cancelled, ProgressCallback, check_cancel, report
 
 #: ``preview(model, seconds)``: called while training, the model in eval mode.
 PreviewCallback = Callable[[Any, float], None]
 
-DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
 # Peak LR for fine-tuning a trained model from strokes; larger Adam steps undo
 # what the model knew before the strokes help (benchmarks/bench_finetune.py).
 FINE_TUNE_LR = 3e-5

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .._normalize import DEFAULT_NORMALIZATION
 from ..io.atomic import atomic_path
 
 FORMAT = "napari-emseg"
@@ -33,7 +34,7 @@ DEFAULT_META: dict[str, Any] = {
     "context": 0,
     "classes": ["background", "foreground"],
     "activation": "sigmoid",
-    "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8},
+    "normalization": dict(DEFAULT_NORMALIZATION),
     "patch": None,
     "training": {},
     "metrics": {},
