@@ -539,3 +539,16 @@ def test_new_model_one_builder_for_every_class_count():
     assert not three.meta.get("training")  # fine-tuning treats it as untrained
     with pytest.raises(ValueError, match="at least one class"):
         new_model(1)
+
+
+def test_a_time_budgeted_near_run_is_a_capped_nudge():
+    from napari_emseg.train import NEAR_STEPS, _fine_tune_config, fine_tune_defaults
+
+    trained = build_model(dict(dims=2, depth=2, width=4), {"training": {"steps": 9}})
+    shape = (4, 64, 64)
+    budget = TrainConfig(steps=10**6, minutes=2.0)
+    assert _fine_tune_config(trained, "near", budget, 2, shape).steps == NEAR_STEPS
+    assert fine_tune_defaults(trained, "near").steps == NEAR_STEPS
+    assert _fine_tune_config(trained, "far", budget, 2, shape).steps == 10**6
+    # steps the caller asked for, without a time budget, are kept
+    assert _fine_tune_config(trained, "near", TrainConfig(steps=500), 2, shape).steps == 500
