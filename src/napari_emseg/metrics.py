@@ -59,9 +59,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from .postprocess import bincount, connected_components
+from .tracking import match_slices
 
 __all__ = [
     "adapted_rand_error",
@@ -241,19 +241,9 @@ def instance_ap(
 
 def _hungarian(r: np.ndarray, c: np.ndarray, iou: np.ndarray, t: float) -> np.ndarray:
     """IoUs of the matched pairs: most pairs with IoU >= t, then highest total IoU."""
-    keep = iou >= t
-    r, c, iou = r[keep], c[keep], iou[keep]
-    if r.size == 0:
-        return np.zeros(0)
-    ur, ri = np.unique(r, return_inverse=True)
-    uc, ci = np.unique(c, return_inverse=True)
-    # a bonus larger than any total IoU makes the number of pairs come first
-    bonus = min(ur.size, uc.size) + 1.0
-    weight = np.zeros((ur.size, uc.size))
-    weight[ri, ci] = bonus + iou
-    a, b = linear_sum_assignment(weight, maximize=True)
-    w = weight[a, b]
-    return w[w > 0] - bonus
+    mr, mc = match_slices(r, c, iou, t, most_pairs=True)
+    lookup = dict(zip(zip(r.tolist(), c.tolist(), strict=True), iou.tolist(), strict=True))
+    return np.array([lookup[(a, b)] for a, b in zip(mr.tolist(), mc.tolist(), strict=True)])
 
 
 def variation_of_information(

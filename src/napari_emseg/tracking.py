@@ -83,6 +83,8 @@ def match_slices(
     cols: np.ndarray,
     iou: np.ndarray,
     iou_threshold: float,
+    *,
+    most_pairs: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One-to-one matching maximising the total IoU (Hungarian algorithm).
 
@@ -92,6 +94,9 @@ def match_slices(
         Candidate pairs (object indices) and their IoU.
     iou_threshold : float
         Pairs below it are never matched.
+    most_pairs : bool
+        Match as many pairs as possible first, then the highest total IoU
+        (object-detection scores); else the highest total IoU (tracking).
 
     Returns
     -------
@@ -103,11 +108,12 @@ def match_slices(
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     ur, ri = np.unique(rows, return_inverse=True)
     uc, ci = np.unique(cols, return_inverse=True)
+    # a bonus larger than any total IoU makes the number of pairs come first
+    bonus = min(ur.size, uc.size) + 1.0 if most_pairs else 0.0
     weight = np.zeros((ur.size, uc.size), dtype=np.float64)
-    weight[ri, ci] = iou
+    weight[ri, ci] = bonus + iou
     r, c = linear_sum_assignment(weight, maximize=True)
-    ok = weight[r, c] >= iou_threshold
-    ok &= weight[r, c] > 0
+    ok = (weight[r, c] - bonus >= iou_threshold) & (weight[r, c] > 0)
     return ur[r[ok]].astype(np.int64), uc[c[ok]].astype(np.int64)
 
 
