@@ -30,6 +30,7 @@ from magicgui.widgets import (
 from napari.layers import Image
 
 from . import jobs, layers
+from .dock import ScrollingDock
 from .jobs import CancellableJobOwner, Job, ProgressPanel
 from .layers import base_name, layer_array, layer_picker
 from .registry import ModelChoices, model_label, model_registry
@@ -465,7 +466,7 @@ def predict_blockwise_job(
     return job
 
 
-class PredictWidget(ModelChoices, CancellableJobOwner, Container):
+class PredictWidget(ScrollingDock, ModelChoices, CancellableJobOwner, Container):
     """Dock widget: run a model on an image layer.
 
     The output is an Image layer ``"<image> probabilities"`` (magma, additive,
@@ -476,7 +477,7 @@ class PredictWidget(ModelChoices, CancellableJobOwner, Container):
     done_status = "done"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)
         jobs.warm_up()
         self._viewer = napari_viewer
         self._registry = model_registry(napari_viewer)

@@ -10,6 +10,7 @@ from napari.layers import Labels
 
 from .._writer import layer_voxel_size
 from . import jobs, layers, registry
+from .dock import ScrollingDock
 from .jobs import Job, JobOwner
 from .layers import layer_array, layer_picker
 from .registry import ModelChoices, model_registry
@@ -28,11 +29,11 @@ def _chosen(value) -> Path | None:
     return Path(text).expanduser()
 
 
-class SaveWidget(ModelChoices, JobOwner, Container):
+class SaveWidget(ScrollingDock, ModelChoices, JobOwner, Container):
     """Dock widget: write labels atomically (TIFF or zarr) and export models."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)
         self._viewer = napari_viewer
         self._registry = model_registry(napari_viewer)
         self.job: Job | None = None

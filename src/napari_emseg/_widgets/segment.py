@@ -29,6 +29,7 @@ from napari.layers import Image, Labels, Layer
 
 from ..postprocess import SegmentSettings, segment_defaults
 from . import jobs, layers
+from .dock import ScrollingDock
 from .jobs import CancellableJobOwner, Job
 from .layers import base_name, layer_array, layer_picker
 
@@ -101,7 +102,7 @@ def _check_probabilities(layer: Image | None) -> str | None:
     return None
 
 
-class SegmentWidget(CancellableJobOwner, Container):
+class SegmentWidget(ScrollingDock, CancellableJobOwner, Container):
     """Dock widget: threshold, z-filter, watershed / components, tracking, size filter.
 
     Writes Labels ``"<image> instances"`` (and ``"<image> objects 3D"`` with
@@ -112,7 +113,7 @@ class SegmentWidget(CancellableJobOwner, Container):
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)
         self._viewer = napari_viewer
         self.job: Job | None = None
         self._preview_z: int | None = None

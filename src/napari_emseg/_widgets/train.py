@@ -39,6 +39,7 @@ from ..train import (
     threshold_note,
 )
 from . import jobs, layers, registry
+from .dock import ScrollingDock
 from .jobs import Job, JobOwner, ProgressPanel
 from .layers import base_name, current_index, layer_array, layer_picker
 from .predict import DEVICES, parse_patch, parse_voxel_size, predict_job, voxel_text
@@ -201,7 +202,7 @@ class _LossPlot:
         self.canvas.draw_idle()
 
 
-class TrainWidget(ModelChoices, JobOwner, Container):
+class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
     """Dock widget: fine-tune a model on painted strokes, or train one from scratch.
 
     The checkpoint goes to the chosen folder (default ``~/.napari-emseg/models``)
@@ -214,7 +215,7 @@ class TrainWidget(ModelChoices, JobOwner, Container):
     keep_previous_model = True
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)
         jobs.warm_up()
         self._viewer = napari_viewer
         self._registry = model_registry(napari_viewer)
@@ -320,7 +321,7 @@ class TrainWidget(ModelChoices, JobOwner, Container):
                      self.patch, self.device, self.folder, self.live_preview, buttons,
                      self.progress, self.recipe, self.status, choice])
         self.plot = _LossPlot()
-        self.native.layout().addWidget(self.plot.canvas)
+        self.content.layout().addWidget(self.plot.canvas)
 
     def _connect(self) -> None:
         self.new_layer_button.clicked.connect(self.new_annotation_layer)
