@@ -6,8 +6,7 @@ swipes across the background away from objects); every other slice is scored. Me
 
 * ``new``: ``fine_tune`` with its defaults (the gap rule picks the recipe), given
   the longest time budget of the curve;
-* ``today``: the previous defaults (200 steps, lr 3e-5, batch 4, no adaptation),
-  capped at the same budget;
+* ``today``: the previous defaults (200 steps, lr 3e-5, batch 4, no adaptation);
 * ``rf``: a random forest on ``skimage.feature.multiscale_basic_features`` of the
   painted slices (what ilastik and napari-convpaint do);
 * ``dense``: ``fine_tune`` (new defaults) on dense labels of the 3 slices (a ceiling).
@@ -239,8 +238,7 @@ def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: f
         out["new"] = run_unet(model_name, img, mask, painted, scored, new_cfg, "auto", "new",
                               voxel_size)
     if "today" in methods:
-        today = TrainConfig(steps=200, lr=3e-5, batch_size=4, warmup=10, val_every=50,
-                            minutes=budget / 60)
+        today = TrainConfig(steps=200, lr=3e-5, batch_size=4, warmup=10, val_every=50)
         out["today"] = run_unet(model_name, img, mask, painted, scored, today, "near", "today")
     if "rf" in methods:
         out["rf"] = run_rf(img, mask, painted, scored, threads)

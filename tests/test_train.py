@@ -278,9 +278,13 @@ def test_best_threshold_separates_the_labelled_voxels():
 
     rng = np.random.default_rng(0)
     fg = rng.random(2000) < 0.3
-    prob = np.where(fg, rng.uniform(0.25, 0.6, 2000), rng.uniform(0.0, 0.2, 2000))
+    prob = np.where(fg, rng.uniform(0.4, 0.8, 2000), rng.uniform(0.0, 0.3, 2000))
     t, iou = best_threshold(prob, fg)
-    assert t == 0.25 and iou == 1.0  # 0.2 separates as well; ties go towards 0.5
+    assert t == 0.35 and iou == 1.0  # 0.3 separates as well; ties go towards 0.5
+    # the separation (0.1) lies below the allowed 0.3-0.7: none helps, 0.5 stays
+    low = np.where(fg, rng.uniform(0.12, 0.25, 2000), rng.uniform(0.0, 0.08, 2000))
+    t, iou = best_threshold(low, fg)
+    assert t == 0.5 and iou == 0.0
     assert best_threshold(np.full(10, 0.5), np.zeros(10, bool))[0] == 0.5  # tie -> 0.5
 
 
