@@ -184,8 +184,8 @@ def test_freeze_norm_keeps_batchnorm_statistics(crop):
         res = fine_tune(model, img, painted, cfg, recipe="near")  # "far" re-estimates them
         kept = bool(torch.all(res.model.down[0].norm1.running_mean == 0.3))
         assert kept is freeze
-        # the tuned 0.8 no longer applies: the painted voxels choose the threshold
-        assert res.model.meta["threshold_source"].startswith("painted voxels")
+        # the tuned 0.8 no longer applies; a near run keeps 0.5 (only far runs choose one)
+        assert res.model.meta["threshold"] == 0.5 and "threshold_source" not in res.model.meta
 
 
 def test_fine_tune_defaults_to_a_small_learning_rate_for_trained_models():
@@ -311,7 +311,7 @@ def fine_tuned(crop, tmp_path_factory):
     cfg = TrainConfig(steps=30, batch_size=4, patch=(64, 64), val_every=15, lr=3e-3,
                       warmup=3, threads=2)
     path = tmp_path_factory.mktemp("ft") / "ft.pt"
-    return fine_tune(model, img, painted, cfg, checkpoint=path), painted
+    return fine_tune(model, img, painted, cfg, checkpoint=path, recipe="far"), painted
 
 
 @pytest.mark.slow

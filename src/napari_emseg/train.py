@@ -967,9 +967,11 @@ def fine_tune(
                          sparse=True, checkpoint=checkpoint, meta=meta, progress=progress,
                          cancel=cancel, on_log=on_log, resume=False, save_state=False,
                          preview=preview)
-    # 2D only: on the 3D model the strokes' threshold went the wrong way (0.10 where
-    # 0.5 scored 0.82 and 0.95 scored 0.90; README, Fine-tuning), so 3D keeps 0.5
-    if n_classes == 2 and not result.cancelled and model.config["dims"] == 2:
+    # 2D "far" runs only. On the 3D model the strokes' threshold went the wrong way (0.10
+    # where 0.5 scored 0.82 and 0.95 scored 0.90; docs/models.md); after a near run on
+    # Lucchi++ corrections it chose 0.3 (0.915 on the unpainted slices, about 0.92 at 0.5)
+    if n_classes == 2 and not result.cancelled and model.config["dims"] == 2 \
+            and chosen == "far":
         _calibrate(result, image, painted, cancel)
     return result
 
