@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from qtpy.QtWidgets import QScrollArea
+
 from widget_helpers import open_widget
 
 pytestmark = pytest.mark.gui
