@@ -937,7 +937,9 @@ def fine_tune(
     n_classes = _check_painted(model, image, painted)
     model, image, painted, scaled = to_model_scale(model, image, painted, voxel_size)
     binary = model.config["out_channels"] == 1
-    regions = _painted_regions(model, image, painted, cancel=cancel) if binary else []
+    trained = bool(getattr(model, "meta", {}).get("training"))
+    regions = _painted_regions(model, image, painted, cancel=cancel) if binary and trained \
+        else []
     before = _regions_iou(model, painted, regions)
     shift = feature_shift(model, image) if recipe == "auto" else None
     chosen = choose_recipe(model, before, shift) if recipe == "auto" else recipe
