@@ -38,7 +38,12 @@ def _tile_starts(shape: tuple[int, ...], tile: int, n: int, rng) -> list[tuple[i
 
 
 def _tiles(volume: np.ndarray, model, tile: int, n: int, seed: int) -> list[np.ndarray]:
-    """Input tiles for ``model``: (C, T, T) for 2D/2.5D, (1, Tz, T, T) for 3D."""
+    """Normalised input tiles for ``model``: (C, T, T) for 2D/2.5D, (1, Tz, T, T) for 3D.
+
+    Grey values are normalised with the whole volume's range (the model's spec).
+    """
+    spec = model.meta.get("normalization") or DEFAULT_NORMALIZATION
+    lo, hi = normalization_range(volume, spec)
     rng = np.random.default_rng(seed)
     size_yx = (min(tile, volume.shape[1]), min(tile, volume.shape[2]))
     div = model.divisor()
@@ -47,10 +52,11 @@ def _tiles(volume: np.ndarray, model, tile: int, n: int, seed: int) -> list[np.n
     for z, y, x in _tile_starts(volume.shape, tile, n, rng):
         if model.config["dims"] == 3:
             tz = max(div[0], min(16, volume.shape[0]) // div[0] * div[0])
-            out.append(crop_reflect(volume, (z - tz // 2, y, x), (tz, *size_yx))[None])
+            crop = crop_reflect(volume, (z - tz // 2, y, x), (tz, *size_yx))[None]
         else:
             c = (model.config["in_channels"] - 1) // 2
-            out.append(crop_reflect(volume, (z - c, y, x), (2 * c + 1, *size_yx)))
+            crop = crop_reflect(volume, (z - c, y, x), (2 * c + 1, *size_yx))
+        out.append(apply_normalization(crop, lo, hi))
     return out
 
 
@@ -88,8 +94,6 @@ def adapt_batchnorm(model, image: np.ndarray, *, tiles: int = 16, tile: int = 25
     norms = [m for m in adapted.modules() if isinstance(m, _BatchNorm)]
     if not norms:
         return adapted.eval()
-    spec = model.meta.get("normalization") or DEFAULT_NORMALIZATION
-    lo, hi = normalization_range(image, spec)
     dev = select_device(device)
     adapted.to(dev).eval()
     for m in norms:
@@ -100,8 +104,7 @@ def adapt_batchnorm(model, image: np.ndarray, *, tiles: int = 16, tile: int = 25
     with torch.no_grad():
         for k in range(0, len(crops), batch):
             check_cancel(cancel)
-            x = np.stack([apply_normalization(c, lo, hi) for c in crops[k:k + batch]])
-            adapted(torch.from_numpy(x).to(dev))
+            adapted(torch.from_numpy(np.stack(crops[k:k + batch])).to(dev))
             report(progress, min(k + batch, len(crops)), len(crops))
     for m in norms:
         m.momentum = 0.1
@@ -146,10 +149,7 @@ def feature_shift(model, image: np.ndarray, *, tiles: int = 8, tile: int = 256,
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     if not norms:
         return None
-    spec = model.meta.get("normalization") or DEFAULT_NORMALIZATION
-    lo, hi = normalization_range(image, spec)
-    x = np.stack([apply_normalization(c, lo, hi) for c in _tiles(image, model, tile, tiles,
-                                                                  seed)])
+    x = np.stack(_tiles(image, model, tile, tiles, seed))
     shifts: list[float] = []
 
     def measure(module, inputs, _output):
@@ -302,7 +302,8 @@ def predict_adapted(image: np.ndarray, model, *, voxel_size: tuple[float, ...] |
                                           resample_image=resample_to_model)
     info["adapted"] = adapt
     if adapt:
-        model = adapt_batchnorm(model, work, cancel=cancel)
+        model = adapt_batchnorm(model, work, device=predict_kwargs.get("device"),
+                                cancel=cancel)
     prob = predict_volume(work, model, progress=progress, cancel=cancel, **predict_kwargs)
     if info["resampled"]:
         prob = (resample(prob, shape=image.shape) if prob.ndim == image.ndim else

@@ -941,12 +941,13 @@ def fine_tune(
     regions = _painted_regions(model, image, painted, cancel=cancel) if binary and trained \
         else []
     before = _regions_iou(model, painted, regions)
-    shift = feature_shift(model, image) if recipe == "auto" else None
+    device = config.device if config else None
+    shift = feature_shift(model, image, device=device) if recipe == "auto" else None
     chosen = choose_recipe(model, before, shift) if recipe == "auto" else recipe
     if on_log:
         on_log({"recipe": chosen, "painted_iou_before": before, "feature_shift": shift})
     if chosen == "far":
-        model = adapt_batchnorm(model, image, cancel=cancel)
+        model = adapt_batchnorm(model, image, device=device, cancel=cancel)
         if binary and before is not None:  # the adapted model's answers anchor the run
             regions = _painted_regions(model, image, painted, cancel=cancel)
     meta = dict(model.meta)
