@@ -556,3 +556,24 @@ def test_a_time_budgeted_near_run_is_a_capped_nudge():
     assert _fine_tune_config(trained, "far", budget, 2, shape).steps == 10**6
     # steps the caller asked for, without a time budget, are kept
     assert _fine_tune_config(trained, "near", TrainConfig(steps=500), 2, shape).steps == 500
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_keep_returns_the_best_or_the_last_checked_weights(crop, tmp_path, keep):
+    img, mask = crop
+    cfg = TrainConfig(**TINY, steps=6, lr=5e-2, val_every=2, warmup=0, keep=keep)
+    res = fit(img, mask, cfg, checkpoint=tmp_path / "m.pt")
+    ious = [h["val_iou"] for h in res.history]
+    assert len(ious) == 3
+    assert res.best_iou == pytest.approx(max(ious) if keep == "best" else ious[-1], abs=1e-4)
+    saved = load_model(tmp_path / "m.pt").state_dict()
+    for name, value in res.model.state_dict().items():  # the file holds the returned weights
+        assert torch.equal(saved[name].cpu(), value.cpu()), name
+
+
+def test_fine_tune_defaults_return_the_last_weights():
+    from napari_emseg.train import FINE_TUNE_KEEP, fine_tune_defaults
+
+    model = load_model("mito-2d")
+    assert FINE_TUNE_KEEP == "last"
+    assert {fine_tune_defaults(model, r).keep for r in ("near", "far")} == {"last"}
