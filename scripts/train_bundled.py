@@ -537,6 +537,9 @@ def install(name: str, tta: bool | int = True, checkpoint: Path | None = None,
         meta["name"], meta["recipe"] = install_as, name
     meta["metrics"] = {**meta.get("metrics", {}), "held_back": metrics}
     meta["threshold"] = metrics["threshold"]
+    if "detection_min_size_px" in metrics:  # sites: 2D components, the scored size filter
+        meta["segment"] = {"method": "components", "dims": 2, "zfilter": 0,
+                           "min_size": metrics["detection_min_size_px"]}
     meta["torch"] = str(torch.__version__)
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     dst = save_checkpoint(model, WEIGHTS / f"{target}.pt", meta)

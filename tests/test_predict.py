@@ -392,6 +392,37 @@ def test_predict_slice_3d_model():
     np.testing.assert_allclose(sl, full[5], rtol=1e-5, atol=1e-5)
 
 
+def test_predict_planes_averages_the_three_sectionings():
+    from napari_emseg.predict import predict_planes
+
+    vol = RNG.random((10, 12, 14), dtype=np.float32)
+    # a ramp along y only: each plane sees it along a different tile axis
+    w = torch.zeros(1, 1, 3, 3)
+    w[0, 0, 2, 1], w[0, 0, 0, 1] = 1.0, -1.0  # d/dy in the section
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    conv.weight.data = w
+    kw = dict(activation="none", patch=16, device="cpu", normalization=(0.0, 1.0))
+    out = predict_planes(vol, conv, **kw)
+    assert out.shape == vol.shape and out.dtype == np.float32
+    zyx = predict_volume(vol, conv, **kw)
+    yzx = predict_volume(vol.transpose(1, 0, 2), conv, **kw).transpose(1, 0, 2)
+    xzy = predict_volume(vol.transpose(2, 0, 1), conv, **kw).transpose(1, 2, 0)
+    np.testing.assert_allclose(out, (zyx + yzx + xzy) / 3, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(zyx, yzx)  # the views differ: the averaging is not trivial
+    np.testing.assert_allclose(predict_planes(vol, conv, planes=["zyx"], **kw), zyx,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_predict_planes_refuses_models_that_read_several_slices():
+    from napari_emseg.predict import predict_planes
+
+    vol = RNG.random((6, 16, 16), dtype=np.float32)
+    with pytest.raises(ValueError, match="context 0"):
+        predict_planes(vol, torch.nn.Conv2d(3, 1, 1), context=1, device="cpu")
+    with pytest.raises(ValueError, match="planes from"):
+        predict_planes(vol, torch.nn.Conv2d(1, 1, 1), planes=["xy"], device="cpu")
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -703,6 +703,56 @@ def predict_volume(
     return _finish_shape(out, shape3, squeeze_z)
 
 
+PLANES = {"zyx": ((0, 1, 2), (0, 1, 2)), "yzx": ((1, 0, 2), (1, 0, 2)),
+          "xzy": ((2, 0, 1), (1, 2, 0))}  # name: (view order, order back to z, y, x)
+
+
+def predict_planes(volume, model, planes: Sequence[str] = tuple(PLANES),
+                   **kwargs) -> np.ndarray:
+    """Mean prediction of a 2D model along several axes of an isotropic volume.
+
+    A 2D model sees only y/x: a boundary lying in the y/x plane is invisible to
+    it. Predicting the xz and yz sections too (:data:`PLANES`) and averaging
+    gives every orientation a view where it crosses the section.
+
+    Parameters
+    ----------
+    volume : array-like, (Z, Y, X), isotropic voxels
+    model : a 2D model without slice context (see :func:`predict_volume`)
+    planes : names from :data:`PLANES`; ``"zyx"`` is the usual slicing
+    **kwargs
+        Passed on to :func:`predict_volume` (progress restarts for each plane).
+
+    Returns
+    -------
+    numpy.ndarray, float32, the shape :func:`predict_volume` gives
+    """
+    volume, squeeze_z = _check_volume(volume)
+    unknown = [p for p in planes if p not in PLANES]
+    if squeeze_z or unknown or not planes:
+        raise ValueError(f"predict_planes needs a (Z, Y, X) volume and planes from "
+                         f"{sorted(PLANES)}; got shape {volume.shape}, planes {list(planes)}")
+    device = select_device(kwargs.pop("device", None))
+    pred = _resolve_model(model, device, kwargs.pop("dims", None),
+                          kwargs.pop("activation", None), kwargs.pop("context", None))
+    if pred.dims != 2 or pred.context:
+        raise ValueError("predict_planes needs a 2D model that reads one slice (context 0); "
+                         f"this one has dims {pred.dims}, context {pred.context}")
+    vol = np.asarray(volume)
+    lo, hi = _norm_range(vol, kwargs.pop("normalization", None), pred)
+    if pred.patch and not kwargs.get("patch"):
+        kwargs["patch"] = pred.patch
+    total = None
+    for name in planes:
+        view, back = PLANES[name]
+        out = predict_volume(vol.transpose(view), pred.fn, device=str(device), dims=2,
+                             context=0, activation=pred.activation, normalization=(lo, hi),
+                             **kwargs)
+        out = out.transpose((0, *(b + 1 for b in back)) if out.ndim == 4 else back)
+        total = out if total is None else total + out
+    return np.ascontiguousarray(total / len(planes), dtype=np.float32)
+
+
 def predict_slice(volume, model, z: int, **kwargs) -> np.ndarray:
     """Probabilities of one z-slice, for a quick preview.
 
