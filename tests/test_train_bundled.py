@@ -22,7 +22,17 @@ def tb():
     return module
 
 
-@pytest.mark.parametrize("name", ["mito-2d", "mito-3d", "membrane-2d"])
+@pytest.mark.parametrize("name", ["synapse-2d", "neuron-boundary"])
+def test_warm_started_recipes_accept_their_bundled_start(tb, name):
+    from napari_emseg.train import TrainConfig, _warm_start, new_model
+
+    recipe = tb.RECIPES[name]
+    _warm_start(new_model(len(recipe["classes"]), TrainConfig(**recipe["config"])),
+                tb.WEIGHTS / f"{recipe['init']}.pt")  # raises on an architecture mismatch
+
+
+@pytest.mark.parametrize("name", ["mito-2d", "mito-3d", "membrane-2d", "synapse-2d",
+                                  "neuron-boundary"])
 def test_recipe_builds_a_model(tb, name):
     from napari_emseg.train import TrainConfig, new_model
 
@@ -130,3 +140,34 @@ def test_seed_reaches_the_training_config(tb, monkeypatch, tmp_path):
     monkeypatch.setattr(train_module, "fit", fake_fit)
     tb.main(["membrane-2d", "--minutes", "1", "--seed", "3"])
     assert seen == {"seed": 3}
+
+
+def test_boundaries_2d_mark_both_sides_of_each_change_in_plane(tb):
+    ids = np.ones((2, 4, 6), np.uint32)
+    ids[:, :, 3:] = 2          # two cells side by side
+    ids[1] = 3                 # a change along z only: not a boundary of a section
+    ids[0, 0, 0] = 0           # unassigned: boundary
+    b = tb.boundaries_2d(ids)
+    assert b.dtype == np.uint8
+    assert b[0, :, 2:4].all() and not b[0, 2:, [0, 1, 4, 5]].any()
+    assert b[0, 0, 0] == b[0, 0, 1] == b[0, 1, 0] == 1  # id 0 differs from its neighbours
+    assert not b[1].any()
+
+
+def test_split_never_trains_on_held_back_slices_in_any_view(tb, tmp_path, monkeypatch):
+    import tifffile
+
+    z = np.arange(10, dtype=np.uint8)[:, None, None]
+    tifffile.imwrite(tmp_path / "img.tif", np.broadcast_to(z, (10, 6, 6)).copy())
+    tifffile.imwrite(tmp_path / "ids.tif", np.broadcast_to(z.astype(np.uint32) + 1,
+                                                          (10, 6, 6)).copy())
+    monkeypatch.setattr(tb, "DATA", tmp_path)
+    monkeypatch.setitem(tb.RECIPES, "toy", {"data": [
+        ("img.tif", "ids.tif", 3, {"boundaries": True, "view": v}) for v in tb.VIEWS]})
+    ti, tm, vi, vm, cuts = tb.split("toy")
+    assert cuts == [7, 7, 7]
+    assert [t.shape for t in ti] == [(7, 6, 6), (6, 7, 6), (6, 7, 6)]
+    for t in ti:
+        assert t.max() == 6  # grey value = z: slices 7-9 never appear
+    assert all(v.shape == (3, 6, 6) and v.min() == 7 for v in vi)
+    assert not tm[0].any() and tm[1].any()  # xz sections cross the z changes
