@@ -102,6 +102,19 @@ RECIPES = {
         description="2D residual U-Net, synaptic sites (T-bar + post-synaptic density) "
                     "in ssTEM",
     ),
+    # Not bundled: the start model of bench_adapt's "reverse" case (ssTEM-only
+    # mitochondria, adapted to FIB-SEM). Warm start: membrane-2d (ISBI only).
+    "mito-isbi": dict(
+        data=("isbi2012_train_image.tif", "isbi2012_train_mito.tif"), holdout=5,
+        config=dict(dims=2, context=0, depth=4, width=16, residual=True, norm="batch",
+                    patch=(256, 256), batch_size=8, lr=1e-3, val_every=50, val_slices=5,
+                    steps=20000),
+        classes=["background", "mitochondria"],
+        init="membrane-2d",
+        voxel_size_nm=[50.0, 4.0, 4.0],
+        description="2D residual U-Net, mitochondria in ssTEM (ISBI 2012 only; "
+                    "benchmarks/bench_adapt.py --reverse-model)",
+    ),
     # Cell boundaries for neuron segmentation: ISBI 2012 membranes (ssTEM, 4 nm) and
     # FlyEM FIB-SEM (10 nm isotropic) with boundaries derived from the neuron ids,
     # in xy, xz and yz sections (isotropic, so a 2D model can predict along every

@@ -342,3 +342,17 @@ def test_help_of_every_command_through_python_m(command):
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: emseg") and not done.stderr
+
+
+def test_blockwise_names_the_steps_it_skips(tmp_path, capsys):
+    import tifffile
+
+    src = tmp_path / "prob.tif"
+    tifffile.imwrite(src, discs_stack().astype(np.float32))
+    out = tmp_path / "labels.zarr"
+    assert main(["segment", str(src), str(out), "--blockwise", "--block", "4,64,64"]) == 0
+    err = capsys.readouterr().err
+    assert "skips the z-median filter 5, size filter (2000 voxels)" in err
+    assert main(["segment", str(src), str(tmp_path / "b.zarr"), "--blockwise", "--zfilter",
+                 "0", "--min-size", "0", "--block", "4,64,64"]) == 0
+    assert "skips" not in capsys.readouterr().err

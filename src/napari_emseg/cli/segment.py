@@ -175,8 +175,31 @@ def _model_meta(args: argparse.Namespace, model) -> dict | None:
     return model_info(args.model) if args.model else None
 
 
+def blockwise_skipped(settings) -> list[str]:
+    """Steps of ``settings`` that ``--blockwise`` does not apply, as readable text."""
+    skipped = []
+    if settings.zfilter and settings.zfilter > 1:
+        skipped.append(f"z-median filter {settings.zfilter}")
+    if settings.min_size or settings.min_volume:
+        skipped.append(f"size filter ({settings.min_volume or settings.min_size} "
+                       f"{'nm³' if settings.min_volume else 'voxels'})")
+    skipped += [what for what, on in (("smoothing", settings.smooth),
+                                      (f"opening {settings.opening}", settings.opening),
+                                      (f"closing {settings.closing}", settings.closing),
+                                      ("hole filling", settings.fill)) if on]
+    return skipped
+
+
 def _blockwise_args(args: argparse.Namespace, settings) -> argparse.Namespace:
-    """``args`` with the threshold, method, dims, seeds and tracking of ``settings``."""
+    """``args`` with the threshold, method, dims, seeds and tracking of ``settings``.
+
+    Steps the blockwise path cannot apply (z-median, size filter, morphology)
+    are named in a warning on stderr: the result has more, smaller objects.
+    """
+    skipped = blockwise_skipped(settings)
+    if skipped:
+        print(f"warning: --blockwise skips the {', '.join(skipped)} of these settings: "
+              "expect more and smaller objects than without --blockwise", file=sys.stderr)
     filled = argparse.Namespace(**vars(args))
     filled.threshold = settings.threshold
     for field in BLOCKWISE_FIELDS:
