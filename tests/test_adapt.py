@@ -126,3 +126,21 @@ def test_predict_adapted_resamples_and_collapses_and_says_so():
     plain, info = predict_adapted(image, model)
     assert info == {"adapted": False, "resampled": None, "context_collapsed": False}
     assert describe(info) == "" and plain.shape == image.shape
+
+
+def test_preview_slice_is_predicted_at_the_model_scale():
+    from napari_emseg.adapt import predict_slice_adapted
+
+    model = _model(voxel_size_nm=[5.0, 5.0, 5.0])
+    image = _volume()
+    full, info = predict_adapted(image, model, voxel_size=(5.0, 10.0, 10.0))
+    assert info["resampled"] == [1.0, 2.0, 2.0]
+    for z in (0, 3):
+        sl = predict_slice_adapted(image, model, z, voxel_size=(5.0, 10.0, 10.0))
+        assert sl.shape == image.shape[1:]
+        np.testing.assert_allclose(sl, full[z], atol=1e-4)  # same as the volume path
+    # voxel sizes within the tolerance: the plain slice prediction
+    from napari_emseg.predict import predict_slice
+
+    np.testing.assert_array_equal(predict_slice_adapted(image, model, 2, voxel_size=(5, 5, 5)),
+                                  predict_slice(image, model, 2))

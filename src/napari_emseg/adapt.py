@@ -311,6 +311,47 @@ def predict_adapted(image: np.ndarray, model, *, voxel_size: tuple[float, ...] |
     return prob, info
 
 
+def predict_slice_adapted(image: np.ndarray, model, z: int, *,
+                          voxel_size: tuple[float, ...] | None = None,
+                          **predict_kwargs) -> np.ndarray:
+    """Probabilities of slice ``z``, predicted at the model's voxel size.
+
+    The live preview of a fine-tune that trains at the model's scale: only the
+    slices around ``z`` are resampled (y/x, and z for 3D models), with the
+    grey-value range of the whole image.
+
+    Parameters
+    ----------
+    image : ndarray (Z, Y, X), raw grey values
+    model : UNet with ``.meta``
+    z : slice index
+    voxel_size : the image's voxel size in nm (ZYX), optional
+
+    Returns
+    -------
+    float32 ndarray (Y, X), or (C, Y, X) for several classes
+    """
+    from ._normalize import normalization_range
+    from .predict import predict_slice
+
+    image = np.asarray(image)
+    factors = voxel_scale(voxel_size, model.meta.get("voxel_size_nm"), model.config["dims"])
+    if not factors:
+        return predict_slice(image, model, z, **predict_kwargs)
+    nz = image.shape[0]
+    reach = int(model.meta.get("context", 0) or 0) if model.config["dims"] == 2 else 16
+    z0, z1 = max(0, z - reach), min(nz, z + reach + 1)
+    spec = model.meta.get("normalization")
+    predict_kwargs.setdefault("normalization", normalization_range(image, spec))
+    sub = resample(image[z0:z1], factors)
+    zs = min(sub.shape[0] - 1, int(round((z - z0) * factors[0])))
+    prob = predict_slice(sub, model, zs, **predict_kwargs)
+    shape = (1, *image.shape[1:])
+    if prob.ndim == 2:
+        return resample(prob[None], shape=shape)[0]
+    return np.stack([resample(p[None], shape=shape)[0] for p in prob])
+
+
 def describe(info: dict) -> str:
     """One line saying what :func:`predict_adapted` did ("" when nothing)."""
     parts = []

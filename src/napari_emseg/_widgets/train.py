@@ -551,7 +551,8 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         widget = self
 
         def work(progress, cancel, log):
-            from ..predict import predict_slice, predict_volume
+            from ..adapt import predict_slice_adapted
+            from ..predict import predict_volume
             from ..train import TrainConfig, fine_tune
 
             img = np.asarray(image)
@@ -566,8 +567,9 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
                 z = widget._preview_z
                 if img.ndim == 2:
                     prob = predict_volume(img, net, device=device, cancel=cancel)
-                else:
-                    prob = predict_slice(img, net, z or 0, device=device, cancel=cancel)
+                else:  # at the scale the model trains at (fine_tune resamples too)
+                    prob = predict_slice_adapted(img, net, z or 0, voxel_size=voxel_size,
+                                                 device=device, cancel=cancel)
                 log({"preview": prob, "z": z, "seconds": seconds})
 
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
