@@ -7,6 +7,7 @@ and normalised to 0, i.e. treated as the volume's low grey value.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -15,15 +16,17 @@ MAX_SAMPLE = 4_000_000
 DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
 
 
+def sample_slices(shape: Sequence[int], max_voxels: int = MAX_SAMPLE) -> tuple[slice, ...]:
+    """Every n-th voxel along each axis, n the smallest step giving at most ``max_voxels``."""
+    step = 1
+    while np.prod([max(1, s // step) for s in shape]) > max_voxels:
+        step += 1
+    return tuple(slice(None, None, step) for _ in shape)
+
+
 def _sample(volume) -> np.ndarray:
     """A strided subsample of ``volume`` (numpy, dask or zarr) of at most ~4 M voxels."""
-    shape = volume.shape
-    step = 1
-    while np.prod([max(1, s // step) for s in shape]) > MAX_SAMPLE:
-        step += 1
-    # stride z and y more than x would bias nothing for EM; keep it simple
-    sl = tuple(slice(None, None, step) for _ in shape)
-    sample = volume[sl]
+    sample = volume[sample_slices(volume.shape)]
     if hasattr(sample, "compute"):
         sample = sample.compute()
     return np.asarray(sample)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ._normalize import apply_normalization, normalization_range, warn_nonfinite
+from ._shapes import parse_shape
 from .models import zoo
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
 
@@ -127,22 +128,6 @@ def _pad_reflect(vol: np.ndarray, target: Sequence[int]) -> np.ndarray:
         # 'reflect' needs two samples; a single slice is repeated instead
         mode = "edge" if out.shape[axis] == 1 else "reflect"
         out = np.pad(out, pad, mode=mode)
-    return out
-
-
-def _as_tuple(value, n: int, what: str) -> tuple[int, ...]:
-    if isinstance(value, str):
-        value = [v for v in value.replace("x", ",").split(",") if v.strip()]
-    if np.isscalar(value):
-        value = [value] * n
-    try:
-        out = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be an int or {n} ints, got {value!r}") from None
-    if len(out) != n:
-        raise ValueError(f"{what} must have {n} values for a {n}D model, got {out}")
-    if any(v < 1 for v in out):
-        raise ValueError(f"{what} values must be >= 1, got {out}")
     return out
 
 
@@ -338,7 +323,7 @@ def _plan(shape, pred: _Predictor, patch, overlap, z_out=None) -> _Plan:
     dims = pred.dims
     if patch is None:
         patch = pred.patch or DEFAULT_PATCH[dims]
-    patch = _as_tuple(patch, dims, "patch")
+    patch = parse_shape(patch, dims, "patch")
     div = pred.divisor
     # a multiple of the divisor, no larger than the (divisor-rounded) volume
     spatial = shape[-dims:]
@@ -801,7 +786,7 @@ def predict_slice(volume, model, z: int, **kwargs) -> np.ndarray:
                    kwargs.get("progress"), kwargs.get("cancel"))
         return _finish_shape(out, (1, *volume.shape[1:]), True)
     patch = kwargs.get("patch") or pred.patch or DEFAULT_PATCH[3]
-    depth = _round_up(_as_tuple(patch, 3, "patch")[0], pred.divisor[0])
+    depth = _round_up(parse_shape(patch, 3, "patch")[0], pred.divisor[0])
     z0 = max(0, min(z - depth // 2, nz - depth))
     z1 = min(nz, z0 + depth)
     sub = np.asarray(volume[z0:z1])

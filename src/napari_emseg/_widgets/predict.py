@@ -29,6 +29,7 @@ from magicgui.widgets import (
 )
 from napari.layers import Image
 
+from .._shapes import parse_shape
 from . import jobs, layers
 from .dock import ScrollingDock
 from .jobs import CancellableJobOwner, Job, ProgressPanel
@@ -98,34 +99,16 @@ def probabilities_name(image_name: str) -> str:
 
 def parse_patch(text: str) -> tuple[int, ...] | None:
     """``"auto"``/``""`` → None; ``"256"`` → (256,); ``"32, 128, 128"`` → (32, 128, 128)."""
-    text = text.strip().lower()
-    if text in ("", "auto", "none"):
+    if text.strip().lower() in ("", "auto", "none"):
         return None
-    try:
-        values = tuple(int(v) for v in text.replace("x", ",").replace(" ", ",").split(",") if v)
-    except ValueError:
-        raise ValueError(f"patch must be 'auto' or integers like '256' or '32,128,128'; "
-                         f"got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise ValueError(f"patch sizes must be positive integers; got {text!r}")
-    return values
+    return parse_shape(text, (1, 2, 3), "patch")
 
 
 def parse_block(text: str) -> tuple[int, int, int]:
     """``"auto"``/``""`` → :data:`DEFAULT_BLOCK`; ``"64"`` → (64, 64, 64); ``"8,256,256"``."""
-    text = text.strip().lower()
-    if text in ("", "auto", "none"):
+    if text.strip().lower() in ("", "auto", "none"):
         return DEFAULT_BLOCK
-    try:
-        values = tuple(int(v) for v in text.replace("x", ",").replace(" ", ",").split(",") if v)
-    except ValueError:
-        values = ()
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3 or any(v <= 0 for v in values):
-        raise ValueError(f"block must be 'auto' or positive integers like '64,512,512'; "
-                         f"got {text!r}")
-    return values  # type: ignore[return-value]
+    return parse_shape(text, 3, "block")  # type: ignore[return-value]
 
 
 def is_lazy(data: Any) -> bool:

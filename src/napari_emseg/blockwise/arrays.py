@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .._normalize import MAX_SAMPLE, sample_slices
 from ..io import read_volume
 from .grid import block_core, block_outer
 
@@ -120,12 +121,9 @@ def worker_region(spec: tuple, sl) -> np.ndarray:
     return read_region(spec[1], sl)
 
 
-def strided_sample(arr, max_voxels: int = 4_000_000) -> np.ndarray:
-    """Every n-th voxel along each axis, n the smallest step giving at most ``max_voxels``."""
-    step = 1
-    while np.prod([max(1, s // step) for s in arr.shape]) > max_voxels:
-        step += 1
-    return read_region(arr, tuple(slice(None, None, step) for _ in arr.shape))
+def strided_sample(arr, max_voxels: int = MAX_SAMPLE) -> np.ndarray:
+    """:func:`~napari_emseg._normalize.sample_slices` of ``arr``, read with :func:`read_region`."""
+    return read_region(arr, sample_slices(arr.shape, max_voxels))
 
 
 def open_array(path: str | Path, mode: str = "r+"):

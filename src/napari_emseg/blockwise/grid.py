@@ -5,11 +5,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-import numpy as np
-
 __all__ = [
     "DEFAULT_BLOCK",
-    "as_shape3",
     "block_core",
     "block_grid",
     "block_name",
@@ -23,21 +20,6 @@ Shape3 = tuple[int, int, int]
 Slices = tuple[slice, ...]
 
 DEFAULT_BLOCK = (64, 512, 512)
-
-
-def as_shape3(value, what: str) -> Shape3:
-    """An int, 3 ints or a ``"64,512,512"`` / ``"64x512x512"`` string as ``(z, y, x)``."""
-    if isinstance(value, str):
-        value = [v for v in value.replace("x", ",").split(",") if v.strip()]
-    if np.isscalar(value):
-        value = [value] * 3
-    try:
-        out = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be an int or 3 ints (z, y, x), got {value!r}") from None
-    if len(out) != 3:
-        raise ValueError(f"{what} must have 3 values (z, y, x), got {out}")
-    return out  # type: ignore[return-value]
 
 
 def clip_block(block: Sequence[int], shape: Sequence[int]) -> Shape3:

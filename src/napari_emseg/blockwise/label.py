@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .._shapes import parse_shape
 from ..io import atomic_path, open_zarr_output
 from ..postprocess import (
     connected_components,
@@ -38,7 +39,6 @@ from .arrays import (
 from .executor import BlockProgress, map_blocks, resolve_client
 from .grid import (
     DEFAULT_BLOCK,
-    as_shape3,
     block_core,
     block_grid,
     block_outer,
@@ -202,7 +202,7 @@ def _check_arguments(target: Path, method: str, dims: int, stitch_threshold: flo
 def _plan(src: Source, method: str, dims: int, connectivity: int, block_shape, halo,
           threshold, stitch_threshold: float, ws_kwargs: dict) -> LabelPlan:
     shape = src.shape
-    block_req = as_shape3(block_shape, "block_shape")
+    block_req = parse_shape(block_shape, 3, "block_shape")
     block = clip_block(block_req, shape)
     structure = structuring_element(dims, connectivity)
     if method == "components":
@@ -214,7 +214,7 @@ def _plan(src: Source, method: str, dims: int, connectivity: int, block_shape, h
 
 
 def _components_halo(halo) -> tuple[int, int, int]:
-    if halo is not None and any(as_shape3(halo, "halo")):
+    if halo is not None and any(parse_shape(halo, 3, "halo", minimum=0)):
         raise ValueError("connected components need no halo; leave halo=None")
     return (0, 0, 0)
 
@@ -222,8 +222,9 @@ def _components_halo(halo) -> tuple[int, int, int]:
 def _watershed_halo(halo, dims: int, shape, block_req,
                     block) -> tuple[tuple[int, int, int], tuple[int, ...]]:
     """(halo, axes stitched across) for the watershed; the halo must be >= 1 along them."""
-    halo = ((0 if dims == 2 else 8), 32, 32) if halo is None else as_shape3(halo, "halo")
-    halo = check_block_halo(shape, block_req, halo)
+    if halo is None:
+        halo = ((0 if dims == 2 else 8), 32, 32)
+    halo = check_block_halo(shape, block_req, parse_shape(halo, 3, "halo", minimum=0))
     stitch_axes = tuple(ax for ax in ((1, 2) if dims == 2 else (0, 1, 2))
                         if shape[ax] > block[ax])
     thin = [("zyx"[ax]) for ax in stitch_axes if halo[ax] < 1]

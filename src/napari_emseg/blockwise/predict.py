@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._normalize import normalization_range
+from .._shapes import parse_shape
 from ..io import open_zarr_output
 from ..predict import predict_volume
 from ..progress import CancelCheck, ProgressCallback
@@ -33,7 +34,6 @@ from .arrays import (
 from .executor import BlockProgress, map_blocks, resolve_client
 from .grid import (
     DEFAULT_BLOCK,
-    as_shape3,
     block_core,
     block_grid,
     block_outer,
@@ -217,9 +217,9 @@ def _plan(source, target, model, block_shape, halo, key, dtype: str,
     src = open_source(source, key)
     shape = src.shape
     info = model_info(model, predict_kwargs)
-    block_req = as_shape3(block_shape, "block_shape")
+    block_req = parse_shape(block_shape, 3, "block_shape")
     block = clip_block(block_req, shape)
-    halo = default_halo(model, **predict_kwargs) if halo is None else as_shape3(halo, "halo")
+    halo = default_halo(model, **predict_kwargs) if halo is None else parse_shape(halo, 3, "halo", minimum=0)
     halo = check_block_halo(shape, block_req, halo, info.context)
     if src.array is target or (src.spec and src.spec[0] == "path"
                                and Path(src.spec[1]).resolve() == target.resolve()):

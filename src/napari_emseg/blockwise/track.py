@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .._shapes import parse_shape
 from ..io import atomic_path, open_zarr_output
 from ..progress import CancelCheck, ProgressCallback
 from ..tracking import track_slices
 from .arrays import check_zarr_target, open_array, open_source, read_region
-from .grid import as_shape3
 
 __all__ = ["SlabReader", "SlabWriter", "track_blockwise"]
 
@@ -107,7 +107,7 @@ def track_blockwise(
     src_chunks = _regular_chunks(src.array)
     if chunks is None:
         chunks = tuple(src_chunks) if src_chunks else (16, 512, 512)
-    chunks = tuple(min(int(c), s) for c, s in zip(as_shape3(chunks, "chunks"), shape,
+    chunks = tuple(min(int(c), s) for c, s in zip(parse_shape(chunks, 3, "chunks"), shape,
                                                    strict=True))
     with atomic_path(target) as tmp:
         out = open_zarr_output(tmp, shape, np.uint32, chunks=chunks, overwrite=True,

@@ -51,9 +51,9 @@ def add_blockwise_arguments(parser: argparse.ArgumentParser) -> None:
         help="process block by block into a chunked .zarr OUT (bounded memory, resumable)")
     add("--scheduler", metavar="ADDRESS", default=None,
         help="run the blocks on this dask.distributed scheduler (e.g. tcp://host:8786)")
-    add("--block", metavar="Z,Y,X", type=common.shape((1, 3), name="block"),
+    add("--block", metavar="Z,Y,X", type=common.shape(3, name="block"),
         default="64,512,512", help="block (= zarr chunk) size for --blockwise")
-    add("--halo", metavar="Z,Y,X", type=common.shape((1, 3), minimum=0, name="halo"),
+    add("--halo", metavar="Z,Y,X", type=common.shape(3, minimum=0, name="halo"),
         default=None, help="context read around each block (default: from the model's patch)")
     add("--workers", type=common.positive_int, default=1, metavar="N",
         help="local threads for --blockwise without --scheduler")

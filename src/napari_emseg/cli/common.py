@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .._shapes import parse_shape
 from ..io import is_emseg_zarr
 from ..models.zoo import list_models, model_info
 from ..postprocess import SegmentSettings, segment_defaults
@@ -187,27 +188,19 @@ def _split(text: str) -> list[str]:
     return [v for v in re.split(r"[,x\s]+", text.strip().lower()) if v]
 
 
-def shape(lengths: Sequence[int] = (2, 3), minimum: int = 1,
+def shape(lengths: int | Sequence[int] = (2, 3), minimum: int = 1,
           name: str = "shape") -> Callable[[str], tuple[int, ...]]:
-    """argparse type for 'a,b,c' sizes: ``lengths`` values, each >= ``minimum``.
+    """argparse type for 'a,b,c' sizes, parsed by :func:`~napari_emseg._shapes.parse_shape`.
 
-    'x' and spaces separate values too. With ``lengths=(1, 3)`` a single value
-    stands for all three axes ('64' → (64, 64, 64)).
+    ``lengths`` values ('x' and spaces separate them too), each >= ``minimum``;
+    with one length (``3``) a single value stands for all axes ('64' → (64, 64, 64)).
     """
-    counts = " or ".join(str(n) for n in lengths)
-    example = ",".join(["64"] * max(lengths))
-    what = f"{counts} integers >= {minimum} separated by commas (e.g. {example})"
 
     def parse(text: str) -> tuple[int, ...]:
         try:
-            values = tuple(int(v) for v in _split(text))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if len(values) not in lengths or any(v < minimum for v in values):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        if len(values) == 1 and 3 in lengths:
-            values = values * 3
-        return values
+            return parse_shape(text, lengths, "value", minimum=minimum)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("value ")) from None
 
     parse.__name__ = name
     return parse
