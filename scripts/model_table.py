@@ -33,7 +33,9 @@ def _held_back_slices(info: dict) -> str:
     parts = []
     for vol in volumes:
         z0, z1 = vol["val_slices"]
-        parts.append(f"{_dataset(vol['files'][0])} z {z0}–{z1 - 1}")
+        part = f"{_dataset(vol['files'][0])} z {z0}–{z1 - 1}"
+        if part not in parts:  # one volume seen in several views
+            parts.append(part)
     return "; ".join(parts) or "—"
 
 
@@ -46,7 +48,12 @@ def _input(info: dict) -> str:
     else:
         text = "2D"
     voxel = info.get("voxel_size_nm")
-    return f"{text}, {'×'.join(f'{v:g}' for v in voxel)} nm" if voxel else text
+    if voxel:
+        return f"{text}, {'×'.join(f'{v:g}' for v in voxel)} nm"
+    several = info.get("voxel_sizes_nm")  # trained at several scales: never resampled
+    if several:
+        return f"{text}, {' and '.join(f'{v[-1]:g}' for v in several)} nm pixels"
+    return text
 
 
 def _tags(held: dict) -> list[str]:
@@ -59,7 +66,7 @@ def _tags(held: dict) -> list[str]:
 def _scores(info: dict) -> str:
     held = dict(info.get("metrics", {}).get("held_back", {}))
     held.update(MEASURED_LATER.get(info.get("weights_sha256", ""), {}))
-    membrane = "membrane" in info.get("classes", [])
+    membrane = bool({"membrane", "boundary"} & set(info.get("classes", [])))
     parts = []
     for tag in _tags(held):
         where = f"{DATASETS.get(tag.lstrip('_'), tag.lstrip('_'))}: " if tag else ""
@@ -79,6 +86,11 @@ def _scores(info: dict) -> str:
         else:
             continue
         parts.append(where + text)
+    detection = held.get("detection_held_back")
+    if detection:  # objects found per section, within the recipe's distance
+        parts.insert(0, f"object F1 **{detection['f1']:.3f}** (precision "
+                        f"{detection['precision']:.3f}, recall {detection['recall']:.3f}, "
+                        f"within {detection['max_distance_nm']:g} nm)")
     return "; ".join(parts) or "not measured"
 
 
@@ -88,7 +100,11 @@ def _settings(info: dict) -> str:
     if tta is True:  # "all" variants: flips and rotations, 8 in 2D, 16 in 3D
         tta = 8 if info["config"]["dims"] == 2 else 16
     tta_text = f"{tta}-variant TTA" if tta else "no TTA"
-    return f"{info.get('threshold', 0.5):g}, {tta_text}"
+    text = f"{info.get('threshold', 0.5):g}, {tta_text}"
+    seg = info.get("segment") or {}
+    if seg.get("method") == "components" and "threshold" in seg:  # objects: scored settings
+        text += f"; objects at {seg['threshold']:g}, ≥ {seg.get('min_size', 0)} px"
+    return text
 
 
 def table() -> str:

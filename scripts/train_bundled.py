@@ -224,8 +224,8 @@ def train(name: str, minutes: float, threads: int | None, resume: bool,
     out.mkdir(parents=True, exist_ok=True)
     meta = {"name": name, "description": recipe["description"],
             "training_data": [{"files": [image_file, mask_file], "train_slices": [0, c],
-                               "val_slices": [c, c + v.shape[0]]}
-                              for (image_file, mask_file, _), c, v
+                               "val_slices": [c, c + v.shape[0]], **(rest[0] if rest else {})}
+                              for (image_file, mask_file, _, *rest), c, v
                               in zip(_pairs(recipe), cut, vi, strict=True)]}
     meta.update(recipe_meta(recipe))
     if init:
@@ -451,8 +451,10 @@ def evaluate(name: str, checkpoint: Path | None = None, tta: bool | int = True) 
     size, t_z, _ = choose_postprocess(p_train, g_train, ZMEDIAN_SIZES)
     res = {"threshold": t_plain, "tta": tta, "zmedian_size": size, "zmedian_threshold": t_z,
            "train_slab_iou": round(slab_iou, 4)}
+    p_vals = []
     for k, (img, gt) in enumerate(zip(vi, vm, strict=True)):
         p_val = predict_volume(img, model, tta=tta)
+        p_vals.append(p_val)
         tag = "" if len(vi) == 1 else "_" + _pairs(RECIPES[name])[k][0].split("_")[0]
         for suffix, prob, t in (("", p_val, t_plain),
                                 ("_zmedian", zfilter(p_val, size=size, mode="z"), t_z)):
@@ -463,31 +465,31 @@ def evaluate(name: str, checkpoint: Path | None = None, tta: bool | int = True) 
         if tolerance:
             res.update(_boundary_scores(p_val > t_plain, gt > 0, tolerance))
     if RECIPES[name].get("detection"):
-        res.update(_detection(name, p_train, [m[s] for m, s in zip(tm, slabs, strict=True)],
-                              t_plain, vi, vm, model, tta))
+        res.update(_detection(name, p_train[0], tm[0][slabs[0]], p_vals[0], vm[0]))
     print(json.dumps({name: res}), flush=True)
     return res
 
 
-def _detection(name: str, p_train, g_train, threshold, vi, vm, model, tta) -> dict:
+def _detection(name: str, p_train, g_train, p_val, g_val) -> dict:
     """Object-level detection on the held-back sections (one volume).
 
     Objects are the connected components of ``prob > threshold`` in each
-    section, smaller ones removed; the size is chosen on the training slab by
-    F1, the matching distance is the recipe's (fixed before training).
+    section, smaller ones removed. Threshold and size are chosen on the
+    training slab by F1; the matching distance is the recipe's (fixed before
+    training).
     """
-    from napari_emseg.predict import predict_volume
-
     spec = RECIPES[name]["detection"]
     spacing = RECIPES[name]["voxel_size_nm"][1:]
-    fit = {size: detection_per_section(p_train[0] > threshold, g_train[0], size,
-                                       spec["max_distance_nm"], spacing)
-           for size in spec["min_sizes_px"]}
-    size = max(fit, key=lambda k: (fit[k]["f1"] or 0.0, -k))
-    held = detection_per_section(predict_volume(vi[0], model, tta=tta) > threshold,
-                                 vm[0], size, spec["max_distance_nm"], spacing)
-    return {"detection_min_size_px": size, "detection_train_slab_f1": fit[size]["f1"],
-            "detection_held_back": held}
+    fit = {(t, size): detection_per_section(p_train > t, g_train, size,
+                                            spec["max_distance_nm"], spacing)
+           for t in DETECTION_THRESHOLDS for size in spec["min_sizes_px"]}
+    t, size = max(fit, key=lambda k: (fit[k]["f1"], -abs(k[0] - 0.5), -k[1]))
+    held = detection_per_section(p_val > t, g_val, size, spec["max_distance_nm"], spacing)
+    return {"detection_threshold": t, "detection_min_size_px": size,
+            "detection_train_slab_f1": fit[(t, size)]["f1"], "detection_held_back": held}
+
+
+DETECTION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def detection_per_section(pred: np.ndarray, gt_ids: np.ndarray, min_size: int,
@@ -550,8 +552,9 @@ def install(name: str, tta: bool | int = True, checkpoint: Path | None = None,
         meta["name"], meta["recipe"] = install_as, name
     meta["metrics"] = {**meta.get("metrics", {}), "held_back": metrics}
     meta["threshold"] = metrics["threshold"]
-    if "detection_min_size_px" in metrics:  # sites: 2D components, the scored size filter
+    if "detection_min_size_px" in metrics:  # sites: 2D components, as scored
         meta["segment"] = {"method": "components", "dims": 2, "zfilter": 0,
+                           "threshold": metrics["detection_threshold"],
                            "min_size": metrics["detection_min_size_px"]}
     meta["torch"] = str(torch.__version__)
     WEIGHTS.mkdir(parents=True, exist_ok=True)

@@ -95,3 +95,23 @@ def test_readme_model_table_matches_the_checkpoints():
     for row in module.table().splitlines():
         assert row in readme, (f"README table row out of date (run "
                                f"`python scripts/model_table.py`): {row}")
+
+
+@pytest.mark.skipif("synapse-2d" not in list_models(), reason="synapse-2d not installed")
+def test_synapse_model_finds_held_back_sites(data_dir):
+    """synapse-2d on two held-back ISBI sections: most true sites found, few false ones."""
+    from napari_emseg.metrics import detection_scores
+    from napari_emseg.postprocess import segment, segment_defaults
+
+    image = tifffile.imread(data_dir / "isbi2012_train_image.tif")[27:29]
+    truth = tifffile.imread(data_dir / "isbi2012_train_synapse.tif")[27:29]
+    model = load_model("synapse-2d")
+    settings = segment_defaults(model.meta)
+    assert (settings.method, settings.dims) == ("components", 2)
+    labels = segment(predict_volume(image, model), settings).labels
+    found = [detection_scores(labels[z], truth[z], max_distance=100.0, spacing=(4.0, 4.0))
+             for z in range(2)]
+    n_gt = sum(s["n_gt"] for s in found)
+    recall = sum(s["found"] for s in found) / n_gt
+    precision = sum(s["correct"] for s in found) / max(1, sum(s["n_pred"] for s in found))
+    assert n_gt >= 5 and recall >= 0.5 and precision >= 0.5, (recall, precision)

@@ -171,3 +171,17 @@ def test_split_never_trains_on_held_back_slices_in_any_view(tb, tmp_path, monkey
         assert t.max() == 6  # grey value = z: slices 7-9 never appear
     assert all(v.shape == (3, 6, 6) and v.min() == 7 for v in vi)
     assert not tm[0].any() and tm[1].any()  # xz sections cross the z changes
+
+
+def test_detection_per_section_counts_2d_objects_and_drops_small_ones(tb):
+    gt = np.zeros((2, 40, 40), np.uint16)
+    gt[0, 5:10, 5:10], gt[0, 25:30, 25:30], gt[1, 5:10, 5:10] = 1, 2, 1
+    pred = np.zeros(gt.shape, bool)
+    pred[0, 6:9, 6:9] = True        # overlaps site 1
+    pred[0, 30:32, 28:30] = True    # 1 px below site 2: found within 2 px
+    pred[1, 30:39, 30:39] = True    # far from everything: a false detection
+    pred[1, 0:1, 39:40] = True      # one pixel: removed by min_size 2
+    s = tb.detection_per_section(pred, gt, 2, 2.0, (1.0, 1.0))
+    assert (s["n_pred"], s["n_gt"], s["found"], s["correct"]) == (3, 3, 2, 2)
+    assert s["precision"] == pytest.approx(2 / 3, abs=1e-4)
+    assert s["recall"] == pytest.approx(2 / 3, abs=1e-4)
