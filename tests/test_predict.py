@@ -413,6 +413,18 @@ def test_predict_planes_averages_the_three_sectionings():
                                rtol=1e-6, atol=1e-6)
 
 
+def test_predict_planes_pads_sections_for_the_unet_divisor():
+    from napari_emseg.predict import predict_planes
+
+    model = _tiny_unet(2)
+    vol = RNG.random((5, 21, 22), dtype=np.float32)  # xz/yz sections are 5 px tall
+    out = predict_planes(vol, model, device="cpu", normalization=(0.0, 1.0))
+    assert out.shape == vol.shape and np.isfinite(out).all()
+    yzx = predict_volume(vol.transpose(1, 0, 2), model, device="cpu",
+                         normalization=(0.0, 1.0)).transpose(1, 0, 2)
+    assert not np.allclose(out, yzx)
+
+
 def test_predict_planes_refuses_models_that_read_several_slices():
     from napari_emseg.predict import predict_planes
 

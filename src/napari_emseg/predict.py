@@ -725,12 +725,12 @@ def predict_planes(volume, model, planes: Sequence[str] = tuple(PLANES),
                          f"this one has dims {pred.dims}, context {pred.context}")
     vol = np.asarray(volume)
     lo, hi = _norm_range(vol, kwargs.pop("normalization", None), pred)
-    if pred.patch and not kwargs.get("patch"):
-        kwargs["patch"] = pred.patch
+    if isinstance(model, (str, os.PathLike)):  # loaded once, not once per plane
+        model = zoo.load_model(model)
     total = None
-    for name in planes:
+    for name in planes:  # the model itself: its divisor pads sections of any size
         view, back = PLANES[name]
-        out = predict_volume(vol.transpose(view), pred.fn, device=str(device), dims=2,
+        out = predict_volume(vol.transpose(view), model, device=str(device), dims=2,
                              context=0, activation=pred.activation, normalization=(lo, hi),
                              **kwargs)
         out = out.transpose((0, *(b + 1 for b in back)) if out.ndim == 4 else back)
