@@ -577,3 +577,5 @@ def test_fine_tune_defaults_return_the_last_weights():
     model = load_model("mito-2d")
     assert FINE_TUNE_KEEP == "last"
     assert {fine_tune_defaults(model, r).keep for r in ("near", "far")} == {"last"}
+    # far runs use their whole budget: the rate anneals to 0 before the last weights
+    assert fine_tune_defaults(model, "far").early_stop == 0
