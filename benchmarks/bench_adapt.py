@@ -244,7 +244,8 @@ def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: f
                                    replace(new_cfg, keep="best"), "auto", "new-best",
                                    voxel_size)
     if "today" in methods:
-        today = TrainConfig(steps=200, lr=3e-5, batch_size=4, warmup=10, val_every=50)
+        today = TrainConfig(steps=200, lr=3e-5, batch_size=4, warmup=10, val_every=50,
+                            keep="best")
         out["today"] = run_unet(model_name, img, mask, painted, scored, today, "near", "today")
     if "rf" in methods:
         out["rf"] = run_rf(img, mask, painted, scored, threads)

@@ -579,3 +579,17 @@ def test_fine_tune_defaults_return_the_last_weights():
     assert {fine_tune_defaults(model, r).keep for r in ("near", "far")} == {"last"}
     # far runs use their whole budget: the rate anneals to 0 before the last weights
     assert fine_tune_defaults(model, "far").early_stop == 0
+
+
+def test_fine_tune_keeps_last_weights_and_far_runs_skip_early_stop_even_with_a_config():
+    """The dock and the CLI pass their own config: the recipe still decides these two."""
+    from napari_emseg.train import FINE_TUNE_EARLY_STOP, _fine_tune_config
+
+    model = load_model("mito-2d")
+    given = TrainConfig(minutes=2.0, early_stop=FINE_TUNE_EARLY_STOP)
+    far = _fine_tune_config(model, "far", given, 2, (4, 256, 256))
+    near = _fine_tune_config(model, "near", given, 2, (4, 256, 256))
+    assert (far.keep, far.early_stop) == ("last", 0)
+    assert (near.keep, near.early_stop) == ("last", FINE_TUNE_EARLY_STOP)
+    assert _fine_tune_config(model, "far", TrainConfig(keep="best"), 2, (4, 256, 256)).keep \
+        == "best"

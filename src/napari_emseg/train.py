@@ -116,7 +116,8 @@ class TrainConfig:
     minutes: float | None = None
     lr: float | None = None  # None = auto (FIT_LR, or the fine-tuning recipe's)
     early_stop: int = 0  # stop when the smoothed loss has not improved for this many steps
-    keep: str = "best"  # the weights returned: "best" validation IoU, or the "last" ones
+    keep: str | None = None  # weights returned: "best" validation IoU or "last"; None =
+    # auto: "best" for fit (held-out validation), FINE_TUNE_KEEP for fine_tune
     preview_every: float = 15.0  # seconds between calls of the ``preview`` callback
     weight_decay: float = 1e-4
     warmup: int = 50
@@ -673,7 +674,7 @@ class _Run:
         if self.on_log:
             self.on_log(rec)
             set_train_mode(self.model, cfg.freeze_norm)  # callbacks may predict
-        if iou > self.best or cfg.keep == "last":
+        if iou > self.best or cfg.keep == "last":  # None (auto) resolved before: "best"
             self.save_best(iou)
         if self.ckpt_path:
             _write_log(self.ckpt_path.with_suffix(".csv"), self.history)
@@ -1016,7 +1017,9 @@ def _fine_tune_config(model, recipe: str, config: TrainConfig | None, n_classes:
     steps = base.steps
     if base.minutes and recipe == "near" and meta.get("training"):  # a time budget: capped
         steps = min(steps, NEAR_STEPS)
+    early_stop = 0 if recipe == "far" and meta.get("training") else base.early_stop
     cfg = TrainConfig(**{**asdict(base), "dims": model.config["dims"], "steps": steps,
+                         "early_stop": early_stop, "keep": base.keep or FINE_TUNE_KEEP,
                          "context": int(meta.get("context", 0)),
                          "lr": base.lr or defaults.lr,
                          "batch_size": base.batch_size or defaults.batch_size,
