@@ -74,9 +74,9 @@ def _scores(info: dict) -> str:
         zmed = held.get(f"val_iou_zmedian{tag}")
         if membrane:
             text = f"pixel F1 **{dice:.3f}** (IoU {iou:.3f})"
-            if "val_pixel_error" in held:
-                text += f", pixel error {held['val_pixel_error']:.3f}"
-            f1_2px = held.get("val_boundary_f1_2px")
+            if f"val_pixel_error{tag}" in held:
+                text += f", pixel error {held[f'val_pixel_error{tag}']:.3f}"
+            f1_2px = held.get(f"val_boundary_f1_2px{tag}")
             if f1_2px is not None:
                 text += f", boundary F1 within 2 px **{f1_2px:.3f}**"
         elif iou is not None:

@@ -463,7 +463,8 @@ def evaluate(name: str, checkpoint: Path | None = None, tta: bool | int = True) 
             res[f"val_dice_f1{suffix}{tag}"] = round(scores["dice"], 4)
         tolerance = RECIPES[name].get("boundary_tolerance")
         if tolerance:
-            res.update(_boundary_scores(p_val > t_plain, gt > 0, tolerance))
+            res.update({key + tag: value for key, value
+                        in _boundary_scores(p_val > t_plain, gt > 0, tolerance).items()})
     if RECIPES[name].get("detection"):
         res.update(_detection(name, p_train[0], tm[0][slabs[0]], p_vals[0], vm[0]))
     print(json.dumps({name: res}), flush=True)
