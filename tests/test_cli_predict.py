@@ -184,3 +184,18 @@ def test_predict_blockwise_takes_shapes_and_resumes(tmp_path, checkpoint, image,
     assert cli.main(argv) == 0  # an unfinished or finished OUT of ours is resumed, not refused
     np.testing.assert_array_equal(np.asarray(io.read_volume(out)), first)
     assert "written to" in capsys.readouterr().out
+
+
+def test_predict_planes_flag_averages_three_sectionings(tmp_path, checkpoint, image, capsys):
+    from napari_emseg.predict import predict_planes
+
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, image)
+    out = tmp_path / "planes.tif"
+    assert cli.main(["predict", str(src), str(out), "--model", str(checkpoint), "--planes",
+                     "--device", "cpu", "--quiet"]) == 0
+    expected = predict_planes(image, zoo.load_model(checkpoint), device="cpu")
+    np.testing.assert_allclose(tifffile.imread(out), expected, atol=1e-5)
+    assert cli.main(["predict", str(src), str(tmp_path / "x.tif"), "--model",
+                     str(checkpoint), "--planes", "--adapt", "--quiet"]) == 2
+    assert "--planes cannot be combined with --adapt" in capsys.readouterr().err

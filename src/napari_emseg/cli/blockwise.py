@@ -104,7 +104,7 @@ def _predict_kwargs(args: argparse.Namespace) -> dict:
 def run_blockwise_predict(args: argparse.Namespace) -> int:
     """``emseg predict IN OUT.zarr --model M --blockwise``: blockwise probabilities."""
     out = _zarr_output(args.output)
-    for flag in ("adapt", "voxel_size"):
+    for flag in ("adapt", "voxel_size", "planes"):
         if getattr(args, flag, None):
             raise ValueError(f"--{flag.replace('_', '-')} is not available with --blockwise")
     if not getattr(args, "model", None):

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from .._textbar import progress_bar
-from ..adapt import describe, predict_adapted
+from ..adapt import describe, predict_adapted, voxel_scale
 from ..io import read_volume, read_voxel_size, scale_text, write_volume
 from ..models.zoo import load_model
+from ..predict import predict_planes
 from . import common
 from .blockwise import add_blockwise_arguments, run_blockwise_predict
 from .common import check_output, memory_guard, model_help
@@ -63,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-resample", action="store_true",
                    help="predict at the volume's own voxel size even when it differs from "
                         "the model's")
+    p.add_argument("--planes", action="store_true",
+                   help="isotropic volumes, one-slice 2D models: predict the xy, xz and yz "
+                        "sections and average them (boundaries in every orientation)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_blockwise_arguments(p)
@@ -94,6 +98,16 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 device=args.device, amp=not args.no_amp, tta=args.tta)
 
 
+def _predict_planes(args: argparse.Namespace, volume, model, voxel, bar) -> np.ndarray:
+    """``--planes``: the mean of the three sectionings, at the volume's own voxel size."""
+    if args.adapt:
+        raise ValueError("--planes cannot be combined with --adapt")
+    if voxel_scale(voxel, model.meta.get("voxel_size_nm"), 2) and not args.no_resample:
+        raise ValueError("--planes predicts at the volume's voxel size, which differs from "
+                         "the model's by more than 25 %: add --no-resample to accept that")
+    return predict_planes(volume, model, progress=bar, **_engine_kwargs(args))
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``emseg predict``; returns the exit code."""
     out = _check_output(args)
@@ -109,10 +123,14 @@ def run(args: argparse.Namespace) -> int:
               f"({meta['dims']}D, context {meta.get('context', 0)})", file=sys.stderr)
     t0 = time.perf_counter()
     with memory_guard(volume.shape, volume.dtype):
-        prob, info = predict_adapted(
-            volume, model, voxel_size=voxel, adapt=args.adapt,
-            resample_to_model=not args.no_resample,
-            progress=progress_bar("predict", "tiles", args.quiet), **_engine_kwargs(args))
+        bar = progress_bar("predict", "tiles", args.quiet)
+        if args.planes:
+            prob, info = _predict_planes(args, volume, model, voxel, bar), {}
+        else:
+            prob, info = predict_adapted(
+                volume, model, voxel_size=voxel, adapt=args.adapt,
+                resample_to_model=not args.no_resample, progress=bar,
+                **_engine_kwargs(args))
         if args.uint8:
             prob = np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
     done = describe(info)
