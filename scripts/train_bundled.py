@@ -37,6 +37,9 @@ WEIGHTS = REPO / "src" / "napari_emseg" / "models" / "weights"
 # the held-back evaluation chose), h 4, objects under 2000 voxels dropped.
 MITO_SEGMENT = {"method": "watershed", "dims": 3, "zfilter": 5, "h": 4.0, "min_size": 2000}
 
+# The one-slice 2D net of membrane-2d; recipes that warm-start from it must keep it.
+ONE_SLICE_NET = dict(dims=2, context=0, depth=4, width=16, residual=True, norm="batch")
+
 RECIPES = {
     "mito-2d": dict(
         data=("lucchi_pp_train_image.tif", "lucchi_pp_train_mask.tif"), holdout=0.15,
@@ -60,9 +63,8 @@ RECIPES = {
     ),
     "membrane-2d": dict(
         data=("isbi2012_train_image.tif", "isbi2012_train_membrane.tif"), holdout=5,
-        config=dict(dims=2, context=0, depth=4, width=16, residual=True, norm="batch",
-                    patch=(256, 256), batch_size=8, lr=2e-3, val_every=50, val_slices=5,
-                    steps=20000, label_bias=0.0),
+        config=dict(**ONE_SLICE_NET, patch=(256, 256), batch_size=8, lr=2e-3,
+                    val_every=50, val_slices=5, steps=20000, label_bias=0.0),
         classes=["background", "membrane"],
         voxel_size_nm=[50.0, 4.0, 4.0],
         description="2D residual U-Net, neuronal membranes in ssTEM",
@@ -77,9 +79,8 @@ RECIPES = {
     "mito-2d-mix": dict(
         data=[("lucchi_pp_train_image.tif", "lucchi_pp_train_mask.tif", 0.15),
               ("isbi2012_train_image.tif", "isbi2012_train_mito.tif", 5)],
-        config=dict(dims=2, context=0, depth=4, width=16, residual=True, norm="batch",
-                    patch=(256, 256), batch_size=8, lr=5e-4, val_every=100, val_slices=4,
-                    steps=20000, balance_volumes=True),
+        config=dict(**ONE_SLICE_NET, patch=(256, 256), batch_size=8, lr=5e-4,
+                    val_every=100, val_slices=4, steps=20000, balance_volumes=True),
         classes=["background", "mitochondria"],
         collapse="mito-2d",
         voxel_size_nm=[5.0, 5.0], segment=MITO_SEGMENT,
@@ -92,9 +93,8 @@ RECIPES = {
     # a predicted object overlaps it or lies within 100 nm (fixed before training).
     "synapse-2d": dict(
         data=("isbi2012_train_image.tif", "isbi2012_train_synapse.tif"), holdout=5,
-        config=dict(dims=2, context=0, depth=4, width=16, residual=True, norm="batch",
-                    patch=(256, 256), batch_size=8, lr=1e-3, val_every=50, val_slices=5,
-                    steps=20000, label_bias=0.7),
+        config=dict(**ONE_SLICE_NET, patch=(256, 256), batch_size=8, lr=1e-3,
+                    val_every=50, val_slices=5, steps=20000, label_bias=0.7),
         classes=["background", "synapse"],
         init="membrane-2d",
         voxel_size_nm=[50.0, 4.0, 4.0],
@@ -106,9 +106,8 @@ RECIPES = {
     # mitochondria, adapted to FIB-SEM). Warm start: membrane-2d (ISBI only).
     "mito-isbi": dict(
         data=("isbi2012_train_image.tif", "isbi2012_train_mito.tif"), holdout=5,
-        config=dict(dims=2, context=0, depth=4, width=16, residual=True, norm="batch",
-                    patch=(256, 256), batch_size=8, lr=1e-3, val_every=50, val_slices=5,
-                    steps=20000),
+        config=dict(**ONE_SLICE_NET, patch=(256, 256), batch_size=8, lr=1e-3,
+                    val_every=50, val_slices=5, steps=20000),
         classes=["background", "mitochondria"],
         init="membrane-2d",
         voxel_size_nm=[50.0, 4.0, 4.0],
@@ -129,9 +128,8 @@ RECIPES = {
                {"boundaries": True, "view": "yzx"}),
               ("flyem_fibsem_image.tif", "flyem_fibsem_neurons.tif", 50,
                {"boundaries": True, "view": "xzy"})],
-        config=dict(dims=2, context=0, depth=4, width=16, residual=True, norm="batch",
-                    patch=(224, 224), batch_size=8, lr=1e-3, val_every=100, val_slices=4,
-                    steps=20000, label_bias=0.0, balance_volumes=True),
+        config=dict(**ONE_SLICE_NET, patch=(224, 224), batch_size=8, lr=1e-3,
+                    val_every=100, val_slices=4, steps=20000, label_bias=0.0, balance_volumes=True),
         classes=["background", "boundary"],
         init="membrane-2d",
         # trained at 4 nm (ISBI) and 10 nm (FlyEM) pixels: no voxel size recorded, so
@@ -169,9 +167,6 @@ def boundaries_2d(ids: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-VIEWS = {"zyx": (0, 1, 2), "yzx": (1, 0, 2), "xzy": (2, 0, 1)}
-
-
 def _volume_pair(image_file: str, mask_file: str, options: dict):
     """Image and binary mask of one training volume (ids become 1, or boundaries)."""
     img = tifffile.imread(DATA / image_file)
@@ -189,13 +184,15 @@ def split(name: str):
     volume is viewed along another axis (``{"view": "yzx"}``), so no view
     trains on them; the held-back part is always kept in zyx order.
     """
+    from napari_emseg.predict import PLANES
+
     out: tuple[list, list, list, list, list] = ([], [], [], [], [])
     for image_file, mask_file, hold, *rest in _pairs(RECIPES[name]):
         options = rest[0] if rest else {}
         img, mask = _volume_pair(image_file, mask_file, options)
         n_val = hold if isinstance(hold, int) else int(round(img.shape[0] * hold))
         cut = img.shape[0] - n_val
-        order = VIEWS[options.get("view", "zyx")]
+        order = PLANES[options.get("view", "zyx")]  # the sectionings predict_planes uses
         ti, tm = img[:cut].transpose(order), mask[:cut].transpose(order)
         vi, vm = img[cut:], mask[cut:]
         if options.get("boundaries"):

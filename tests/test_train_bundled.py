@@ -157,13 +157,15 @@ def test_boundaries_2d_mark_both_sides_of_each_change_in_plane(tb):
 def test_split_never_trains_on_held_back_slices_in_any_view(tb, tmp_path, monkeypatch):
     import tifffile
 
+    from napari_emseg.predict import PLANES
+
     z = np.arange(10, dtype=np.uint8)[:, None, None]
     tifffile.imwrite(tmp_path / "img.tif", np.broadcast_to(z, (10, 6, 6)).copy())
     tifffile.imwrite(tmp_path / "ids.tif", np.broadcast_to(z.astype(np.uint32) + 1,
                                                           (10, 6, 6)).copy())
     monkeypatch.setattr(tb, "DATA", tmp_path)
     monkeypatch.setitem(tb.RECIPES, "toy", {"data": [
-        ("img.tif", "ids.tif", 3, {"boundaries": True, "view": v}) for v in tb.VIEWS]})
+        ("img.tif", "ids.tif", 3, {"boundaries": True, "view": v}) for v in PLANES]})
     ti, tm, vi, vm, cuts = tb.split("toy")
     assert cuts == [7, 7, 7]
     assert [t.shape for t in ti] == [(7, 6, 6), (6, 7, 6), (6, 7, 6)]

@@ -688,8 +688,8 @@ def predict_volume(
     return _finish_shape(out, shape3, squeeze_z)
 
 
-PLANES = {"zyx": ((0, 1, 2), (0, 1, 2)), "yzx": ((1, 0, 2), (1, 0, 2)),
-          "xzy": ((2, 0, 1), (1, 2, 0))}  # name: (view order, order back to z, y, x)
+#: Sectionings of a (Z, Y, X) volume: name -> axis order of the view (xy, xz, yz).
+PLANES = {"zyx": (0, 1, 2), "yzx": (1, 0, 2), "xzy": (2, 0, 1)}
 
 
 def predict_planes(volume, model, planes: Sequence[str] = tuple(PLANES),
@@ -718,6 +718,8 @@ def predict_planes(volume, model, planes: Sequence[str] = tuple(PLANES),
         raise ValueError(f"predict_planes needs a (Z, Y, X) volume and planes from "
                          f"{sorted(PLANES)}; got shape {volume.shape}, planes {list(planes)}")
     device = select_device(kwargs.pop("device", None))
+    if isinstance(model, (str, os.PathLike)):  # loaded once, not once per plane
+        model = zoo.load_model(model)
     pred = _resolve_model(model, device, kwargs.pop("dims", None),
                           kwargs.pop("activation", None), kwargs.pop("context", None))
     if pred.dims != 2 or pred.context:
@@ -725,11 +727,10 @@ def predict_planes(volume, model, planes: Sequence[str] = tuple(PLANES),
                          f"this one has dims {pred.dims}, context {pred.context}")
     vol = np.asarray(volume)
     lo, hi = _norm_range(vol, kwargs.pop("normalization", None), pred)
-    if isinstance(model, (str, os.PathLike)):  # loaded once, not once per plane
-        model = zoo.load_model(model)
     total = None
     for name in planes:  # the model itself: its divisor pads sections of any size
-        view, back = PLANES[name]
+        view = PLANES[name]
+        back = tuple(int(a) for a in np.argsort(view))  # the view's axes back to z, y, x
         out = predict_volume(vol.transpose(view), model, device=str(device), dims=2,
                              context=0, activation=pred.activation, normalization=(lo, hi),
                              **kwargs)
