@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
     state = "cancelled" if res.cancelled else "done"
     note = threshold_note(res.model.meta)
     chosen = f"{note}; " if note else ""
-    print(f"{state}: {res.steps} steps in {res.seconds:.0f} s, best IoU on painted voxels "
+    kept = "the saved model's IoU" if args.source else "best IoU"  # fine-tunes keep the last
+    print(f"{state}: {res.steps} steps in {res.seconds:.0f} s, {kept} on painted voxels "
           f"{res.best_iou:.4f}; "
           f"{chosen}checkpoint {res.checkpoint}")
     return 0
