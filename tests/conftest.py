@@ -49,3 +49,11 @@ def data_dir() -> Path:
 def fixtures_dir(data_dir: Path) -> Path:
     """The tiny real EM crops used by unit tests."""
     return data_dir / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _train_in_thread(request, monkeypatch):
+    """The Train dock trains in a worker thread in tests (so monkeypatched engine
+    functions apply); tests marked ``child_process`` use the real child process."""
+    if "child_process" not in request.keywords:
+        monkeypatch.setenv("EMSEG_CHILD_PROCESS", "0")

@@ -53,8 +53,11 @@ def _quick(tw, tmp_path: Path, steps: int = 4) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.child_process
 def test_paint_finetune_predict_again(make_napari_viewer, qtbot, tmp_path, crop, notes):
+    """The whole loop, training in the dock's real child process."""
     from napari_emseg._widgets.registry import model_registry
+    from napari_emseg.child import shared_child
     from napari_emseg.adapt import adapt_batchnorm
     from napari_emseg.models import zoo
     from napari_emseg.predict import predict_slice, predict_volume
@@ -90,6 +93,7 @@ def test_paint_finetune_predict_again(make_napari_viewer, qtbot, tmp_path, crop,
     assert job.exception is None, notes.errors
     result = job.result
     assert result.steps == 4 and not result.cancelled
+    assert result.model is None and shared_child().alive()  # trained in the child process
     ckpt = tw.last_checkpoint
     assert ckpt.parent == tmp_path / "models" and ckpt.is_file()
     assert tw.plot.steps == [2, 4]  # one plot point per validation
@@ -111,7 +115,7 @@ def test_paint_finetune_predict_again(make_napari_viewer, qtbot, tmp_path, crop,
     # the new checkpoint loads, is offered to Predict / Save and is the current model
     model = zoo.load_model(ckpt)
     assert model.meta["training"]["painted_voxels"] == int((painted > 0).sum())
-    assert model.meta["threshold"] == result.model.meta["threshold"]
+    assert model.meta["threshold"] == result.model_meta()["threshold"]
     assert f"threshold {model.meta['threshold']:.2f} from painted voxels" in tw.status.value
     assert tw.status.value.startswith("IoU on painted voxels")
     assert pw.model.value == str(ckpt.resolve()) == tw.start_from.value

@@ -55,17 +55,23 @@ def sample_patch(
     patch: tuple[int, ...],
     dims: int,
     context: int,
+    own_neighbours: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Crop an input patch and its target around ``centre`` (z, y, x).
 
     Returns ``(x, t)``: ``x`` (2c+1, Y, X) for 2D or (1, Z, Y, X) for 3D,
-    ``t`` (Y, X) or (Z, Y, X).
+    ``t`` (Y, X) or (Z, Y, X). ``own_neighbours``: 2.5D context made of the
+    slice itself (sections too thick for the model's context).
     """
     z, y, x = centre
     if dims == 2:
         py, px = patch
         start = (z - context, y - py // 2, x - px // 2)
-        xs = crop_reflect(image, start, (2 * context + 1, py, px))
+        if own_neighbours:
+            xs = crop_reflect(image, (z, *start[1:]), (1, py, px))
+            xs = np.repeat(xs, 2 * context + 1, axis=0)
+        else:
+            xs = crop_reflect(image, start, (2 * context + 1, py, px))
         ts = crop_reflect(target, (z, start[1], start[2]), (1, py, px))[0]
         return xs, ts
     pz, py, px = patch

@@ -124,6 +124,8 @@ class TrainConfig:
     loss: str = "bce_dice"
     label_bias: float = 0.5
     balance_volumes: bool = False  # sample each training volume equally often (else by size)
+    own_neighbours: tuple[int, ...] = ()  # 2.5D: volumes (by index) whose sections are too
+    # thick for the context: each slice is fed as its own neighbours (adapt.context_fits)
     elastic_p: float = 0.25
     val_every: int = 100
     val_slices: int = 8
@@ -156,6 +158,11 @@ class TrainResult:
     steps: int
     seconds: float
     cancelled: bool = False
+    meta: dict | None = None  # the model's metadata (kept when ``model`` is dropped)
+
+    def model_meta(self) -> dict:
+        """The trained model's metadata (``model.meta``, or ``meta`` without a model)."""
+        return dict(getattr(self.model, "meta", None) or self.meta or {})
 
 
 # ----------------------------------------------------------------- data checks
@@ -245,7 +252,8 @@ class PatchSampler:
         for _ in range(self.cfg.batch_size):
             k, c = self.centre()
             x, t = sample_patch(self.images[k], self.targets[k], c, self.patch,
-                                self.cfg.dims, self.cfg.context)
+                                self.cfg.dims, self.cfg.context,
+                                k in self.cfg.own_neighbours)
             x, t = augment(x, t, self.rng, self.cfg.dims, self.cfg.elastic_p)
             xs.append(x)
             ts.append(t)
@@ -333,14 +341,15 @@ def _val_crops(images, targets, config: TrainConfig, sparse: bool):
     """Fixed validation inputs: whole slices (2D) or centred boxes (3D)."""
     rng = np.random.default_rng(config.seed + 1)
     crops = []
-    for img, tgt in zip(images, targets, strict=True):
+    for k, (img, tgt) in enumerate(zip(images, targets, strict=True)):
         if config.dims == 2:
             zs = np.unique(np.linspace(0, img.shape[0] - 1, config.val_slices).round().astype(int))
             if sparse:
                 zs = [z for z in range(img.shape[0]) if (tgt[z] >= 0).any()][: config.val_slices]
             for z in zs:
-                x = crop_reflect(img, (z - config.context, 0, 0),
-                                 (2 * config.context + 1, *img.shape[1:]))
+                x, _ = sample_patch(img, tgt, (z, img.shape[1] // 2, img.shape[2] // 2),
+                                    img.shape[1:], 2, config.context,
+                                    k in config.own_neighbours)
                 crops.append((x, tgt[z]))
         else:
             pz, py, px = config.resolved_patch()

@@ -8,6 +8,7 @@ from is saved but does not become the current model unless the user chooses it.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from magicgui.widgets import (
 )
 from napari.layers import Image, Labels
 
+from ..child import shared_child
 from ..train import (
     FAR_LR,
     FINE_TUNE_EARLY_STOP,
@@ -38,6 +40,7 @@ from ..train import (
     SCRATCH_LR,
     threshold_note,
 )
+from ..workflows import SCRATCH, train_from_strokes
 from . import jobs, layers, registry
 from .dock import ScrollingDock
 from .jobs import Job, JobOwner, ProgressPanel
@@ -48,7 +51,9 @@ from .registry import ModelChoices, model_registry
 if TYPE_CHECKING:
     import napari
 
-SCRATCH = "__scratch__"
+#: Environment variable: "0" trains in a worker thread of the viewer's process instead
+#: of the shared child process (napari_emseg.child), e.g. where processes cannot spawn.
+CHILD_PROCESS_ENV = "EMSEG_CHILD_PROCESS"
 #: Seconds between live previews of the shown slice while training.
 PREVIEW_EVERY = 15.0
 #: Layer metadata key that marks a layer made by "New annotation layer".
@@ -60,6 +65,12 @@ HELP = ("Paint in the annotation layer: <b>1</b> = background, <b>2</b> = foregr
         "A few strokes on a few slices are enough to start. To fine-tune, paint where "
         "the prediction is wrong (missed parts as 2, false detections as 1) and a "
         "background line just outside some objects.")
+
+
+def _child_process() -> bool:
+    """True when training runs in the shared child process: the viewer's event loop
+    never waits for the training's Python work (off with ``EMSEG_CHILD_PROCESS=0``)."""
+    return os.environ.get(CHILD_PROCESS_ENV, "1") != "0" and not jobs.SYNCHRONOUS
 
 
 def annotations_name(image_name: str) -> str:
@@ -127,18 +138,6 @@ def recipe_text(recipe: str | None, before: float | None) -> str:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
-
-
-def _expand_patch(patch: tuple[int, ...] | None, dims: int) -> tuple[int, ...] | None:
-    """One value → (p, p) for 2D or (min(p, 32), p, p) for 3D; else as given."""
-    if patch is None:
-        return None
-    if len(patch) == 1:
-        p = patch[0]
-        return (p, p) if dims == 2 else (min(p, 32), p, p)
-    if len(patch) != dims:
-        raise ValueError(f"patch {patch} has {len(patch)} sizes but the model is {dims}D")
-    return patch
 
 
 class _LossPlot:
@@ -216,7 +215,10 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True, scrollable=True)
-        jobs.warm_up()
+        if _child_process():
+            shared_child().start()  # imports torch there, not in the viewer's process
+        else:
+            jobs.warm_up()
         self._viewer = napari_viewer
         self._registry = model_registry(napari_viewer)
         self.job: Job | None = None
@@ -533,7 +535,8 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         self.status.value = "training… (measuring the model on the painted voxels)"
         self.job = Job(work, description=f"Train on {image_layer.name!r}",
                        on_returned=self._trained, on_log=self._logged,
-                       on_finished=self._finished, preload=("torch",),
+                       on_finished=self._finished,
+                       preload=() if _child_process() else ("torch",),
                        progress_bar=self.progress)
         return self.job
 
@@ -542,43 +545,26 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         return parse_voxel_size(voxel_text(self.image.value))
 
     def _work(self, image, painted: np.ndarray, source: str, patch, checkpoint: Path):
-        """The job's function: build or load the model, fine-tune with a live preview."""
-        fields = self.config_fields()
-        depth, width = int(self.new_depth.value), int(self.new_width.value)
-        show_preview = bool(self.live_preview.value)
-        device = fields["device"]
-        voxel_size = self.voxel_size()
+        """The job's function: :func:`~napari_emseg.workflows.train_from_strokes` in the
+        shared child process (in this thread when jobs run synchronously, in tests)."""
+        kwargs = {"source": source, "checkpoint": str(checkpoint),
+                  "config": self.config_fields(), "patch": patch,
+                  "model_label": registry.model_label(source),
+                  "depth": int(self.new_depth.value), "width": int(self.new_width.value),
+                  "voxel_size": self.voxel_size(), "preview": bool(self.live_preview.value)}
         widget = self
 
+        def focus():
+            return widget._preview_z
+
         def work(progress, cancel, log):
-            from ..adapt import predict_slice_adapted
-            from ..predict import predict_volume
-            from ..train import TrainConfig, fine_tune
-
-            img = np.asarray(image)
-            model = _start_model(source, painted, patch, depth, width)
-            dims = int(model.config["dims"])
-            if dims == 3 and img.ndim == 2:
-                raise ValueError(f"{registry.model_label(source)} is a 3D model but the image "
-                                 "is 2D (Y, X); start from a 2D model or from scratch")
-            config = TrainConfig(**fields, patch=_expand_patch(patch, dims))
-
-            def preview(net, seconds: float) -> None:
-                z = widget._preview_z
-                if img.ndim == 2:
-                    prob = predict_volume(img, net, device=device, cancel=cancel)
-                else:  # at the scale the model trains at (fine_tune resamples too)
-                    prob = predict_slice_adapted(img, net, z or 0, voxel_size=voxel_size,
-                                                 device=device, cancel=cancel)
-                log({"preview": prob, "z": z, "seconds": seconds})
-
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            if show_preview:  # at once: measuring the model first takes a while
-                preview(model, 0.0)
-            return fine_tune(model, img, painted, config, checkpoint=checkpoint,
-                             progress=progress, cancel=cancel, on_log=log,
-                             preview=preview if show_preview else None,
-                             voxel_size=voxel_size)
+            img = np.asarray(image)  # a lazy layer is read here, in the worker thread
+            if not _child_process():
+                return train_from_strokes(img, painted, **kwargs, progress=progress,
+                                          cancel=cancel, log=log, focus=focus)
+            return shared_child().run("napari_emseg.workflows:train_from_strokes",
+                                      {"image": img, "painted": painted, **kwargs},
+                                      progress=progress, cancel=cancel, log=log, focus=focus)
 
         return work
 
@@ -623,7 +609,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
             jobs.error("Train: no checkpoint was written")
             return
         self.last_checkpoint = Path(result.checkpoint)
-        training = result.model.meta.get("training", {})
+        training = result.model_meta().get("training", {})
         before = training.get("painted_iou_before")
         self.recipe.value = recipe_text(training.get("recipe"), before)
         worse = ended_worse(before, result.best_iou)
@@ -718,19 +704,7 @@ def _result_text(result, before: float | None) -> str:
     if before is not None:
         text += f" (before training {before:.3f})"
     text += f" after {result.steps} steps ({result.seconds:.0f} s)"
-    note = threshold_note(result.model.meta)  # chosen after fine-tuning
+    note = threshold_note(result.model_meta())  # chosen after fine-tuning
     if note:
         text += f", {note}"
     return f"{text} → {result.checkpoint}"
-
-
-def _start_model(source: str, painted: np.ndarray, patch, depth: int, width: int):
-    """The model to train (worker thread): a new 2D U-Net, or ``source`` loaded."""
-    from ..models import zoo
-    from ..train import TrainConfig, new_model, painted_classes
-
-    if source != SCRATCH:
-        return zoo.load_model(source)
-    size = (patch or (256,))[0]
-    return new_model(painted_classes(painted),
-                     TrainConfig(dims=2, depth=depth, width=width, patch=(size, size)))

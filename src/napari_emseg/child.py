@@ -1,0 +1,307 @@
+"""Run engine work in a child process, so the viewer's process stays responsive.
+
+Training holds Python's GIL for much of each step (sampling, augmentation, the
+optimiser); in a thread of the viewer's process that stalls napari's event
+loop for tens to hundreds of milliseconds at a time. In a child process it
+cannot. :class:`ChildProcess` starts one process (``spawn``: no copy of Qt
+state), imports torch there once (:meth:`ChildProcess.start`, e.g. when a dock
+opens) and then runs jobs one at a time::
+
+    child = ChildProcess()
+    result = child.run("napari_emseg.train:train_from_strokes", kwargs,
+                       progress=..., cancel=..., log=..., focus=...)
+
+The target is ``fn(*, progress, cancel, log, focus, **kwargs)``. Large arrays in
+``kwargs`` travel as temporary ``.npy`` files (read memory-mapped in the
+child); everything else, the result and the ``log`` records are pickled.
+``cancel`` and the user's current slice (``focus``) reach the child while it
+works. An exception in the child is raised again here with its type (builtin
+ones) and message; a child that dies (killed, out of memory) is reported and
+replaced on the next run.
+
+No torch, no Qt here: the widgets call it from a worker thread, scripts may
+call it directly.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .progress import Cancelled
+
+log = logging.getLogger(__name__)
+
+#: Arrays at least this large (bytes) go through a file instead of the pipe.
+FILE_ARRAY_BYTES = 1 << 20
+#: Niceness added to the child on Linux/macOS: the viewer gets the CPU first.
+CHILD_NICE = 10
+#: Seconds between checks of ``cancel`` and ``focus`` while waiting for the child.
+POLL_SECONDS = 0.05
+
+
+class ChildDied(RuntimeError):
+    """The child process ended while running a job."""
+
+
+class _FileArray:
+    """Marker for an array passed as a ``.npy`` file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+def _export(kwargs: dict, folder: Path) -> dict:
+    """``kwargs`` with large arrays saved to ``folder`` (replaced by markers)."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, np.ndarray) and value.nbytes >= FILE_ARRAY_BYTES \
+                and value.dtype != object:
+            path = folder / f"{key}.npy"
+            np.save(path, value)
+            value = _FileArray(str(path))
+        out[key] = value
+    return out
+
+
+def _import(kwargs: dict) -> dict:
+    """Inverse of :func:`_export` (in the child): markers become read-only memmaps."""
+    return {k: np.load(v.path, mmap_mode="r") if isinstance(v, _FileArray) else v
+            for k, v in kwargs.items()}
+
+
+def resolve_target(target: str) -> Callable:
+    """``"package.module:function"`` → the function."""
+    module, _, name = target.partition(":")
+    if not module or not name:
+        raise ValueError(f"target must be 'module:function', got {target!r}")
+    fn = getattr(importlib.import_module(module), name, None)
+    if not callable(fn):
+        raise ValueError(f"{module} has no function {name!r}")
+    return fn
+
+
+# ---------------------------------------------------------------- child side
+class _Inbox:
+    """The child's view of messages from the parent: cancel and focus."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.cancelled = False
+        self.focus: Any = None
+
+    def drain(self) -> None:
+        while self.conn.poll():
+            kind, value = self.conn.recv()
+            if kind == "cancel":
+                self.cancelled = True
+            elif kind == "focus":
+                self.focus = value
+
+    def cancel(self) -> bool:
+        self.drain()
+        return self.cancelled
+
+
+def _error_message(exc: BaseException) -> tuple:
+    return ("error", type(exc).__name__, str(exc), traceback.format_exc())
+
+
+def _run_one(conn, target: str, kwargs: dict) -> None:
+    inbox = _Inbox(conn)
+    inbox.focus = kwargs.pop("_focus", None)
+
+    def focus():
+        inbox.drain()
+        return inbox.focus
+
+    try:
+        fn = resolve_target(target)
+        value = fn(progress=lambda done, total: conn.send(("progress", (done, total))),
+                   cancel=inbox.cancel, log=lambda record: conn.send(("log", record)),
+                   focus=focus, **_import(kwargs))
+        conn.send(("result", value))
+    except Cancelled:
+        conn.send(("cancelled", None))
+    except Exception as exc:  # sent to the parent, raised there again
+        conn.send(_error_message(exc))
+
+
+def _child_main(conn, preload: tuple[str, ...], nice: int) -> None:
+    """The child's loop: import ``preload``, then run jobs until told to stop."""
+    if nice and hasattr(os, "nice"):
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    for module in preload:
+        try:
+            importlib.import_module(module)
+        except Exception:  # the job that needs it reports the failure
+            pass
+    conn.send(("ready", None))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message[0] == "stop":
+            return
+        if message[0] == "run":
+            _run_one(conn, message[1], message[2])
+
+
+# --------------------------------------------------------------- parent side
+def _raise_again(name: str, message: str, tb: str):
+    """The child's exception as one of the same builtin type (else RuntimeError)."""
+    cls = getattr(builtins, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        cls, message = RuntimeError, f"{name}: {message}"
+    log.debug("the child process raised:\n%s", tb)  # the user sees the message
+    try:
+        exc = cls(message)
+    except Exception:
+        exc = RuntimeError(f"{name}: {message}")
+    raise exc
+
+
+class ChildProcess:
+    """One worker process that runs jobs one at a time (see the module docstring).
+
+    Parameters
+    ----------
+    preload : modules the child imports as soon as it starts.
+    nice : niceness added to the child (0 = none).
+    """
+
+    def __init__(self, preload: tuple[str, ...] = ("torch",), nice: int = CHILD_NICE) -> None:
+        self.preload, self.nice = tuple(preload), int(nice)
+        self._process = None
+        self._conn = None
+        self._lock = threading.Lock()  # one job at a time
+
+    # -- lifecycle
+    def start(self) -> None:
+        """Start the child (returns at once; it imports ``preload`` in the background)."""
+        if self.alive():
+            return
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_child_main, args=(child, self.preload, self.nice),
+                              name="emseg-child", daemon=True)
+        process.start()
+        child.close()
+        self._process, self._conn = process, parent
+
+    def alive(self) -> bool:
+        """True while the child process runs."""
+        return self._process is not None and self._process.is_alive()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the child to exit (killed after ``timeout`` seconds)."""
+        if self._process is None:
+            return
+        try:
+            self._conn.send(("stop", None))
+        except (OSError, ValueError):
+            pass
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout)
+        self._conn.close()
+        self._process = self._conn = None
+
+    # -- jobs
+    def run(self, target: str, kwargs: dict, *,
+            progress: Callable[[int, int], None] | None = None,
+            cancel: Callable[[], bool] | None = None,
+            log: Callable[[dict], None] | None = None,
+            focus: Callable[[], Any] | None = None) -> Any:
+        """Run ``target(**kwargs)`` in the child and return its result.
+
+        Blocks the calling thread (call it from a worker thread) while
+        forwarding progress and log records and passing on cancel and focus.
+        Raises :class:`~napari_emseg.progress.Cancelled` when the job was
+        cancelled and :class:`ChildDied` when the child ended unexpectedly.
+        """
+        with self._lock:
+            if not self.alive():
+                self.stop(0.1)
+                self.start()
+            folder = Path(tempfile.mkdtemp(prefix="emseg-job-"))
+            try:
+                sent = _export(kwargs, folder)
+                sent["_focus"] = focus() if focus else None
+                self._conn.send(("run", target, sent))
+                return self._wait(progress, cancel, log, focus, sent["_focus"])
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _wait(self, progress, cancel, log, focus, last_focus) -> Any:
+        told_cancel = False
+        while True:
+            if cancel is not None and not told_cancel and cancel():
+                self._send(("cancel", None))
+                told_cancel = True
+            if focus is not None:
+                now = focus()
+                if now != last_focus:
+                    self._send(("focus", now))
+                    last_focus = now
+            if not self._conn.poll(POLL_SECONDS):
+                if not self.alive():
+                    self._died()
+                continue
+            try:
+                kind, *payload = self._conn.recv()
+            except (EOFError, OSError):
+                self._died()
+            if kind == "progress" and progress is not None:
+                progress(*payload[0])
+            elif kind == "log" and log is not None:
+                log(payload[0])
+            elif kind == "result":
+                return payload[0]
+            elif kind == "cancelled":
+                raise Cancelled()
+            elif kind == "error":
+                _raise_again(*payload)
+
+    def _died(self):
+        """Raise :class:`ChildDied` with the child's exit code (waits for it briefly)."""
+        process = self._process
+        if process is not None:
+            process.join(2.0)
+        code = process.exitcode if process is not None else None
+        raise ChildDied(f"the worker process ended unexpectedly (exit code {code}; "
+                        "out of memory?)")
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except (OSError, ValueError):
+            pass  # a dead child is reported by _wait
+
+
+_SHARED: ChildProcess | None = None
+
+
+def shared_child() -> ChildProcess:
+    """The process-wide :class:`ChildProcess` the docks share (created on first use)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = ChildProcess()
+    return _SHARED

@@ -1,0 +1,112 @@
+"""Dock workflows as engine functions that can run in a child process.
+
+Each takes plain arrays and settings plus the job callbacks (``progress``,
+``cancel``, ``log``, ``focus``) and returns something picklable, so a dock can
+run it with :class:`~napari_emseg.child.ChildProcess` (or in a thread, in
+tests). No Qt, no napari.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: ``source`` value that means "a new 2D U-Net" instead of a checkpoint.
+SCRATCH = "__scratch__"
+
+
+def start_model(source: str, painted: np.ndarray, patch, depth: int, width: int):
+    """The model to train: ``source`` loaded, or a new 2D U-Net for ``SCRATCH``.
+
+    Parameters
+    ----------
+    painted : ndarray, the strokes (0 unlabeled, 1 background, 2.. classes);
+        a new model gets one output per painted class.
+    patch : one size, one per axis, or None; depth, width : architecture of a
+        new model.
+    """
+    from .models import zoo
+    from .train import TrainConfig, new_model, painted_classes
+
+    if source != SCRATCH:
+        return zoo.load_model(source)
+    size = (patch or (256,))[0]
+    return new_model(painted_classes(painted),
+                     TrainConfig(dims=2, depth=depth, width=width, patch=(size, size)))
+
+
+def expand_patch(patch: tuple[int, ...] | None, dims: int) -> tuple[int, ...] | None:
+    """One value → (p, p) for 2D or (min(p, 32), p, p) for 3D; else as given."""
+    if patch is None:
+        return None
+    if len(patch) == 1:
+        p = patch[0]
+        return (p, p) if dims == 2 else (min(p, 32), p, p)
+    if len(patch) != dims:
+        raise ValueError(f"patch {patch} has {len(patch)} sizes but the model is {dims}D")
+    return patch
+
+
+def train_from_strokes(image: np.ndarray, painted: np.ndarray, *, source: str,
+                       checkpoint: str | Path, config: dict, patch=None,
+                       model_label: str = "the model", depth: int = 4,
+                       width: int = 16, voxel_size: tuple[float, ...] | None = None,
+                       preview: bool = True, progress: Callable | None = None,
+                       cancel: Callable[[], bool] | None = None,
+                       log: Callable[[dict], None] | None = None,
+                       focus: Callable[[], Any] | None = None):
+    """Fine-tune ``source`` (or train a new model) on painted strokes, with a live preview.
+
+    Parameters
+    ----------
+    image : ndarray, (Y, X) or (Z, Y, X)
+    painted : ndarray, same shape, 0 unlabeled, 1 background, 2.. classes
+    source : checkpoint path or bundled name, or :data:`SCRATCH`
+    checkpoint : where the trained model is written
+    config : :class:`~napari_emseg.train.TrainConfig` fields (patch set here)
+    model_label : how errors name ``source``
+    voxel_size : the image's voxel size in nm (ZYX), optional
+    preview : log ``{"preview": prob, "z": z, "seconds": s}`` at the start and
+        every ``config["preview_every"]`` s: the prediction of slice ``focus()``
+        (``prob`` (C, Y, X) or (Y, X) for a 2D image)
+
+    Returns
+    -------
+    TrainResult without the model (``meta`` holds its metadata): it is
+    picklable; load ``result.checkpoint`` to use the model.
+    """
+    from .adapt import predict_slice_adapted
+    from .predict import predict_volume
+    from .train import TrainConfig, fine_tune
+
+    img = np.asarray(image)
+    painted = np.asarray(painted)
+    model = start_model(source, painted, patch, depth, width)
+    dims = int(model.config["dims"])
+    if dims == 3 and img.ndim == 2:
+        raise ValueError(f"{model_label} is a 3D model but the image is 2D (Y, X); start "
+                         "from a 2D model or from scratch")
+    cfg = TrainConfig(**config, patch=expand_patch(patch, dims))
+    device = cfg.device
+
+    def show(net, seconds: float) -> None:
+        z = focus() if focus else None
+        if img.ndim == 2:
+            prob = predict_volume(img, net, device=device, cancel=cancel)
+        else:  # at the scale the model trains at (fine_tune resamples too)
+            prob = predict_slice_adapted(img, net, z or 0, voxel_size=voxel_size,
+                                         device=device, cancel=cancel)
+        if log:
+            log({"preview": prob, "z": z, "seconds": seconds})
+
+    Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    if preview:  # at once: measuring the model first takes a while
+        show(model, 0.0)
+    result = fine_tune(model, img, painted, cfg, checkpoint=checkpoint, progress=progress,
+                       cancel=cancel, on_log=log, preview=show if preview else None,
+                       voxel_size=voxel_size)
+    return dataclasses.replace(result, model=None, meta=result.model_meta())

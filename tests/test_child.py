@@ -1,0 +1,117 @@
+"""The child process that runs dock jobs: results, callbacks, cancel, errors, death.
+
+The targets below live in this module; the child imports it by name (pytest
+puts tests/ on sys.path, and a spawned child inherits sys.path).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from napari_emseg import child
+from napari_emseg.child import ChildDied, ChildProcess
+from napari_emseg.progress import Cancelled
+
+
+def summed(*, array, offset, progress, cancel, log, focus):
+    """Sum of ``array`` + offset; reports progress 1/2, 2/2 and logs the focus."""
+    progress(1, 2)
+    log({"focus": focus(), "pid": os.getpid(), "writable": bool(array.flags.writeable)})
+    progress(2, 2)
+    return float(np.asarray(array, np.float64).sum()) + offset
+
+
+def until_cancelled(*, progress, cancel, log, focus):
+    """Logs each new focus until cancelled (then raises Cancelled)."""
+    seen = None
+    for _ in range(2000):
+        if focus() != seen:
+            seen = focus()
+            log({"focus": seen})
+        if cancel():
+            from napari_emseg.progress import Cancelled
+            raise Cancelled()
+        time.sleep(0.01)
+    return "never cancelled"
+
+
+def fails(*, progress, cancel, log, focus, kind):
+    """Raises a ValueError or a custom exception."""
+    if kind == "value":
+        raise ValueError("bad input: shapes differ")
+
+    class Odd(Exception):
+        pass
+    raise Odd("something odd")
+
+
+def dies(*, progress, cancel, log, focus):
+    os._exit(3)
+
+
+@pytest.fixture(scope="module")
+def proc():
+    p = ChildProcess(preload=())
+    p.start()
+    yield p
+    p.stop()
+
+
+def test_runs_target_with_file_array_and_callbacks(proc, monkeypatch, tmp_path):
+    monkeypatch.setattr(child, "FILE_ARRAY_BYTES", 1000)  # force the .npy file path
+    monkeypatch.setattr(child.tempfile, "tempdir", str(tmp_path))
+    array = np.arange(20_000, dtype=np.float32).reshape(100, 200)
+    progress, logs = [], []
+    out = proc.run("test_child:summed", {"array": array, "offset": 5},
+                   progress=lambda d, t: progress.append((d, t)), log=logs.append,
+                   focus=lambda: 7)
+    assert out == float(array.astype(np.float64).sum()) + 5
+    assert progress == [(1, 2), (2, 2)]
+    assert logs[0]["focus"] == 7 and logs[0]["pid"] != os.getpid()
+    assert logs[0]["writable"] is False  # a read-only memmap: the input is never changed
+    assert list(tmp_path.iterdir()) == []  # the job's .npy files are gone
+
+
+def test_cancel_and_focus_reach_the_child(proc):
+    logs = []
+    z = {"value": 1}
+    stop = threading.Event()
+
+    def driver():
+        time.sleep(0.3)
+        z["value"] = 4  # the user moved to another slice
+        time.sleep(0.3)
+        stop.set()
+
+    threading.Thread(target=driver, daemon=True).start()
+    with pytest.raises(Cancelled):
+        proc.run("test_child:until_cancelled", {}, log=logs.append, cancel=stop.is_set,
+                 focus=lambda: z["value"])
+    assert [r["focus"] for r in logs] == [1, 4]
+    # the child is still there for the next job
+    assert proc.run("test_child:summed", {"array": np.ones(3), "offset": 0}) == 3.0
+
+
+def test_errors_come_back_with_type_and_message(proc):
+    with pytest.raises(ValueError, match="bad input: shapes differ"):
+        proc.run("test_child:fails", {"kind": "value"})
+    with pytest.raises(RuntimeError, match="Odd: something odd"):
+        proc.run("test_child:fails", {"kind": "odd"})
+    with pytest.raises(ValueError, match="test_child has no function 'no_such_function'"):
+        proc.run("test_child:no_such_function", {})
+
+
+def test_a_dead_child_is_reported_and_replaced():
+    p = ChildProcess(preload=())
+    try:
+        with pytest.raises(ChildDied, match="exit code 3"):
+            p.run("test_child:dies", {})
+        assert p.run("test_child:summed", {"array": np.ones(4), "offset": 1}) == 5.0
+    finally:
+        p.stop()
+    assert not p.alive()
