@@ -19,6 +19,9 @@ Goal: largest stall < 50 ms. Needs an X display (run under ``xvfb-run``)::
         .venv/bin/python benchmarks/bench_responsiveness.py [--workflow train]
 
 Writes ``benchmarks/results/responsiveness.json`` (``responsiveness_train.json``).
+The docks run their jobs in a child process (``napari_emseg.child``); with
+``EMSEG_CHILD_PROCESS=0`` in a worker thread, as before (``*_thread.json``):
+run both for the comparison.
 """
 
 from __future__ import annotations
@@ -111,6 +114,9 @@ class StallMeter:
             "p99_stall_ms": round(float(np.percentile(stalls, 99)), 1),
             "median_gap_ms": round(float(np.median(gaps)), 1),
             "stalls_over_50ms": int((stalls > 50).sum()),
+            "stalls_over_50ms_end_s": [round(float(e - self.ticks[0]), 2) for e in
+                                       ends[keep][stalls > 50]][:40],
+            "stalls_over_50ms_ms": [round(float(x), 1) for x in stalls[stalls > 50]][:40],
         }
 
 
@@ -132,14 +138,27 @@ def _paint(layer, mask: np.ndarray, slices: tuple[int, ...], dabs: int = 8) -> N
     layer.refresh()
 
 
+def _jobs_in() -> str:
+    """Where the docks run their jobs in this run."""
+    from napari_emseg._widgets.jobs import child_process_wanted
+
+    return "child process" if child_process_wanted() else "worker thread"
+
+
 def _wait_warm(app, meter: StallMeter) -> dict:
-    """Spin until the dock's background imports are done; their stalls and duration."""
+    """Spin until the dock's warm-up is done (torch imported here or in the child)."""
     import sys
 
     from napari_emseg._widgets.jobs import WARM_MODULES
+    from napari_emseg.child import shared_child
+
+    def warm() -> bool:
+        if _jobs_in() == "child process":
+            return shared_child().ready()
+        return all(m in sys.modules for m in WARM_MODULES)
 
     t0 = time.perf_counter()
-    _spin(app, 120, until=lambda: all(m in sys.modules for m in WARM_MODULES))
+    _spin(app, 120, until=warm)
     _spin(app, 0.5)
     return {"seconds_until_imported": round(time.perf_counter() - t0, 1), **meter.stats()}
 
@@ -165,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                     "responsiveness[_train].json")
     args = parser.parse_args(argv)
     if args.out is None:
-        suffix = "" if args.workflow == "predict" else "_train"
+        suffix = ("" if args.workflow == "predict" else "_train") + \
+            ("_thread" if _jobs_in() == "worker thread" else "")
         args.out = str(REPO / "benchmarks" / "results" / f"responsiveness{suffix}.json")
     if args.workflow == "train":
         return train_main(args)
@@ -219,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_first = first[0] if first else t0
     during = meter.stats()
     phases = {
-        "startup (torch import, model load, normalisation)": meter.stats(None, t_first),
+        "startup (torch import unless warm, model load, normalisation)": meter.stats(None, t_first),
         "tiles": meter.stats(t_first, t_done),
         "showing the result layer (1 s after the job)": meter.stats(t_done, None),
     }
@@ -228,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     result = {
-        "benchmark": "event-loop stalls (10 ms QTimer) while Predict runs in a worker thread",
+        "benchmark": "event-loop stalls (10 ms QTimer) while the Predict dock predicts",
+        "jobs_in": _jobs_in(),
         "volume": {"shape": list(volume.shape), "dtype": str(volume.dtype),
                    "source": f"{path.name} slices 0..{args.slices - 1}"},
         "model": model_desc,
@@ -299,10 +320,15 @@ def train_main(args: argparse.Namespace) -> dict:
     previews: list[tuple[float, int | None]] = []
     real = widget._logged
 
+    events: list[tuple[float, str, float]] = []  # (seconds since click, kind, ms taken)
+
     def logged(record: dict) -> None:
+        t = time.perf_counter()
         if "preview" in record:
-            previews.append((time.perf_counter(), record.get("z")))
+            previews.append((t, record.get("z")))
         real(record)
+        kind = "preview" if "preview" in record else ",".join(sorted(record))[:40]
+        events.append((round(t - t0, 2), kind, round(1000 * (time.perf_counter() - t), 1)))
 
     widget._logged = logged
     start_model = widget.start_from.value
@@ -317,12 +343,13 @@ def train_main(args: argparse.Namespace) -> dict:
     if job.exception is not None:
         raise SystemExit(f"training failed: {job.exception}")
     result = job.result
-    training = result.model.meta.get("training", {})
+    training = result.model_meta().get("training", {})
     times = [t - t0 for t, _z in previews]
     import torch
 
     out = {
         "benchmark": "Train dock: event-loop stalls (10 ms QTimer) and live preview timing",
+        "jobs_in": _jobs_in(),
         "volume": {"shape": list(volume.shape), "source": f"{_data_path().name} slices "
                                                           f"0..{args.slices - 1}"},
         "model": start_model,
@@ -341,6 +368,7 @@ def train_main(args: argparse.Namespace) -> dict:
         "dock_open_background_imports": warm,
         "baseline": baseline,
         "during_training": meter.stats(t0, t_done),
+        "gui_thread_log_handling": events,
         "goal_max_stall_ms": 50,
         "worker_nice": jobs.WORKER_NICE,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -107,7 +107,12 @@ def test_errors_come_back_with_type_and_message(proc):
 
 
 def test_a_dead_child_is_reported_and_replaced():
-    p = ChildProcess(preload=())
+    p = ChildProcess(preload=("json",))
+    p.start()
+    deadline = time.time() + 60
+    while not p.ready() and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.ready()
     try:
         with pytest.raises(ChildDied, match="exit code 3"):
             p.run("test_child:dies", {})
@@ -115,3 +120,16 @@ def test_a_dead_child_is_reported_and_replaced():
     finally:
         p.stop()
     assert not p.alive()
+
+
+def big_result(*, shape, progress, cancel, log, focus):
+    """A (large) array and a note, as a tuple."""
+    return np.full(shape, 0.25, np.float32), "note"
+
+
+def test_large_array_results_come_back_through_files(proc, monkeypatch, tmp_path):
+    monkeypatch.setattr(child.tempfile, "tempdir", str(tmp_path))
+    prob, note = proc.run("test_child:big_result", {"shape": (3, 300, 400)})
+    assert note == "note" and prob.shape == (3, 300, 400) and prob.dtype == np.float32
+    assert prob.flags.writeable and float(prob.mean()) == 0.25  # in memory, not a memmap
+    assert list(tmp_path.iterdir()) == []

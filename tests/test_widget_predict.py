@@ -40,6 +40,7 @@ def test_first_bundled_model_is_preselected(make_napari_viewer):
         assert widget.tooltip, widget.label
 
 
+@pytest.mark.child_process
 def test_adapt_checkbox_changes_the_prediction(make_napari_viewer, qtbot, tmp_path, crop,
                                                notes):
     from napari_emseg._widgets.registry import model_registry

@@ -57,8 +57,8 @@ def _quick(tw, tmp_path: Path, steps: int = 4) -> None:
 def test_paint_finetune_predict_again(make_napari_viewer, qtbot, tmp_path, crop, notes):
     """The whole loop, training in the dock's real child process."""
     from napari_emseg._widgets.registry import model_registry
-    from napari_emseg.child import shared_child
     from napari_emseg.adapt import adapt_batchnorm
+    from napari_emseg.child import shared_child
     from napari_emseg.models import zoo
     from napari_emseg.predict import predict_slice, predict_volume
 

@@ -175,6 +175,7 @@ def test_missing_empty_or_wrong_sized_annotations_notify(make_napari_viewer, cro
     assert tw.train() is None and "shape" in notes.errors[-1]
 
 
+@pytest.mark.child_process
 def test_3d_model_on_a_2d_image_notifies_and_adds_no_layer(make_napari_viewer, qtbot,
                                                            tmp_path, crop, tiny, notes):
     from napari_emseg._widgets import registry

@@ -13,7 +13,8 @@ opens) and then runs jobs one at a time::
 
 The target is ``fn(*, progress, cancel, log, focus, **kwargs)``. Large arrays in
 ``kwargs`` travel as temporary ``.npy`` files (read memory-mapped in the
-child); everything else, the result and the ``log`` records are pickled.
+child), and so do large arrays returned (alone or in a tuple; read into memory
+here); everything else and the ``log`` records are pickled.
 ``cancel`` and the user's current slice (``focus``) reach the child while it
 works. An exception in the child is raised again here with its type (builtin
 ones) and message; a child that dies (killed, out of memory) is reported and
@@ -82,6 +83,25 @@ def _import(kwargs: dict) -> dict:
             for k, v in kwargs.items()}
 
 
+def _export_result(value: Any, stem: str) -> Any:
+    """A result (or a tuple's items) with large arrays saved as ``<stem>[-k].npy``."""
+    if isinstance(value, tuple):
+        return tuple(_export_result(v, f"{stem}-{k}") for k, v in enumerate(value))
+    if isinstance(value, np.ndarray) and value.nbytes >= FILE_ARRAY_BYTES \
+            and value.dtype != object:
+        path = f"{stem}.npy"
+        np.save(path, value)
+        return _FileArray(path)
+    return value
+
+
+def _import_result(value: Any) -> Any:
+    """Inverse of :func:`_export_result` (in the parent): arrays read into memory."""
+    if isinstance(value, tuple):
+        return tuple(_import_result(v) for v in value)
+    return np.load(value.path) if isinstance(value, _FileArray) else value
+
+
 def resolve_target(target: str) -> Callable:
     """``"package.module:function"`` → the function."""
     module, _, name = target.partition(":")
@@ -122,6 +142,7 @@ def _error_message(exc: BaseException) -> tuple:
 def _run_one(conn, target: str, kwargs: dict) -> None:
     inbox = _Inbox(conn)
     inbox.focus = kwargs.pop("_focus", None)
+    folder = kwargs.pop("_folder")
 
     def focus():
         inbox.drain()
@@ -132,7 +153,7 @@ def _run_one(conn, target: str, kwargs: dict) -> None:
         value = fn(progress=lambda done, total: conn.send(("progress", (done, total))),
                    cancel=inbox.cancel, log=lambda record: conn.send(("log", record)),
                    focus=focus, **_import(kwargs))
-        conn.send(("result", value))
+        conn.send(("result", _export_result(value, os.path.join(folder, "result"))))
     except Cancelled:
         conn.send(("cancelled", None))
     except Exception as exc:  # sent to the parent, raised there again
@@ -190,6 +211,7 @@ class ChildProcess:
         self.preload, self.nice = tuple(preload), int(nice)
         self._process = None
         self._conn = None
+        self._ready = False  # the child has imported ``preload``
         self._lock = threading.Lock()  # one job at a time
 
     # -- lifecycle
@@ -203,11 +225,24 @@ class ChildProcess:
                               name="emseg-child", daemon=True)
         process.start()
         child.close()
-        self._process, self._conn = process, parent
+        self._process, self._conn, self._ready = process, parent, False
 
     def alive(self) -> bool:
         """True while the child process runs."""
         return self._process is not None and self._process.is_alive()
+
+    def ready(self) -> bool:
+        """True once the child has imported ``preload`` (never blocks)."""
+        if self._ready or not self.alive() or not self._lock.acquire(blocking=False):
+            return self._ready
+        try:
+            while not self._ready and self._conn.poll():
+                self._ready = self._conn.recv()[0] == "ready"
+        except (EOFError, OSError):
+            pass
+        finally:
+            self._lock.release()
+        return self._ready
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the child to exit (killed after ``timeout`` seconds)."""
@@ -245,6 +280,7 @@ class ChildProcess:
             try:
                 sent = _export(kwargs, folder)
                 sent["_focus"] = focus() if focus else None
+                sent["_folder"] = str(folder)
                 self._conn.send(("run", target, sent))
                 return self._wait(progress, cancel, log, focus, sent["_focus"])
             finally:
@@ -273,8 +309,10 @@ class ChildProcess:
                 progress(*payload[0])
             elif kind == "log" and log is not None:
                 log(payload[0])
+            elif kind == "ready":
+                self._ready = True
             elif kind == "result":
-                return payload[0]
+                return _import_result(payload[0])
             elif kind == "cancelled":
                 raise Cancelled()
             elif kind == "error":
@@ -294,6 +332,15 @@ class ChildProcess:
             self._conn.send(message)
         except (OSError, ValueError):
             pass  # a dead child is reported by _wait
+
+
+def fits_in_temp(nbytes: int) -> bool:
+    """True when ``nbytes`` of job arrays (and as much for results) fit the temp folder."""
+    try:
+        free = shutil.disk_usage(tempfile.gettempdir()).free
+    except OSError:
+        return False
+    return 2 * int(nbytes) + (256 << 20) < free
 
 
 _SHARED: ChildProcess | None = None

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._augment import augment, crop_reflect, sample_patch
+from ._augment import augment, sample_patch
 from ._normalize import DEFAULT_NORMALIZATION, apply_normalization, normalization_range
 from .adapt import adapt_batchnorm, feature_shift, to_model_scale
 from .progress import CancelCheck, Cancelled, ProgressCallback, check_cancel, report

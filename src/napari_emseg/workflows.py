@@ -110,3 +110,60 @@ def train_from_strokes(image: np.ndarray, painted: np.ndarray, *, source: str,
                        cancel=cancel, on_log=log, preview=show if preview else None,
                        voxel_size=voxel_size)
     return dataclasses.replace(result, model=None, meta=result.model_meta())
+
+
+def load_for_image(model, shape: tuple[int, ...], *, model_label: str = "the model",
+                   image_label: str = "the image"):
+    """``model`` (name, path or loaded) loaded and checked against an image's shape."""
+    from .models import zoo
+
+    net = zoo.load_model(model) if isinstance(model, (str, Path)) else model
+    dims = int(net.meta.get("dims", net.config["dims"]))
+    if dims == 3 and len(shape) == 2:
+        raise ValueError(f"{model_label} is a 3D model but {image_label} is 2D (Y, X); "
+                         "choose a 2D model")
+    if dims == 3 and shape[0] < 2:
+        raise ValueError(f"{model_label} is a 3D model but {image_label} has only "
+                         f"{shape[0]} slice")
+    return net
+
+
+def predict_image(image: np.ndarray, *, model, z: int | None = None,
+                  options: dict | None = None, adaptation: dict | None = None,
+                  model_label: str = "the model", image_label: str = "the image",
+                  progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
+                  log: Callable[[dict], None] | None = None,
+                  focus: Callable[[], Any] | None = None):
+    """The Predict dock's job: one slice, the whole image, or the image adapted.
+
+    Parameters
+    ----------
+    image : ndarray, (Y, X) or (Z, Y, X)
+    model : bundled name, checkpoint path or loaded model
+    z : predict only this slice of a 3D image
+    options : :func:`~napari_emseg.predict.predict_volume` keywords
+    adaptation : :func:`~napari_emseg.adapt.predict_adapted` keywords (whole images)
+
+    Returns
+    -------
+    (prob, threshold, note) : probabilities ((Y, X) for a slice, else the image's
+        shape, with a leading class axis for multi-class models), the model's
+        threshold (or None) and what the adaptation did ("" without one).
+    """
+    from . import predict as engine
+
+    net = load_for_image(model, image.shape, model_label=model_label,
+                         image_label=image_label)
+    threshold = getattr(net, "meta", {}).get("threshold")
+    opts = dict(options or {})
+    if z is not None and image.ndim == 3:
+        return engine.predict_slice(image, net, z, progress=progress, cancel=cancel,
+                                    **opts), threshold, ""
+    if adaptation is None:
+        return engine.predict_volume(image, net, progress=progress, cancel=cancel,
+                                     **opts), threshold, ""
+    from .adapt import describe, predict_adapted
+
+    prob, info = predict_adapted(np.asarray(image), net, **adaptation, progress=progress,
+                                 cancel=cancel, **opts)
+    return prob, threshold, describe(info)

@@ -5,7 +5,7 @@
   :class:`ProgressPanel`, sets a ``threading.Event`` on cancel, and turns
   errors into notifications (never a traceback dialog).
 * :func:`error` / :func:`info` / :func:`warning`: napari notifications.
-* :func:`warm_up`: imports torch and the engine in a background thread when a
+* :func:`warm_up`: starts the child process (or imports torch in a thread) when a
   dock opens, so the first click does not wait for them.
 * Mixins :class:`JobOwner` / :class:`CancellableJobOwner`: one job at a time,
   a Cancel button and a status line.
@@ -29,12 +29,17 @@ from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 
+from ..child import fits_in_temp, shared_child
 from ..progress import Cancelled
 
 log = logging.getLogger(__name__)
 
 #: Tests may set this to True to run jobs on the calling (GUI) thread.
 SYNCHRONOUS = False
+
+#: Environment variable: "0" runs Train and Predict jobs in a worker thread of the
+#: viewer's process instead of the shared child process (napari_emseg.child).
+CHILD_PROCESS_ENV = "EMSEG_CHILD_PROCESS"
 
 #: Progress callbacks from a worker reach the GUI at most this often (seconds).
 PROGRESS_INTERVAL = 0.05
@@ -101,7 +106,8 @@ class Job:
         priority is lowered.
     progress_bar : ProgressPanel, optional
         The dock's own bar: started here, updated with each progress report
-        and told how the job ended.
+        and told how the job ended. Without one, the job shows a bar (with
+        Cancel) in napari's activity dock.
 
     Attributes
     ----------
@@ -140,7 +146,10 @@ class Job:
         self._bridge = _Bridge()
         self._bridge.progressed.connect(self._show_progress)
         self._bridge.logged.connect(self._forward_log)
-        self._pbar = _JobProgress(total=0, desc=description, cancel_callback=self.cancel)
+        # napari's activity-dock bar only for docks without their own: creating one takes
+        # 50-300 ms of the GUI thread (it processes pending events)
+        self._pbar = None if progress_bar is not None else _JobProgress(
+            total=0, desc=description, cancel_callback=self.cancel)
         if progress_bar is not None:
             progress_bar.start()
         sync = SYNCHRONOUS if synchronous is None else synchronous
@@ -205,6 +214,8 @@ class Job:
             return
         if self.progress_bar is not None:
             self.progress_bar.update(done, total)
+        if self._pbar is None:
+            return
         try:
             if self._pbar.total != total:
                 self._pbar.total = total
@@ -243,7 +254,8 @@ class Job:
         self.done = True
         self.cancelled = self.cancelled or (self._event.is_set() and self.exception is not None)
         try:
-            self._pbar.close()
+            if self._pbar is not None:
+                self._pbar.close()
         except Exception:
             log.debug("closing the progress bar failed", exc_info=True)
         if self.progress_bar is not None:
@@ -384,13 +396,30 @@ WARM_MODULES = ("torch", "napari_emseg.models.zoo", "napari_emseg.predict",
                 "napari_emseg.train")
 
 
+def child_process_wanted(nbytes: int = 0) -> bool:
+    """True when jobs run in the shared child process (:mod:`napari_emseg.child`).
+
+    Torch then never runs, nor is imported, in the viewer's process, so its
+    event loop does not wait on the job's Python work. Off with
+    ``EMSEG_CHILD_PROCESS=0``, for synchronous jobs (tests) and when ``nbytes``
+    of input would not fit the temporary folder.
+    """
+    return (os.environ.get(CHILD_PROCESS_ENV, "1") != "0" and not SYNCHRONOUS
+            and fits_in_temp(nbytes))
+
+
 def warm_up(modules: tuple[str, ...] = WARM_MODULES) -> threading.Thread | None:
-    """Import ``modules`` in a daemon thread (once per process); returns the thread.
+    """Start the child process, or import ``modules`` in a daemon thread (once).
 
     Importing torch takes seconds; done when a dock opens, the first click on
-    Train or Predict starts working at once. Failures are ignored here (the
-    job that needs the module reports them).
+    Train or Predict starts working at once. With the child process (see
+    :func:`child_process_wanted`) torch is imported there, not here, and None
+    is returned. Failures are ignored here (the job that needs the module
+    reports them).
     """
+    if child_process_wanted():
+        shared_child().start()
+        return None
     todo = tuple(m for m in modules if m not in _WARMED and m not in sys.modules)
     if not todo:
         return None

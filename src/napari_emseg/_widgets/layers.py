@@ -77,11 +77,21 @@ def set_layer(
     if layer is None:
         add = viewer.add_image if kind == "image" else viewer.add_labels
         return add(data, name=name, **geometry, **kwargs)
-    layer.data = data
+    layer.data = data  # refreshes the layer
     for key, value in {**geometry, **kwargs}.items():
-        setattr(layer, key, value)
-    layer.refresh()
+        if not _same(getattr(layer, key, None), value):  # each change redraws: skip no-ops
+            setattr(layer, key, value)
     return layer
+
+
+def _same(current: Any, value: Any) -> bool:
+    """True when setting a layer property to ``value`` would change nothing."""
+    if isinstance(value, str):  # colormap (by name), blending, ...
+        return str(getattr(current, "name", current)) == value
+    try:
+        return bool(np.array_equal(np.asarray(current, float), np.asarray(value, float)))
+    except (TypeError, ValueError):
+        return False
 
 
 def base_name(layer_name: str) -> str:

@@ -30,9 +30,11 @@ from magicgui.widgets import (
 from napari.layers import Image
 
 from .._shapes import parse_shape
+from ..child import shared_child
+from ..workflows import load_for_image, predict_image
 from . import jobs, layers
 from .dock import ScrollingDock
-from .jobs import CancellableJobOwner, Job, ProgressPanel
+from .jobs import CancellableJobOwner, Job, ProgressPanel, child_process_wanted
 from .layers import base_name, layer_array, layer_picker
 from .registry import ModelChoices, model_label, model_registry
 
@@ -164,21 +166,6 @@ def _check_image(layer: Image | None) -> str | None:
     return None
 
 
-def _load_model(model: Any, key: Any, name: str, layer_name: str, shape: tuple) -> Any:
-    """Load (worker thread) and check the model against the image's shape."""
-    from ..models import zoo
-
-    net = zoo.load_model(model) if key is not None else model
-    dims = int(net.meta.get("dims", net.config["dims"]))
-    if dims == 3 and len(shape) == 2:
-        raise ValueError(f"{name} is a 3D model but image layer {layer_name!r} is 2D "
-                         "(Y, X); choose a 2D model")
-    if dims == 3 and shape[0] < 2:
-        raise ValueError(f"{name} is a 3D model but image layer {layer_name!r} has "
-                         f"only {shape[0]} slice")
-    return net
-
-
 def _inputs_ok(layer, model) -> bool:
     """True when ``layer`` is a usable image and a model is chosen; else notify."""
     problem = _check_image(layer)
@@ -261,19 +248,17 @@ def predict_job(
     tuned: dict = {"note": ""}  # the model's threshold (for Segment), what adapt did
 
     def work(progress, cancel, _log) -> np.ndarray:
-        from .. import predict as engine
-
-        net = _load_model(model, key, name, layer.name, data.shape)
-        tuned["threshold"] = getattr(net, "meta", {}).get("threshold")
-        if z is not None and data.ndim == 3:
-            return engine.predict_slice(data, net, z, progress=progress, cancel=cancel, **opts)
-        if adaptation is None:
-            return engine.predict_volume(data, net, progress=progress, cancel=cancel, **opts)
-        from ..adapt import describe, predict_adapted
-
-        prob, info = predict_adapted(np.asarray(data), net, **adaptation, progress=progress,
-                                     cancel=cancel, **opts)
-        tuned["note"] = describe(info)
+        kwargs = {"model": key if key is not None else model, "z": z, "options": opts,
+                  "adaptation": adaptation, "model_label": name,
+                  "image_label": f"image layer {layer.name!r}"}
+        if key is not None and child_process_wanted(data.nbytes):
+            image = np.asarray(data)  # a lazy 2D layer is read here, in the worker thread
+            out = shared_child().run("napari_emseg.workflows:predict_image",
+                                     {"image": image, **kwargs},
+                                     progress=progress, cancel=cancel)
+        else:
+            out = predict_image(data, **kwargs, progress=progress, cancel=cancel)
+        prob, tuned["threshold"], tuned["note"] = out
         return prob
 
     def show(prob: np.ndarray) -> None:
@@ -305,7 +290,8 @@ def predict_job(
     where = f" (slice {z})" if z is not None and data.ndim == 3 else ""
     job = Job(work, description=f"Predict {layer.name!r} with {name}{where}",
               on_returned=show, on_finished=on_finished, synchronous=synchronous,
-              preload=("torch",), progress_bar=progress_bar)
+              preload=() if child_process_wanted(data.nbytes) else ("torch",),
+              progress_bar=progress_bar)
     job.info = tuned
     return job
 
@@ -381,7 +367,8 @@ def predict_blockwise_job(
     def work(progress, cancel, log) -> str:
         from ..blockwise import predict_blockwise
 
-        net = _load_model(model, key, name, layer.name, data.shape)
+        net = load_for_image(key if key is not None else model, data.shape, model_label=name,
+                             image_label=f"image layer {layer.name!r}")
         state["threshold"] = getattr(net, "meta", {}).get("threshold")
         last = {"t": 0.0}
 

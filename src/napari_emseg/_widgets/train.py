@@ -8,7 +8,6 @@ from is saved but does not become the current model unless the user chooses it.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -43,17 +42,15 @@ from ..train import (
 from ..workflows import SCRATCH, train_from_strokes
 from . import jobs, layers, registry
 from .dock import ScrollingDock
-from .jobs import Job, JobOwner, ProgressPanel
+from .jobs import Job, JobOwner, ProgressPanel, child_process_wanted
 from .layers import base_name, current_index, layer_array, layer_picker
+from .plot import LossPlot
 from .predict import DEVICES, parse_patch, parse_voxel_size, predict_job, voxel_text
 from .registry import ModelChoices, model_registry
 
 if TYPE_CHECKING:
     import napari
 
-#: Environment variable: "0" trains in a worker thread of the viewer's process instead
-#: of the shared child process (napari_emseg.child), e.g. where processes cannot spawn.
-CHILD_PROCESS_ENV = "EMSEG_CHILD_PROCESS"
 #: Seconds between live previews of the shown slice while training.
 PREVIEW_EVERY = 15.0
 #: Layer metadata key that marks a layer made by "New annotation layer".
@@ -65,12 +62,6 @@ HELP = ("Paint in the annotation layer: <b>1</b> = background, <b>2</b> = foregr
         "A few strokes on a few slices are enough to start. To fine-tune, paint where "
         "the prediction is wrong (missed parts as 2, false detections as 1) and a "
         "background line just outside some objects.")
-
-
-def _child_process() -> bool:
-    """True when training runs in the shared child process: the viewer's event loop
-    never waits for the training's Python work (off with ``EMSEG_CHILD_PROCESS=0``)."""
-    return os.environ.get(CHILD_PROCESS_ENV, "1") != "0" and not jobs.SYNCHRONOUS
 
 
 def annotations_name(image_name: str) -> str:
@@ -140,67 +131,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
 
 
-class _LossPlot:
-    """Loss and validation IoU against training step.
-
-    A matplotlib canvas when matplotlib is installed (a core dependency),
-    else a text line with the latest values.
-    """
-
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-        self.loss: list[float] = []
-        self.iou: list[float] = []
-        try:
-            from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-            from matplotlib.figure import Figure
-        except ImportError:
-            from qtpy.QtWidgets import QLabel
-
-            self.canvas = QLabel("loss / IoU plot needs matplotlib")
-            self._ax = None
-            return
-        fig = Figure(figsize=(3.2, 2.2), tight_layout=True, facecolor="#262930")
-        self.canvas = FigureCanvasQTAgg(fig)
-        self.canvas.setMinimumHeight(170)
-        ax = fig.add_subplot(111)
-        ax2 = ax.twinx()
-        for a in (ax, ax2):
-            a.set_facecolor("#262930")
-            a.tick_params(colors="#d0d0d0", labelsize=7)
-            for spine in a.spines.values():
-                spine.set_color("#808080")
-        ax.set_xlabel("step", color="#d0d0d0", fontsize=8)
-        ax.set_ylabel("loss", color="#ff9f40", fontsize=8)
-        ax2.set_ylabel("val IoU", color="#50c8ff", fontsize=8)
-        ax2.set_ylim(0, 1)
-        (self._loss,) = ax.plot([], [], "-o", color="#ff9f40", ms=2, lw=1.2)
-        (self._iou,) = ax2.plot([], [], "-o", color="#50c8ff", ms=2, lw=1.2)
-        self._ax = ax
-
-    def clear(self) -> None:
-        self.steps, self.loss, self.iou = [], [], []
-        self._redraw()
-
-    def add(self, record: dict) -> None:
-        self.steps.append(int(record.get("step", len(self.steps) + 1)))
-        self.loss.append(float(record.get("loss", np.nan)))
-        self.iou.append(float(record.get("val_iou", np.nan)))
-        self._redraw()
-
-    def _redraw(self) -> None:
-        if self._ax is None:
-            if self.steps:
-                self.canvas.setText(f"step {self.steps[-1]}: loss {self.loss[-1]:.4f}, "
-                                    f"val IoU {self.iou[-1]:.3f}")
-            return
-        self._loss.set_data(self.steps, self.loss)
-        self._iou.set_data(self.steps, self.iou)
-        self._ax.relim()
-        self._ax.autoscale_view()
-        self.canvas.draw_idle()
-
-
 class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
     """Dock widget: fine-tune a model on painted strokes, or train one from scratch.
 
@@ -215,10 +145,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True, scrollable=True)
-        if _child_process():
-            shared_child().start()  # imports torch there, not in the viewer's process
-        else:
-            jobs.warm_up()
+        jobs.warm_up()
         self._viewer = napari_viewer
         self._registry = model_registry(napari_viewer)
         self.job: Job | None = None
@@ -322,8 +249,8 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
                      self.steps, self.estimate, self.lr, self.batch, self.val_every,
                      self.patch, self.device, self.folder, self.live_preview, buttons,
                      self.progress, self.recipe, self.status, choice])
-        self.plot = _LossPlot()
-        self.content.layout().addWidget(self.plot.canvas)
+        self.plot = LossPlot()
+        self.content.layout().addWidget(self.plot)
 
     def _connect(self) -> None:
         self.new_layer_button.clicked.connect(self.new_annotation_layer)
@@ -536,7 +463,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         self.job = Job(work, description=f"Train on {image_layer.name!r}",
                        on_returned=self._trained, on_log=self._logged,
                        on_finished=self._finished,
-                       preload=() if _child_process() else ("torch",),
+                       preload=() if child_process_wanted() else ("torch",),
                        progress_bar=self.progress)
         return self.job
 
@@ -559,7 +486,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
 
         def work(progress, cancel, log):
             img = np.asarray(image)  # a lazy layer is read here, in the worker thread
-            if not _child_process():
+            if not child_process_wanted(img.nbytes):
                 return train_from_strokes(img, painted, **kwargs, progress=progress,
                                           cancel=cancel, log=log, focus=focus)
             return shared_child().run("napari_emseg.workflows:train_from_strokes",
