@@ -593,3 +593,40 @@ def test_fine_tune_keeps_last_weights_and_far_runs_skip_early_stop_even_with_a_c
     assert (near.keep, near.early_stop) == ("last", FINE_TUNE_EARLY_STOP)
     assert _fine_tune_config(model, "far", TrainConfig(keep="best"), 2, (4, 256, 256)).keep \
         == "best"
+
+
+def test_own_neighbours_feeds_each_slice_as_its_own_context():
+    from napari_emseg._augment import sample_patch
+    from napari_emseg.train import PatchSampler, TrainConfig, _val_crops
+
+    rng = np.random.default_rng(0)
+    thick = rng.random((5, 40, 40)).astype(np.float32)  # sections far apart
+    thin = rng.random((5, 40, 40)).astype(np.float32)
+    target = np.zeros((5, 40, 40), np.int64)
+    x, t = sample_patch(thick, target, (2, 20, 20), (16, 16), 2, 1, own_neighbours=True)
+    assert x.shape == (3, 16, 16)
+    for channel in x:
+        np.testing.assert_array_equal(channel, thick[2, 12:28, 12:28])
+    x, _ = sample_patch(thin, target, (2, 20, 20), (16, 16), 2, 1)
+    np.testing.assert_array_equal(x[0], thin[1, 12:28, 12:28])  # real neighbours
+
+    cfg = TrainConfig(dims=2, context=1, patch=(16, 16), batch_size=6, val_slices=2,
+                      own_neighbours=(1,), elastic_p=0.0)
+    crops = _val_crops([thin, thick], [target, target], cfg, sparse=False)
+    thin_crop, thick_crop = crops[1][0], crops[2][0]  # z 4 of thin, z 0 of thick
+    assert not np.array_equal(thin_crop[0], thin_crop[1])
+    assert all(np.array_equal(c, thick[0]) for c in thick_crop)
+    # the sampler passes the flag per volume (augmentation off to compare exactly)
+    import napari_emseg.train as train_module
+
+    real = train_module.augment
+    train_module.augment = lambda x, t, *a, **k: (x, t)
+    try:
+        flat = TrainConfig(**{**cfg.__dict__, "own_neighbours": (0, 1)})
+        xs, _ = PatchSampler([thin, thick], [target, target], flat, sparse=False).batch()
+        plain = TrainConfig(**{**cfg.__dict__, "own_neighbours": ()})
+        ys, _ = PatchSampler([thin, thick], [target, target], plain, sparse=False).batch()
+    finally:
+        train_module.augment = real
+    assert all(np.array_equal(x[0], x[1]) and np.array_equal(x[1], x[2]) for x in xs)
+    assert not any(np.array_equal(y[0], y[1]) for y in ys)
