@@ -137,3 +137,29 @@ def test_qt_free_helpers():
     assert progress_text(3, 12, 6.0, None) == "3/12 · 0:06 elapsed"
     assert progress_text(12, 12, 24.0, 0.0) == "12/12 · done in 0:24"
     assert budget_text(40, 45.0, 120.0) == "step 40 · 0:45 elapsed · at most 1:15 left"
+
+
+def test_extent_along_z_y_and_x_averages_the_three_sectionings(make_napari_viewer, qtbot,
+                                                               tmp_path, crop, notes):
+    from napari_emseg._widgets.registry import model_registry
+    from napari_emseg.predict import predict_planes, predict_volume
+
+    tiny = tiny_checkpoint(tmp_path / "tiny.pt")
+    viewer = make_napari_viewer()
+    viewer.add_image(crop, name="em")
+    pw = open_widget(viewer, "Predict")
+    model_registry(viewer).add(tiny)
+    pw.extent.value = "planes"
+    job = pw.run()
+    wait_job(qtbot, job)
+    assert job.exception is None, notes.errors
+    prob = viewer.layers["em probabilities"].data
+    np.testing.assert_allclose(prob, predict_planes(crop, str(tiny)), atol=1e-5)
+    assert np.abs(prob - predict_volume(crop, str(tiny))).max() > 1e-4  # not z alone
+    assert "z, y and x" in pw.status.value
+
+    pw.adapt.value = True  # not combinable: a clear message, the layer stays
+    job = pw.run()
+    wait_job(qtbot, job)
+    assert job.exception is not None and "adapt to this volume" in notes.errors[-1]
+    np.testing.assert_array_equal(viewer.layers["em probabilities"].data, prob)

@@ -130,6 +130,7 @@ def load_for_image(model, shape: tuple[int, ...], *, model_label: str = "the mod
 
 def predict_image(image: np.ndarray, *, model, z: int | None = None,
                   options: dict | None = None, adaptation: dict | None = None,
+                  planes: bool = False,
                   model_label: str = "the model", image_label: str = "the image",
                   progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
                   log: Callable[[dict], None] | None = None,
@@ -143,6 +144,8 @@ def predict_image(image: np.ndarray, *, model, z: int | None = None,
     z : predict only this slice of a 3D image
     options : :func:`~napari_emseg.predict.predict_volume` keywords
     adaptation : :func:`~napari_emseg.adapt.predict_adapted` keywords (whole images)
+    planes : average the z, y and x sectionings of a 3D image
+        (:func:`~napari_emseg.predict.predict_planes`; no adaptation, no resampling)
 
     Returns
     -------
@@ -159,6 +162,16 @@ def predict_image(image: np.ndarray, *, model, z: int | None = None,
     if z is not None and image.ndim == 3:
         return engine.predict_slice(image, net, z, progress=progress, cancel=cancel,
                                     **opts), threshold, ""
+    if planes:
+        if image.ndim != 3:
+            raise ValueError(f"{image_label} is 2D: predicting along z, y and x needs a "
+                             "3D (Z, Y, X) volume")
+        if adaptation and adaptation.get("adapt"):
+            raise ValueError("'adapt to this volume' cannot be combined with predicting "
+                             "along z, y and x; untick one of them")
+        return engine.predict_planes(np.asarray(image), net, progress=progress,
+                                     cancel=cancel, **opts), threshold, \
+            "mean of the z, y and x sectionings"
     if adaptation is None:
         return engine.predict_volume(image, net, progress=progress, cancel=cancel,
                                      **opts), threshold, ""

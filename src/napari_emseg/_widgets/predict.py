@@ -49,7 +49,8 @@ DEFAULT_BLOCK = (64, 512, 512)
 #: The lazily shown probabilities are refreshed at most this often (seconds).
 REFRESH_INTERVAL = 0.5
 DEVICES = ("auto", "cpu", "cuda", "mps")
-EXTENTS = (("whole volume (3D)", "volume"), ("current slice (2D)", "slice"))
+EXTENTS = (("whole volume (3D)", "volume"), ("current slice (2D)", "slice"),
+           ("whole volume, along z, y and x (isotropic)", "planes"))
 
 
 def parse_voxel_size(text: str) -> tuple[float, ...] | None:
@@ -194,6 +195,7 @@ def predict_job(
     adaptation: dict | None = None,
     keep_previous: bool = False,
     make_current: bool = True,
+    planes: bool = False,
     progress_bar: ProgressPanel | None = None,
 ) -> Job | None:
     """Predict ``layer`` with ``model`` in a worker; the result updates the viewer.
@@ -220,6 +222,9 @@ def predict_job(
         Keep an existing probabilities layer as "<name> (previous)".
     make_current : bool
         Make ``model`` the viewer's current model once the prediction is shown.
+    planes : bool
+        Average the predictions of the z, y and x sectionings (in-memory 3D
+        images, one-slice 2D models; :func:`napari_emseg.predict.predict_planes`).
     progress_bar : ProgressPanel, optional
         The dock's own progress bar.
 
@@ -232,7 +237,7 @@ def predict_job(
     if not _inputs_ok(layer, model):
         return None
     data = layer_array(layer)
-    if z is None and data.ndim == 3 and is_lazy(data):
+    if z is None and data.ndim == 3 and is_lazy(data) and not planes:
         return predict_blockwise_job(viewer, layer, model, target=target,
                                      block_shape=block_shape, overwrite=overwrite,
                                      options=options, on_finished=on_finished,
@@ -249,7 +254,7 @@ def predict_job(
 
     def work(progress, cancel, _log) -> np.ndarray:
         kwargs = {"model": key if key is not None else model, "z": z, "options": opts,
-                  "adaptation": adaptation, "model_label": name,
+                  "adaptation": adaptation, "planes": planes, "model_label": name,
                   "image_label": f"image layer {layer.name!r}"}
         if key is not None and child_process_wanted(data.nbytes):
             image = np.asarray(data)  # a lazy 2D layer is read here, in the worker thread
@@ -474,7 +479,10 @@ class PredictWidget(ScrollingDock, ModelChoices, CancellableJobOwner, Container)
                                tooltip="Browse… for a napari-emseg checkpoint (.pt)")
         self.extent = ComboBox(label="run on", choices=list(EXTENTS), value="volume",
                                tooltip="Whole volume, or only the slice shown (fast preview, "
-                                       "without adaptation)")
+                                       "without adaptation), or the whole volume sectioned "
+                                       "along z, y and x and averaged (one-slice 2D models "
+                                       "on isotropic volumes such as FIB-SEM: boundaries "
+                                       "lying in a section become visible; 3× the time)")
         self.voxel = LineEdit(label="voxel size (nm)", value="",
                               tooltip="The image's voxel size in nm, 'z,y,x' or one value; "
                                       "filled from the layer's scale when it is not 1. Empty "
@@ -613,9 +621,10 @@ class PredictWidget(ScrollingDock, ModelChoices, CancellableJobOwner, Container)
         z = None
         if self.extent.value == "slice" and layer is not None and layer_array(layer).ndim == 3:
             z = layers.current_index(self._viewer, layer)
+        planes = self.extent.value == "planes"
         job = predict_job(self._viewer, layer, self.model.value, z=z, options=opts,
                           on_finished=self._finished, adaptation=adaptation,
-                          progress_bar=self.progress, **blockwise)
+                          planes=planes, progress_bar=self.progress, **blockwise)
         if job is None:
             return None
         self.job = job
