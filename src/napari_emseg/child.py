@@ -343,6 +343,9 @@ def fits_in_temp(nbytes: int) -> bool:
     return 2 * int(nbytes) + (256 << 20) < free
 
 
+#: What the docks' child imports before its first job.
+SHARED_PRELOAD = ("torch", "napari_emseg.workflows", "napari_emseg.predict",
+                  "napari_emseg.train")
 _SHARED: ChildProcess | None = None
 
 
@@ -350,5 +353,5 @@ def shared_child() -> ChildProcess:
     """The process-wide :class:`ChildProcess` the docks share (created on first use)."""
     global _SHARED
     if _SHARED is None:
-        _SHARED = ChildProcess()
+        _SHARED = ChildProcess(preload=SHARED_PRELOAD)
     return _SHARED
