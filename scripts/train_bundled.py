@@ -458,11 +458,10 @@ def evaluate(name: str, checkpoint: Path | None = None, tta: bool | int = True) 
     The choice is made once, on a slab of training slices next to each volume's
     held-back ones (never on those), pooled over the volumes.
     """
+    from napari_emseg.models.unet import collapse_context
     from napari_emseg.models.zoo import load_model
     from napari_emseg.postprocess import zfilter
     from napari_emseg.predict import predict_volume
-
-    from napari_emseg.models.unet import collapse_context
 
     ckpt = checkpoint or run_dir(name) / f"{name}.pt"
     loaded = load_model(ckpt)
