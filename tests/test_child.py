@@ -133,3 +133,24 @@ def test_large_array_results_come_back_through_files(proc, monkeypatch, tmp_path
     assert note == "note" and prob.shape == (3, 300, 400) and prob.dtype == np.float32
     assert prob.flags.writeable and float(prob.mean()) == 0.25  # in memory, not a memmap
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_script_without_main_guard_runs_once(tmp_path):
+    """The child is a new interpreter: a user's napari script is not executed again
+    in it (multiprocessing's spawn would re-import it and open a second viewer)."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "runs.txt"
+    (tmp_path / "helper.py").write_text("def answer(**_):\n    return 42\n")
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "from napari_emseg.child import ChildProcess\n"
+        f"open({str(marker)!r}, 'a').write('ran\\n')\n"
+        "p = ChildProcess(preload=())\n"
+        "print(p.run('helper:answer', {}))\n"
+        "p.stop()\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "42", out.stderr
+    assert marker.read_text() == "ran\n"

@@ -3,8 +3,8 @@
 Training holds Python's GIL for much of each step (sampling, augmentation, the
 optimiser); in a thread of the viewer's process that stalls napari's event
 loop for tens to hundreds of milliseconds at a time. In a child process it
-cannot. :class:`ChildProcess` starts one process (``spawn``: no copy of Qt
-state), imports torch there once (:meth:`ChildProcess.start`, e.g. when a dock
+cannot. :class:`ChildProcess` starts one process (a new interpreter: no copy
+of Qt state, no re-import of the user's script), imports torch there once (:meth:`ChildProcess.start`, e.g. when a dock
 opens) and then runs jobs one at a time::
 
     child = ChildProcess()
@@ -26,16 +26,22 @@ call it directly.
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import importlib
+import json
 import logging
-import multiprocessing as mp
 import os
+import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,8 @@ from .progress import Cancelled
 
 log = logging.getLogger(__name__)
 
+#: Environment variables that hand the child its connection key and sys.path.
+KEY_ENV, PATH_ENV = "EMSEG_CHILD_KEY", "EMSEG_CHILD_SYS_PATH"
 #: Arrays at least this large (bytes) go through a file instead of the pipe.
 FILE_ARRAY_BYTES = 1 << 20
 #: Niceness added to the child on Linux/macOS: the viewer gets the CPU first.
@@ -160,7 +168,7 @@ def _run_one(conn, target: str, kwargs: dict) -> None:
         conn.send(_error_message(exc))
 
 
-def _child_main(conn, preload: tuple[str, ...], nice: int) -> None:
+def _child_main(conn, preload: tuple[str, ...], nice: int) -> None:  # runs in the child
     """The child's loop: import ``preload``, then run jobs until told to stop."""
     if nice and hasattr(os, "nice"):
         try:
@@ -209,31 +217,58 @@ class ChildProcess:
 
     def __init__(self, preload: tuple[str, ...] = ("torch",), nice: int = CHILD_NICE) -> None:
         self.preload, self.nice = tuple(preload), int(nice)
-        self._process = None
+        self._process: subprocess.Popen | None = None
         self._conn = None
+        self._connected = threading.Event()
         self._ready = False  # the child has imported ``preload``
         self._lock = threading.Lock()  # one job at a time
 
     # -- lifecycle
     def start(self) -> None:
-        """Start the child (returns at once; it imports ``preload`` in the background)."""
+        """Start the child (returns at once; it imports ``preload`` in the background).
+
+        ``python -m napari_emseg.child`` in a new interpreter, not multiprocessing's
+        spawn: spawn re-imports the parent's ``__main__``, and a user's napari script
+        without a ``__name__ == "__main__"`` guard would open a second viewer.
+        """
         if self.alive():
             return
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        process = ctx.Process(target=_child_main, args=(child, self.preload, self.nice),
-                              name="emseg-child", daemon=True)
-        process.start()
-        child.close()
-        self._process, self._conn, self._ready = process, parent, False
+        self.stop(0.1)
+        key = secrets.token_bytes(32)
+        listener = Listener(authkey=key)
+        env = {**os.environ, KEY_ENV: key.hex(), PATH_ENV: json.dumps(sys.path)}
+        command = [sys.executable, "-m", "napari_emseg.child", str(listener.address),
+                   ",".join(self.preload), str(self.nice)]
+        self._process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+        self._ready, self._conn = False, None
+        self._connected = threading.Event()
+        threading.Thread(target=self._accept, args=(listener,), daemon=True,
+                         name="emseg-child-accept").start()
+
+    def _accept(self, listener) -> None:
+        try:
+            self._conn = listener.accept()
+            self._connected.set()
+        except (OSError, EOFError):
+            pass
+        finally:
+            listener.close()
+
+    def _wait_connected(self, timeout: float = 120.0) -> None:
+        """Wait until the child has connected (raises :class:`ChildDied` if it ended)."""
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(POLL_SECONDS):
+            if not self.alive() or time.monotonic() > deadline:
+                self._died()
 
     def alive(self) -> bool:
         """True while the child process runs."""
-        return self._process is not None and self._process.is_alive()
+        return self._process is not None and self._process.poll() is None
 
     def ready(self) -> bool:
         """True once the child has imported ``preload`` (never blocks)."""
-        if self._ready or not self.alive() or not self._lock.acquire(blocking=False):
+        if self._ready or self._conn is None or not self.alive() \
+                or not self._lock.acquire(blocking=False):
             return self._ready
         try:
             while not self._ready and self._conn.poll():
@@ -248,15 +283,15 @@ class ChildProcess:
         """Ask the child to exit (killed after ``timeout`` seconds)."""
         if self._process is None:
             return
+        if self._conn is not None:
+            self._send(("stop", None))
         try:
-            self._conn.send(("stop", None))
-        except (OSError, ValueError):
-            pass
-        self._process.join(timeout)
-        if self._process.is_alive():
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
             self._process.kill()
-            self._process.join(timeout)
-        self._conn.close()
+            self._process.wait(timeout)
+        if self._conn is not None:
+            self._conn.close()
         self._process = self._conn = None
 
     # -- jobs
@@ -274,8 +309,8 @@ class ChildProcess:
         """
         with self._lock:
             if not self.alive():
-                self.stop(0.1)
                 self.start()
+            self._wait_connected()
             folder = Path(tempfile.mkdtemp(prefix="emseg-job-"))
             try:
                 sent = _export(kwargs, folder)
@@ -320,10 +355,13 @@ class ChildProcess:
 
     def _died(self):
         """Raise :class:`ChildDied` with the child's exit code (waits for it briefly)."""
-        process = self._process
+        process, code = self._process, None
         if process is not None:
-            process.join(2.0)
-        code = process.exitcode if process is not None else None
+            try:
+                code = process.wait(2.0)
+            except subprocess.TimeoutExpired:
+                process.kill()  # hung, not connected: replaced on the next run
+                code = process.wait(2.0)
         raise ChildDied(f"the worker process ended unexpectedly (exit code {code}; "
                         "out of memory?)")
 
@@ -354,4 +392,17 @@ def shared_child() -> ChildProcess:
     global _SHARED
     if _SHARED is None:
         _SHARED = ChildProcess(preload=SHARED_PRELOAD)
+        atexit.register(_SHARED.stop, 2.0)  # it would also exit when its pipe closes
     return _SHARED
+
+
+def main(argv: list[str]) -> None:
+    """The child's entry point: ``python -m napari_emseg.child ADDRESS PRELOAD NICE``."""
+    address, preload, nice = argv[0], tuple(m for m in argv[1].split(",") if m), int(argv[2])
+    sys.path[:] = json.loads(os.environ.pop(PATH_ENV, "[]")) or sys.path
+    conn = Client(address, authkey=bytes.fromhex(os.environ.pop(KEY_ENV)))
+    _child_main(conn, preload, nice)
+
+
+if __name__ == "__main__":  # run as a script: use the importable module's classes
+    importlib.import_module("napari_emseg.child").main(sys.argv[1:])
