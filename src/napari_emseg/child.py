@@ -4,17 +4,18 @@ Training holds Python's GIL for much of each step (sampling, augmentation, the
 optimiser); in a thread of the viewer's process that stalls napari's event
 loop for tens to hundreds of milliseconds at a time. In a child process it
 cannot. :class:`ChildProcess` starts one process (a new interpreter: no copy
-of Qt state, no re-import of the user's script), imports torch there once (:meth:`ChildProcess.start`, e.g. when a dock
-opens) and then runs jobs one at a time::
+of Qt state, no re-import of the user's script), imports torch there once
+(:meth:`ChildProcess.start`, e.g. when a dock opens) and then runs jobs one at
+a time::
 
     child = ChildProcess()
-    result = child.run("napari_emseg.train:train_from_strokes", kwargs,
+    result = child.run("napari_emseg.workflows:train_from_strokes", kwargs,
                        progress=..., cancel=..., log=..., focus=...)
 
 The target is ``fn(*, progress, cancel, log, focus, **kwargs)``. Large arrays in
-``kwargs`` travel as temporary ``.npy`` files (read memory-mapped in the
-child), and so do large arrays returned (alone or in a tuple; read into memory
-here); everything else and the ``log`` records are pickled.
+``kwargs`` and in the result (alone or in a tuple) travel as temporary ``.npy``
+files (memory-mapped read-only in the child, read into memory here);
+everything else and the ``log`` records are pickled.
 ``cancel`` and the user's current slice (``focus``) reach the child while it
 works. An exception in the child is raised again here with its type (builtin
 ones) and message; a child that dies (killed, out of memory) is reported and
@@ -72,42 +73,23 @@ class _FileArray:
         self.path = path
 
 
-def _export(kwargs: dict, folder: Path) -> dict:
-    """``kwargs`` with large arrays saved to ``folder`` (replaced by markers)."""
-    out = {}
-    for key, value in kwargs.items():
-        if isinstance(value, np.ndarray) and value.nbytes >= FILE_ARRAY_BYTES \
-                and value.dtype != object:
-            path = folder / f"{key}.npy"
-            np.save(path, value)
-            value = _FileArray(str(path))
-        out[key] = value
-    return out
-
-
-def _import(kwargs: dict) -> dict:
-    """Inverse of :func:`_export` (in the child): markers become read-only memmaps."""
-    return {k: np.load(v.path, mmap_mode="r") if isinstance(v, _FileArray) else v
-            for k, v in kwargs.items()}
-
-
-def _export_result(value: Any, stem: str) -> Any:
-    """A result (or a tuple's items) with large arrays saved as ``<stem>[-k].npy``."""
+def _to_files(value: Any, stem: str) -> Any:
+    """``value`` (or a tuple's items) with large arrays saved as ``<stem>[-k].npy``."""
     if isinstance(value, tuple):
-        return tuple(_export_result(v, f"{stem}-{k}") for k, v in enumerate(value))
+        return tuple(_to_files(v, f"{stem}-{k}") for k, v in enumerate(value))
     if isinstance(value, np.ndarray) and value.nbytes >= FILE_ARRAY_BYTES \
             and value.dtype != object:
-        path = f"{stem}.npy"
-        np.save(path, value)
-        return _FileArray(path)
+        np.save(f"{stem}.npy", value)
+        return _FileArray(f"{stem}.npy")
     return value
 
 
-def _import_result(value: Any) -> Any:
-    """Inverse of :func:`_export_result` (in the parent): arrays read into memory."""
+def _from_files(value: Any, mmap_mode: str | None) -> Any:
+    """Inverse of :func:`_to_files`: markers become arrays (memory-mapped or read)."""
     if isinstance(value, tuple):
-        return tuple(_import_result(v) for v in value)
-    return np.load(value.path) if isinstance(value, _FileArray) else value
+        return tuple(_from_files(v, mmap_mode) for v in value)
+    return np.load(value.path, mmap_mode=mmap_mode) if isinstance(value, _FileArray) \
+        else value
 
 
 def resolve_target(target: str) -> Callable:
@@ -160,8 +142,8 @@ def _run_one(conn, target: str, kwargs: dict) -> None:
         fn = resolve_target(target)
         value = fn(progress=lambda done, total: conn.send(("progress", (done, total))),
                    cancel=inbox.cancel, log=lambda record: conn.send(("log", record)),
-                   focus=focus, **_import(kwargs))
-        conn.send(("result", _export_result(value, os.path.join(folder, "result"))))
+                   focus=focus, **{k: _from_files(v, "r") for k, v in kwargs.items()})
+        conn.send(("result", _to_files(value, os.path.join(folder, "result"))))
     except Cancelled:
         conn.send(("cancelled", None))
     except Exception as exc:  # sent to the parent, raised there again
@@ -313,7 +295,7 @@ class ChildProcess:
             self._wait_connected()
             folder = Path(tempfile.mkdtemp(prefix="emseg-job-"))
             try:
-                sent = _export(kwargs, folder)
+                sent = {k: _to_files(v, str(folder / k)) for k, v in kwargs.items()}
                 sent["_focus"] = focus() if focus else None
                 sent["_folder"] = str(folder)
                 self._conn.send(("run", target, sent))
@@ -347,7 +329,7 @@ class ChildProcess:
             elif kind == "ready":
                 self._ready = True
             elif kind == "result":
-                return _import_result(payload[0])
+                return _from_files(payload[0], None)  # read into memory
             elif kind == "cancelled":
                 raise Cancelled()
             elif kind == "error":

@@ -251,12 +251,13 @@ def predict_job(
     layer_name = probabilities_name(layer.name)
 
     tuned: dict = {"note": ""}  # the model's threshold (for Segment), what adapt did
+    in_child = key is not None and child_process_wanted(data.nbytes)
 
     def work(progress, cancel, _log) -> np.ndarray:
         kwargs = {"model": key if key is not None else model, "z": z, "options": opts,
                   "adaptation": adaptation, "planes": planes, "model_label": name,
                   "image_label": f"image layer {layer.name!r}"}
-        if key is not None and child_process_wanted(data.nbytes):
+        if in_child:
             image = np.asarray(data)  # a lazy 2D layer is read here, in the worker thread
             out = shared_child().run("napari_emseg.workflows:predict_image",
                                      {"image": image, **kwargs},
@@ -295,7 +296,7 @@ def predict_job(
     where = f" (slice {z})" if z is not None and data.ndim == 3 else ""
     job = Job(work, description=f"Predict {layer.name!r} with {name}{where}",
               on_returned=show, on_finished=on_finished, synchronous=synchronous,
-              preload=() if child_process_wanted(data.nbytes) else ("torch",),
+              preload=() if in_child else ("torch",),
               progress_bar=progress_bar)
     job.info = tuned
     return job

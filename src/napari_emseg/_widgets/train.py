@@ -463,7 +463,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         self.job = Job(work, description=f"Train on {image_layer.name!r}",
                        on_returned=self._trained, on_log=self._logged,
                        on_finished=self._finished,
-                       preload=() if child_process_wanted() else ("torch",),
+                       preload=() if work.in_child else ("torch",),
                        progress_bar=self.progress)
         return self.job
 
@@ -480,19 +480,21 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
                   "depth": int(self.new_depth.value), "width": int(self.new_width.value),
                   "voxel_size": self.voxel_size(), "preview": bool(self.live_preview.value)}
         widget = self
+        in_child = child_process_wanted(image.nbytes)
 
         def focus():
             return widget._preview_z
 
         def work(progress, cancel, log):
             img = np.asarray(image)  # a lazy layer is read here, in the worker thread
-            if not child_process_wanted(img.nbytes):
+            if not in_child:
                 return train_from_strokes(img, painted, **kwargs, progress=progress,
                                           cancel=cancel, log=log, focus=focus)
             return shared_child().run("napari_emseg.workflows:train_from_strokes",
                                       {"image": img, "painted": painted, **kwargs},
                                       progress=progress, cancel=cancel, log=log, focus=focus)
 
+        work.in_child = in_child  # the job preloads torch only when it trains here
         return work
 
     def _logged(self, record: dict) -> None:
