@@ -630,3 +630,19 @@ def test_own_neighbours_feeds_each_slice_as_its_own_context():
         train_module.augment = real
     assert all(np.array_equal(x[0], x[1]) and np.array_equal(x[1], x[2]) for x in xs)
     assert not any(np.array_equal(y[0], y[1]) for y in ys)
+
+
+def test_bf16_only_on_cpus_with_native_bf16(tmp_path, monkeypatch):
+    """Emulated bf16 is slower than float32: the CPU flags decide, not torch's report."""
+    from napari_emseg import train
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512_vnni\n")
+    assert train._cpu_flags(str(info)) == {"fpu", "sse", "avx2", "avx512f", "avx512bw",
+                                           "avx512_vnni"}
+    assert train._cpu_flags(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(train, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
+    assert not train.cpu_bf16_faster("cpu")
+    monkeypatch.setattr(train, "_cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert train.cpu_bf16_faster("cpu")
+    assert not train.cpu_bf16_faster("cuda:0")
