@@ -646,3 +646,69 @@ def test_bf16_only_on_cpus_with_native_bf16(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "_cpu_flags", lambda: {"avx512f", "amx_bf16"})
     assert train.cpu_bf16_faster("cpu")
     assert not train.cpu_bf16_faster("cuda:0")
+
+
+# ------------------------------------------------ strokes painted while training
+def test_live_strokes_merge_new_slices_into_the_targets():
+    from napari_emseg.train import LiveStrokes
+
+    painted = np.zeros((3, 8, 8), np.uint8)
+    painted[0, 0, :] = 1
+    new = np.zeros((8, 8), np.uint8)
+    new[2, :] = 2
+    new[3, 0] = 7  # no such class: dropped
+    calls, records = [], []
+
+    def source():
+        calls.append(1)
+        return {1: new, 9: new, 2: np.ones((4, 4), np.uint8)}  # z 9, bad shape: ignored
+
+    live = LiveStrokes(source, painted, None, 2, np.zeros((3, 8, 8), np.uint8), None,
+                       records.append, every=5.0)
+    targets = live(0.0)
+    assert targets is not None and targets[0].shape == (3, 8, 8)
+    assert (targets[0][1, 2] == 1).all() and targets[0][1, 3, 0] == -1
+    assert (targets[0][0, 0] == 0).all()  # the first strokes stay
+    assert live.added == 8 and records == [{"strokes": 16, "slices": [1]}]
+    assert live(4.9) is None and len(calls) == 1  # not asked again before `every`
+    assert painted[1].max() == 0  # the caller's array is not changed
+
+
+def test_live_strokes_follow_the_resampling_and_keep_2d():
+    from napari_emseg.train import LiveStrokes
+
+    painted = np.zeros((2, 8, 8), np.uint8)
+    stroke = np.zeros((8, 8), np.uint8)
+    stroke[:, :4] = 2
+    live = LiveStrokes(lambda: {0: stroke}, painted, (1.0, 2.0, 2.0), 2,
+                       np.zeros((2, 16, 16), np.uint8), None)
+    targets = live(0.0)[0]
+    assert targets.shape == (2, 16, 16)
+    assert (targets[0][:, :8] == 1).all() and (targets[0][:, 8:] == -1).all()
+    flat = LiveStrokes(lambda: {0: stroke}, np.zeros((8, 8), np.uint8), None, 2,
+                       np.zeros((1, 8, 8), np.uint8), None)
+    assert flat(0.0)[0].shape == (1, 8, 8) and flat.painted.shape == (8, 8)
+
+
+def test_fine_tune_trains_on_strokes_painted_while_it_runs(crop):
+    img, mask = crop
+    model = build_model(dict(dims=2, depth=2, width=4), {"normalization": {"mode": "percentile"}})
+    painted = np.zeros(img.shape, np.uint8)
+    painted[3, ::6, :] = 1 + (mask[3, ::6, :] > 0)
+    later = np.where(mask[9] > 0, 2, 1).astype(np.uint8)
+    sent = []
+
+    def source():
+        if sent:
+            return None
+        sent.append(9)
+        return {9: later}
+
+    records = []
+    cfg = TrainConfig(steps=4, batch_size=2, patch=(64, 64), val_every=2, threads=2)
+    res = fine_tune(model, img, painted, cfg, on_log=records.append, strokes=source)
+    assert sent == [9]
+    assert {"strokes": int((painted > 0).sum()) + later.size, "slices": [9]} in records
+    training = res.model.meta["training"]
+    assert training["painted_while_training"] == later.size
+    assert training["painted_voxels"] == int((painted > 0).sum()) + later.size

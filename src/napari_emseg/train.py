@@ -31,6 +31,10 @@ from .progress import CancelCheck, Cancelled, ProgressCallback, check_cancel, re
 
 #: ``preview(model, seconds)``: called while training, the model in eval mode.
 PreviewCallback = Callable[[Any, float], None]
+#: ``strokes()``: slices painted again while training, ``{z: (Y, X) labels}``, or None.
+StrokesCallback = Callable[[], "dict[int, np.ndarray] | None"]
+#: Seconds between asking for strokes painted while a fine-tune runs.
+STROKES_EVERY = 2.0
 
 # Peak LR for fine-tuning a trained model from strokes; larger Adam steps undo
 # what the model knew before the strokes help (benchmarks/bench_finetune.py).
@@ -191,12 +195,17 @@ def _prepare(images, targets, config: TrainConfig):
             img, tgt = img[None], tgt[None]
         lo, hi = normalization_range(img, config.normalization)
         out_i.append(apply_normalization(img, lo, hi))
-        tgt = tgt.astype(np.int64)  # a new array
-        bad = ~np.isfinite(img) if np.issubdtype(img.dtype, np.floating) else None
-        if bad is not None and bad.any():
-            tgt[bad] = -1  # NaN/Inf voxels (normalised to 0) never count in the loss
-        out_t.append(tgt)
+        out_t.append(_loss_targets(img, tgt))
     return out_i, out_t
+
+
+def _loss_targets(image: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """A new int64 copy of ``targets`` (3D) where NaN/Inf voxels of ``image`` are ignored."""
+    tgt = targets.astype(np.int64)
+    bad = ~np.isfinite(image) if np.issubdtype(image.dtype, np.floating) else None
+    if bad is not None and bad.any():
+        tgt[bad] = -1  # NaN/Inf voxels (normalised to 0) never count in the loss
+    return tgt
 
 
 def dense_targets(labels: np.ndarray, ignore_label: int | None = None) -> np.ndarray:
@@ -217,19 +226,23 @@ class PatchSampler:
     """Random training patches, biased towards labelled (or foreground) voxels."""
 
     def __init__(self, images, targets, config: TrainConfig, sparse: bool):
-        self.images, self.targets, self.cfg = images, targets, config
+        self.images, self.cfg, self.sparse = images, config, sparse
         self.patch = config.resolved_patch()
         self.rng = np.random.default_rng(config.seed)
-        # voxels to centre on: labelled ones (sparse) or foreground ones (dense)
-        self.hot = []
-        for t in targets:
-            hot = np.flatnonzero(t.ravel() >= 0) if sparse else np.flatnonzero(t.ravel() > 0)
-            if hot.size > 2_000_000:
-                hot = np.sort(self.rng.choice(hot, 2_000_000, replace=False))
-            self.hot.append(hot)
+        self.set_targets(targets)
         sizes = np.array([1.0 if config.balance_volumes else t.size for t in targets])
         self.weights = sizes / sizes.sum()
         self.label_bias = 1.0 if sparse else config.label_bias
+
+    def set_targets(self, targets) -> None:
+        """Use new targets (same shapes), e.g. with strokes painted while training."""
+        hot_lists = []  # voxels to centre on: labelled ones (sparse) or foreground ones
+        for t in targets:
+            hot = np.flatnonzero(t.ravel() >= 0) if self.sparse else np.flatnonzero(t.ravel() > 0)
+            if hot.size > 2_000_000:
+                hot = np.sort(self.rng.choice(hot, 2_000_000, replace=False))
+            hot_lists.append(hot)
+        self.targets, self.hot = list(targets), hot_lists  # swapped together
 
     def centre(self) -> tuple[int, tuple[int, int, int]]:
         k = int(self.rng.choice(len(self.images), p=self.weights))
@@ -585,8 +598,13 @@ def painted_classes(painted: np.ndarray) -> int:
 def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, sparse: bool,
                 checkpoint: str | os.PathLike | None, meta: dict, progress, cancel,
                 on_log, resume: bool, save_state: bool = True,
-                preview: PreviewCallback | None = None) -> TrainResult:
-    """Train ``model`` until its steps, time budget or early stop; keep the best checks."""
+                preview: PreviewCallback | None = None,
+                refresh: Callable[[float], list | None] | None = None) -> TrainResult:
+    """Train ``model`` until its steps, time budget or early stop; keep the best checks.
+
+    ``refresh(seconds)``, called before each step, may return new targets (a list
+    like ``targets``): training goes on with them.
+    """
     run = _Run(model, config, checkpoint, meta, val_crops, on_log, save_state)
     if resume:
         run.resume()
@@ -600,6 +618,10 @@ def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, spars
         while run.step < config.steps and not stopper.stopped and not run.over_budget():
             show(run.elapsed())
             check_cancel(cancel)
+            new_targets = refresh(run.elapsed()) if refresh else None
+            if new_targets is not None:
+                sampler.set_targets(new_targets)
+                run.val_crops = _val_crops(images, new_targets, config, sparse)
             stopper.update(run.train_step(batches))
             report(progress, run.step, config.steps)
             last = run.step == config.steps or stopper.stopped or run.over_budget()
@@ -940,6 +962,7 @@ def fine_tune(
     on_log=None,
     preview: PreviewCallback | None = None,
     voxel_size: tuple[float, ...] | None = None,
+    strokes: StrokesCallback | None = None,
 ) -> TrainResult:
     """Fine-tune a model from sparse painted labels (0 unlabeled, 1 background, 2.. class).
 
@@ -965,6 +988,11 @@ def fine_tune(
         (:func:`~napari_emseg.adapt.to_model_scale`). The result then
         predicts at the model's voxel size: use
         :func:`~napari_emseg.adapt.predict_adapted` with the same voxel size.
+    strokes : ``() -> {z: (Y, X) labels} or None``, polled every
+        :data:`STROKES_EVERY` s: slices the user painted again while the run
+        goes on (the whole new slice, image coordinates). Training continues
+        with them at once (:class:`LiveStrokes`); a log record
+        ``{"strokes": painted voxels, "slices": [...]}`` says so.
 
     Validation IoU is measured on the painted voxels (there is no held-out data).
     ``result.model.meta["training"]`` records the recipe and the IoU before.
@@ -975,6 +1003,7 @@ def fine_tune(
              else load_model(model_or_checkpoint))
     image, painted = np.asarray(image), np.asarray(painted)
     n_classes = _check_painted(model, image, painted)
+    original = painted
     model, image, painted, scaled = to_model_scale(model, image, painted, voxel_size)
     binary = model.config["out_channels"] == 1
     trained = bool(getattr(model, "meta", {}).get("training"))
@@ -998,6 +1027,9 @@ def fine_tune(
     if before is not None:  # a trained binary model: keep its sure answers near the strokes
         targets = with_pseudo_labels(targets, painted, regions)
     imgs, tgts = _prepare([image], [targets], cfg)
+    live = LiveStrokes(strokes, original, scaled["resampled"], n_classes,
+                       image if image.ndim == 3 else image[None],
+                       regions if before is not None else None, on_log)
     meta["training"] = {"fine_tuned_from": meta.get("source", meta.get("name", "model")),
                         "painted_voxels": int((painted > 0).sum()), "recipe": chosen,
                         "painted_iou_before": None if before is None else round(before, 4),
@@ -1009,7 +1041,11 @@ def fine_tune(
     result = _train_loop(model, imgs, tgts, _val_crops(imgs, tgts, cfg, sparse=True), cfg,
                          sparse=True, checkpoint=checkpoint, meta=meta, progress=progress,
                          cancel=cancel, on_log=on_log, resume=False, save_state=False,
-                         preview=preview)
+                         preview=preview, refresh=live if strokes else None)
+    if live.added:
+        painted = live.painted
+        result.model.meta["training"]["painted_voxels"] = int((painted > 0).sum())
+        result.model.meta["training"]["painted_while_training"] = live.added
     # 2D "far" runs only. On the 3D model the strokes' threshold went the wrong way (0.10
     # where 0.5 scored 0.82 and 0.95 scored 0.90; docs/models.md); after a near run on
     # Lucchi++ corrections it chose 0.3 (0.915 on the unpainted slices, about 0.92 at 0.5)
@@ -1017,6 +1053,58 @@ def fine_tune(
             and chosen == "far":
         _calibrate(result, image, painted, cancel)
     return result
+
+
+class LiveStrokes:
+    """Strokes painted while a fine-tune runs, turned into its new targets.
+
+    Called as ``live(seconds)`` by the training loop; at most every
+    :data:`STROKES_EVERY` s it asks ``source()`` for changed slices
+    (``{z: (Y, X) labels}``, image coordinates), writes them into its copy of
+    the painted labels and returns the new loss targets (a one-item list), or
+    None when nothing changed. Labels above the model's classes are dropped;
+    pseudo-labels are rebuilt from the start model's ``regions``.
+    """
+
+    def __init__(self, source: StrokesCallback | None, painted: np.ndarray,
+                 factors, n_classes: int, image: np.ndarray, regions, on_log=None,
+                 every: float = STROKES_EVERY):
+        self.source, self.factors, self.n_classes = source, factors, n_classes
+        self.user = np.array(painted if painted.ndim == 3 else painted[None], copy=True)
+        self.flat = painted.ndim == 2
+        self.image, self.regions, self.on_log, self.every = image, regions, on_log, every
+        self.next, self.added = 0.0, 0
+        self.painted: np.ndarray | None = None  # the model-scale labels, once changed
+
+    def __call__(self, seconds: float) -> list | None:
+        if self.source is None or seconds < self.next:
+            return None
+        self.next = seconds + self.every
+        updates = self.source() or {}
+        zs = [int(z) for z in updates if 0 <= int(z) < self.user.shape[0]
+              and np.shape(updates[z]) == self.user.shape[1:]]
+        if not zs:
+            return None
+        before = int((self.user > 0).sum())
+        for z in zs:
+            new = np.asarray(updates[z])
+            self.user[z] = np.where((new >= 0) & (new <= self.n_classes), new, 0)
+        self.added = max(0, self.added + int((self.user > 0).sum()) - before)
+        return [self._targets(zs)]
+
+    def _targets(self, zs: list[int]) -> np.ndarray:
+        from .adapt import resample
+
+        painted = self.user[0] if self.flat else self.user
+        if self.factors:
+            painted = resample(painted, tuple(self.factors), order=0)
+        self.painted = painted
+        targets = painted_targets(painted)
+        if self.regions is not None:
+            targets = with_pseudo_labels(targets, painted, self.regions)
+        if self.on_log:
+            self.on_log({"strokes": int((painted > 0).sum()), "slices": zs})
+        return _loss_targets(self.image, targets if targets.ndim == 3 else targets[None])
 
 
 def _check_painted(model, image: np.ndarray, painted: np.ndarray) -> int:
