@@ -40,6 +40,18 @@ def until_cancelled(*, progress, cancel, log, focus):
     return "never cancelled"
 
 
+def collects_strokes(*, progress, cancel, log, focus, strokes):
+    """Logs the slices of each strokes update until cancelled."""
+    for _ in range(2000):
+        new = strokes()
+        if new:
+            log({z: int(np.asarray(s).sum()) for z, s in new.items()})
+        if cancel():
+            return "done"
+        time.sleep(0.01)
+    return "never cancelled"
+
+
 def fails(*, progress, cancel, log, focus, kind):
     """Raises a ValueError or a custom exception."""
     if kind == "value":
@@ -154,3 +166,24 @@ def test_a_script_without_main_guard_runs_once(tmp_path):
                          timeout=120, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "42", out.stderr
     assert marker.read_text() == "ran\n"
+
+
+def test_strokes_painted_meanwhile_reach_the_child(proc):
+    logs = []
+    outbox = [{2: np.ones((4, 4), np.uint8)}, None, {5: np.full((4, 4), 2, np.uint8)}]
+    stop = threading.Event()
+
+    def strokes():
+        if outbox:
+            time.sleep(0.05)
+            return outbox.pop(0)
+        stop.set()
+        return None
+
+    out = proc.run("test_child:collects_strokes", {}, log=logs.append, cancel=stop.is_set,
+                   strokes=strokes)
+    assert out == "done"
+    assert {k: v for r in logs for k, v in r.items()} == {2: 16, 5: 32}
+    # a target without a strokes parameter runs as before
+    assert proc.run("test_child:summed", {"array": np.ones(3), "offset": 0},
+                    strokes=lambda: {1: np.ones((2, 2))}) == 3.0

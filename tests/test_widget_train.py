@@ -177,6 +177,44 @@ def test_live_preview_refreshes_and_follows_the_shown_slice(make_napari_viewer, 
     assert "em live preview" not in [lay.name for lay in viewer.layers]
 
 
+@pytest.mark.slow
+@pytest.mark.child_process
+def test_strokes_painted_while_training_join_the_run(make_napari_viewer, qtbot, tmp_path,
+                                                    crop, notes):
+    from napari_emseg._widgets.registry import model_registry
+
+    image, mask = crop
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="em")
+    tw = open_widget(viewer, "Train from annotations")
+    model_registry(viewer).add(tiny_checkpoint(tmp_path / "tiny.pt"))
+    layer = tw.new_annotation_layer()
+    _paint_strokes(layer, mask)
+    _quick(tw, tmp_path, steps=5000)
+    records = []
+    real = tw._logged
+    tw._logged = lambda record: (records.append(record), real(record))
+    job = tw.train()
+    qtbot.waitUntil(lambda: any("step" in r for r in records), timeout=120_000)
+    before = int((np.asarray(layer.data) > 0).sum())
+    layer.brush_size = 5
+    for y, x in np.argwhere(ndimage_erode(mask[3]))[::40]:
+        layer.paint((3, int(y), int(x)), 2, refresh=False)  # the user goes on painting
+    layer.refresh()
+    added = int((np.asarray(layer.data) > 0).sum()) - before
+    qtbot.waitUntil(lambda: any("strokes" in r for r in records), timeout=60_000)
+    assert "slice 3" in tw.status.value
+    tw.cancel()
+    wait_job(qtbot, job, timeout=120_000)
+    assert job.exception is None, notes.errors
+    update = next(r for r in records if "strokes" in r)
+    assert update["slices"] == [3] and update["strokes"] == before + added
+    assert tw.result.model_meta()["training"]["painted_while_training"] == added
+    # the run is over: painting no longer feeds a training
+    layer.paint((1, 5, 5), 1)
+    assert tw._strokes.changes() is None
+
+
 def test_train_from_scratch_and_cancel(make_napari_viewer, qtbot, tmp_path, crop, notes,
                                        monkeypatch):
     from napari_emseg._widgets import jobs

@@ -16,8 +16,8 @@ The target is ``fn(*, progress, cancel, log, focus, **kwargs)``. Large arrays in
 ``kwargs`` and in the result (alone or in a tuple) travel as temporary ``.npy``
 files (memory-mapped read-only in the child, read into memory here);
 everything else and the ``log`` records are pickled.
-``cancel`` and the user's current slice (``focus``) reach the child while it
-works. An exception in the child is raised again here with its type (builtin
+``cancel``, the user's current slice (``focus``) and slices painted meanwhile
+(``strokes``) reach the child while it works. An exception in the child is raised again here with its type (builtin
 ones) and message; a child that dies (killed, out of memory) is reported and
 replaced on the next run.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import builtins
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -105,12 +106,13 @@ def resolve_target(target: str) -> Callable:
 
 # ---------------------------------------------------------------- child side
 class _Inbox:
-    """The child's view of messages from the parent: cancel and focus."""
+    """The child's view of messages from the parent: cancel, focus and new strokes."""
 
     def __init__(self, conn) -> None:
         self.conn = conn
         self.cancelled = False
         self.focus: Any = None
+        self.strokes: dict = {}
 
     def drain(self) -> None:
         while self.conn.poll():
@@ -119,10 +121,18 @@ class _Inbox:
                 self.cancelled = True
             elif kind == "focus":
                 self.focus = value
+            elif kind == "strokes":
+                self.strokes.update(value)
 
     def cancel(self) -> bool:
         self.drain()
         return self.cancelled
+
+    def take_strokes(self) -> dict | None:
+        """Slices painted since the last call (``{z: labels}``), or None."""
+        self.drain()
+        out, self.strokes = self.strokes, {}
+        return out or None
 
 
 def _error_message(exc: BaseException) -> tuple:
@@ -140,6 +150,8 @@ def _run_one(conn, target: str, kwargs: dict) -> None:
 
     try:
         fn = resolve_target(target)
+        if "strokes" in inspect.signature(fn).parameters:
+            kwargs["strokes"] = inbox.take_strokes
         value = fn(progress=lambda done, total: conn.send(("progress", (done, total))),
                    cancel=inbox.cancel, log=lambda record: conn.send(("log", record)),
                    focus=focus, **{k: _from_files(v, "r") for k, v in kwargs.items()})
@@ -281,11 +293,14 @@ class ChildProcess:
             progress: Callable[[int, int], None] | None = None,
             cancel: Callable[[], bool] | None = None,
             log: Callable[[dict], None] | None = None,
-            focus: Callable[[], Any] | None = None) -> Any:
+            focus: Callable[[], Any] | None = None,
+            strokes: Callable[[], dict | None] | None = None) -> Any:
         """Run ``target(**kwargs)`` in the child and return its result.
 
         Blocks the calling thread (call it from a worker thread) while
-        forwarding progress and log records and passing on cancel and focus.
+        forwarding progress and log records and passing on cancel, focus and
+        ``strokes()`` (slices painted while it runs, ``{z: labels}``; a target
+        with a ``strokes`` parameter gets them).
         Raises :class:`~napari_emseg.progress.Cancelled` when the job was
         cancelled and :class:`ChildDied` when the child ended unexpectedly.
         """
@@ -299,11 +314,11 @@ class ChildProcess:
                 sent["_focus"] = focus() if focus else None
                 sent["_folder"] = str(folder)
                 self._conn.send(("run", target, sent))
-                return self._wait(progress, cancel, log, focus, sent["_focus"])
+                return self._wait(progress, cancel, log, focus, sent["_focus"], strokes)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def _wait(self, progress, cancel, log, focus, last_focus) -> Any:
+    def _wait(self, progress, cancel, log, focus, last_focus, strokes=None) -> Any:
         told_cancel = False
         while True:
             if cancel is not None and not told_cancel and cancel():
@@ -314,6 +329,9 @@ class ChildProcess:
                 if now != last_focus:
                     self._send(("focus", now))
                     last_focus = now
+            painted = strokes() if strokes is not None else None
+            if painted:
+                self._send(("strokes", painted))
             if not self._conn.poll(POLL_SECONDS):
                 if not self.alive():
                     self._died()

@@ -9,6 +9,7 @@ tests). No Qt, no napari.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ def train_from_strokes(image: np.ndarray, painted: np.ndarray, *, source: str,
                        preview: bool = True, progress: Callable | None = None,
                        cancel: Callable[[], bool] | None = None,
                        log: Callable[[dict], None] | None = None,
-                       focus: Callable[[], Any] | None = None):
+                       focus: Callable[[], Any] | None = None,
+                       strokes: Callable[[], dict | None] | None = None):
     """Fine-tune ``source`` (or train a new model) on painted strokes, with a live preview.
 
     Parameters
@@ -73,6 +75,8 @@ def train_from_strokes(image: np.ndarray, painted: np.ndarray, *, source: str,
     preview : log ``{"preview": prob, "z": z, "seconds": s}`` at the start and
         every ``config["preview_every"]`` s: the prediction of slice ``focus()``
         (``prob`` (C, Y, X) or (Y, X) for a 2D image)
+    strokes : ``() -> {z: (Y, X) labels} or None``: slices painted again while
+        training runs (a :class:`StrokeFeed`); training goes on with them
 
     Returns
     -------
@@ -108,8 +112,48 @@ def train_from_strokes(image: np.ndarray, painted: np.ndarray, *, source: str,
         show(model, 0.0)
     result = fine_tune(model, img, painted, cfg, checkpoint=checkpoint, progress=progress,
                        cancel=cancel, on_log=log, preview=show if preview else None,
-                       voxel_size=voxel_size)
+                       voxel_size=voxel_size, strokes=strokes)
     return dataclasses.replace(result, model=None, meta=result.model_meta())
+
+
+class StrokeFeed:
+    """Slices of a labels array painted since the last look: strokes added while training.
+
+    ``touch()`` (connected to the layer's paint event) says something was
+    painted; ``changes()``, polled from a worker thread, then compares the
+    array with its last copy, at most every ``every`` seconds, and returns
+    the changed slices. Cheap while nothing is painted.
+
+    Parameters
+    ----------
+    read : ``() -> ndarray``, the labels now ((Z, Y, X) or (Y, X))
+    painted : ndarray, the labels the run started with (copied)
+    """
+
+    def __init__(self, read: Callable[[], np.ndarray], painted: np.ndarray,
+                 every: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.read, self.every, self.clock = read, every, clock
+        self.last = np.array(painted, copy=True)
+        self.dirty, self.next = False, 0.0
+
+    def touch(self, *_event) -> None:
+        """Something was painted (any arguments are ignored: an event handler)."""
+        self.dirty = True
+
+    def changes(self) -> dict[int, np.ndarray] | None:
+        """``{z: (Y, X) labels}`` of the slices changed since the last call, or None."""
+        if not self.dirty or self.clock() < self.next:
+            return None
+        self.dirty, self.next = False, self.clock() + self.every
+        now = np.asarray(self.read())
+        if now.shape != self.last.shape:
+            return None
+        now3, last3 = (now, self.last) if now.ndim == 3 else (now[None], self.last[None])
+        zs = np.flatnonzero((now3 != last3).reshape(len(now3), -1).any(axis=1))
+        out = {int(z): np.array(now3[z], copy=True) for z in zs}
+        for z, labels in out.items():
+            last3[z] = labels
+        return out or None
 
 
 def load_for_image(model, shape: tuple[int, ...], *, model_label: str = "the model",

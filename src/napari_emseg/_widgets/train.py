@@ -39,7 +39,7 @@ from ..train import (
     SCRATCH_LR,
     threshold_note,
 )
-from ..workflows import SCRATCH, train_from_strokes
+from ..workflows import SCRATCH, StrokeFeed, train_from_strokes
 from . import jobs, layers, registry
 from .dock import ScrollingDock
 from .jobs import Job, JobOwner, ProgressPanel, child_process_wanted
@@ -481,6 +481,8 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
                   "voxel_size": self.voxel_size(), "preview": bool(self.live_preview.value)}
         widget = self
         in_child = child_process_wanted(image.nbytes)
+        self._watch_strokes(painted)
+        strokes = self._strokes.changes
 
         def focus():
             return widget._preview_z
@@ -489,18 +491,42 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
             img = np.asarray(image)  # a lazy layer is read here, in the worker thread
             if not in_child:
                 return train_from_strokes(img, painted, **kwargs, progress=progress,
-                                          cancel=cancel, log=log, focus=focus)
+                                          cancel=cancel, log=log, focus=focus,
+                                          strokes=strokes)
             return shared_child().run("napari_emseg.workflows:train_from_strokes",
                                       {"image": img, "painted": painted, **kwargs},
-                                      progress=progress, cancel=cancel, log=log, focus=focus)
+                                      progress=progress, cancel=cancel, log=log, focus=focus,
+                                      strokes=strokes)
 
         work.in_child = in_child  # the job preloads torch only when it trains here
         return work
 
+    def _watch_strokes(self, painted: np.ndarray) -> None:
+        """Feed strokes painted on the annotation layer during this run to the training."""
+        self._unwatch_strokes()
+        layer = self.annotations.value
+        self._strokes = StrokeFeed(lambda: layer_array(layer), painted)
+        self._strokes_layer = layer
+        layer.events.paint.connect(self._strokes.touch)
+
+    def _unwatch_strokes(self) -> None:
+        layer, feed = getattr(self, "_strokes_layer", None), getattr(self, "_strokes", None)
+        if layer is not None and feed is not None:
+            try:
+                layer.events.paint.disconnect(feed.touch)
+            except (RuntimeError, ValueError):  # already gone with the layer
+                pass
+        self._strokes_layer = None
+
     def _logged(self, record: dict) -> None:
-        """A record from the worker: live preview, recipe, or a validation point."""
+        """A record from the worker: live preview, recipe, new strokes or a validation point."""
         if "preview" in record:
             self._show_preview(record)
+            return
+        if "strokes" in record:
+            slices = ", ".join(str(z) for z in record["slices"])
+            self.status.value = (f"training… now with the strokes painted on slice "
+                                 f"{slices} ({record['strokes']} painted voxels)")
             return
         if "recipe" in record:
             self.recipe.value = recipe_text(record["recipe"], record.get("painted_iou_before"))
@@ -612,6 +638,8 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         return self.predict_job
 
     def _finished(self, job: Job) -> None:
+        if job is self.job:
+            self._unwatch_strokes()
         try:
             running = any(j is not None and not j.done for j in (self.job, self.predict_job))
             self.cancel_button.enabled = running
