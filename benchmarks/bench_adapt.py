@@ -11,7 +11,14 @@ swipes across the background away from objects); every other slice is scored. Me
 * ``today``: the previous defaults (200 steps, lr 3e-5, batch 4, no adaptation);
 * ``rf``: a random forest on ``skimage.feature.multiscale_basic_features`` of the
   painted slices (what ilastik and napari-convpaint do);
-* ``dense``: ``fine_tune`` (new defaults) on dense labels of the 3 slices (a ceiling).
+* ``dense``: ``fine_tune`` (new defaults) on dense labels of the 3 slices (a ceiling);
+* ``new-live``: the interactive loop. The user paints half the strokes (0.5 %), looks
+  at the live prediction of the painted slices after 60 s and paints corrections of
+  its largest errors (background on false detections, foreground on misses) up to the
+  same 1 % in all; the run takes them while it goes on (``fine_tune(strokes=...)``,
+  what the Train dock does with strokes painted during training);
+* ``rf-live``: the same two rounds for the random forest (corrections of its own
+  prediction, then trained again).
 
 Cases: ``far`` (``mito-2d``, trained on Lucchi++ FIB-SEM, adapted to the ISBI 2012
 ssTEM mitochondria), ``near`` (``mito-2d`` on held-back Lucchi++ slices, where a
@@ -45,6 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_finetune
 DATA = REPO.parent / "shared" / "data"
 OUT = REPO / "benchmarks" / "results"
 TIMES = (15, 30, 60, 120, 180)
+# "new-live" / "rf-live": the user paints LIVE_FIRST of the 3 slices' pixels, looks at
+# the prediction of those slices after LIVE_LOOK s and corrects it up to 1 % in all
+LIVE_FIRST, LIVE_LOOK = 0.005, 60.0
 
 
 # ------------------------------------------------------------------ data
@@ -119,6 +129,32 @@ def paint(mask: np.ndarray, slices: list[int], fraction: float = 0.01,
     return painted
 
 
+def paint_corrections_of(mask: np.ndarray, pred: np.ndarray, painted: np.ndarray,
+                         slices: list[int], fraction: float = 0.01) -> np.ndarray:
+    """``painted`` plus strokes on what ``pred`` gets wrong in ``slices``, up to ``fraction``.
+
+    What a user does after looking at the prediction of the slices they painted:
+    a stroke (3 px brush) along the skeleton of each error, largest first:
+    background (1) on false detections, foreground (2) on missed parts.
+    """
+    out = painted.copy()
+    budget = int(fraction * len(slices) * mask[0].size)
+    errors = []
+    for z in slices:
+        gt = mask[z] > 0
+        for value, err in ((1, pred[z] & ~gt), (2, gt & ~pred[z])):
+            parts, n = ndi.label(ndi.binary_opening(err, iterations=2))
+            for k in range(1, n + 1):
+                part = parts == k
+                errors.append((int(part.sum()), z, value, part))
+    for _size, z, value, part in sorted(errors, key=lambda e: -e[0]):
+        if int((out > 0).sum()) >= budget:
+            break
+        stroke = ndi.binary_dilation(skeletonize(part), iterations=1) & part
+        out[z][stroke & (out[z] == 0)] = value
+    return out
+
+
 def iou_rest(pred: np.ndarray, mask: np.ndarray, scored: np.ndarray) -> float:
     """Foreground IoU of ``pred`` on the ``scored`` slices."""
     p, g = pred[scored], mask[scored] > 0
@@ -126,9 +162,41 @@ def iou_rest(pred: np.ndarray, mask: np.ndarray, scored: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- methods
+class _User:
+    """A simulated user who looks at the live preview of the painted slices at
+    ``look`` s and paints corrections of what it shows (strokes fed to the run)."""
+
+    def __init__(self, mask, painted, slices, look: float, voxel_size):
+        self.mask, self.painted, self.slices = mask, painted, slices
+        self.look, self.voxel_size = look, voxel_size
+        self.pending: dict | None = None
+        self.done = False
+
+    def preview(self, model, img, wall: float) -> None:
+        from napari_emseg.adapt import predict_slice_adapted
+
+        if self.done or wall < self.look:
+            return
+        self.done = True
+        pred = np.zeros(self.mask.shape, bool)
+        for z in self.slices:
+            pred[z] = predict_slice_adapted(img, model, z, voxel_size=self.voxel_size) > 0.5
+        more = paint_corrections_of(self.mask, pred, self.painted, self.slices)
+        self.pending = {z: more[z] for z in self.slices}
+        print(f"  user at {wall:.0f} s: {int((more > 0).sum() - (self.painted > 0).sum())} "
+              "px of corrections", flush=True)
+
+    def strokes(self):
+        out, self.pending = self.pending, None
+        return out
+
+
 def run_unet(model_name: str, img, mask, painted, scored, config, recipe: str,
-             label: str, voxel_size=None) -> dict:
-    """Fine-tune; snapshots at TIMES (wall time from the call) scored afterwards."""
+             label: str, voxel_size=None, user: _User | None = None) -> dict:
+    """Fine-tune; snapshots at TIMES (wall time from the call) scored afterwards.
+
+    With a ``user``, corrections painted while the run goes on are fed to it.
+    """
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
     from napari_emseg.train import fine_tune
@@ -142,10 +210,12 @@ def run_unet(model_name: str, img, mask, painted, scored, config, recipe: str,
         wall = time.perf_counter() - t_call
         if len(snaps) < len(targets) and wall >= targets[len(snaps)]:
             snaps.append((wall, {k: v.detach().clone() for k, v in m.state_dict().items()}))
+        if user is not None:
+            user.preview(m, img, wall)
 
     config = replace(config, preview_every=1.0)
     res = fine_tune(model, img, painted, config, recipe=recipe, preview=keep,
-                    voxel_size=voxel_size)
+                    voxel_size=voxel_size, strokes=user.strokes if user else None)
     wall = time.perf_counter() - t_call
     final_t = float(res.model.meta.get("threshold", 0.5))
     curve = []
@@ -162,6 +232,7 @@ def run_unet(model_name: str, img, mask, painted, scored, config, recipe: str,
           flush=True)
     return {"curve": curve, "final_iou": round(final, 4), "final_threshold": final_t,
             "threshold_source": res.model.meta.get("threshold_source"),
+            "painted_pixels": training.get("painted_voxels"),
             "seconds": round(wall, 1), "steps": res.steps,
             "steps_per_second": round(res.steps / max(res.seconds, 1e-9), 2),
             "recipe": training.get("recipe"),
@@ -176,28 +247,44 @@ def rf_features(slice_2d: np.ndarray) -> np.ndarray:
                                      sigma_max=16, channel_axis=None)
 
 
-def run_rf(img, mask, painted, scored, threads: int) -> dict:
-    """Random forest on the painted pixels; wall time = features + fit."""
+def _fit_rf(img, painted, threads: int):
     from sklearn.ensemble import RandomForestClassifier
 
-    t0 = time.perf_counter()
-    zs = [z for z in range(img.shape[0]) if (painted[z] > 0).any()]
     xs, ys = [], []
-    for z in zs:
+    for z in [z for z in range(img.shape[0]) if (painted[z] > 0).any()]:
         f = rf_features(img[z])
         sel = painted[z] > 0
         xs.append(f[sel])
         ys.append(painted[z][sel] == 2)
     rf = RandomForestClassifier(n_estimators=100, max_depth=16, n_jobs=threads, random_state=0)
-    rf.fit(np.concatenate(xs), np.concatenate(ys))
-    seconds = time.perf_counter() - t0
-    pred = np.zeros(mask.shape, bool)
-    for z in np.flatnonzero(scored):
+    return rf.fit(np.concatenate(xs), np.concatenate(ys))
+
+
+def _rf_predict(rf, img, zs) -> np.ndarray:
+    pred = np.zeros(img.shape, bool)
+    for z in zs:
         f = rf_features(img[z])
         pred[z] = rf.predict_proba(f.reshape(-1, f.shape[-1]))[:, 1].reshape(f.shape[:2]) > 0.5
-    iou = iou_rest(pred, mask, scored)
+    return pred
+
+
+def run_rf(img, mask, painted, scored, threads: int, slices: list[int] | None = None) -> dict:
+    """Random forest on the painted pixels; wall time = features + fit.
+
+    With ``slices``, the user then paints corrections of the forest's prediction of
+    those slices (as for ``new-live``) and it is trained again.
+    """
+    t0 = time.perf_counter()
+    rf = _fit_rf(img, painted, threads)
+    if slices is not None:
+        more = paint_corrections_of(mask, _rf_predict(rf, img, slices), painted, slices)
+        painted = more
+        rf = _fit_rf(img, painted, threads)
+    seconds = time.perf_counter() - t0
+    iou = iou_rest(_rf_predict(rf, img, np.flatnonzero(scored)), mask, scored)
     print(f"  rf: {seconds:.1f} s  IoU {iou:.4f}", flush=True)
-    return {"seconds": round(seconds, 1), "final_iou": round(iou, 4)}
+    return {"seconds": round(seconds, 1), "final_iou": round(iou, 4),
+            "painted_pixels": int((painted > 0).sum())}
 
 
 # ------------------------------------------------------------------ cases
@@ -249,6 +336,15 @@ def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: f
         out["today"] = run_unet(model_name, img, mask, painted, scored, today, "near", "today")
     if "rf" in methods:
         out["rf"] = run_rf(img, mask, painted, scored, threads)
+    if "new-live" in methods or "rf-live" in methods:  # half first, corrections after
+        first = paint(mask, slices, fraction=LIVE_FIRST)
+        out["live_first_pixels"] = int((first > 0).sum())
+    if "new-live" in methods:
+        user = _User(mask, first, slices, LIVE_LOOK, voxel_size)
+        out["new-live"] = run_unet(model_name, img, mask, first, scored, new_cfg, "auto",
+                                   "new-live", voxel_size, user=user)
+    if "rf-live" in methods:
+        out["rf-live"] = run_rf(img, mask, first, scored, threads, slices=slices)
     if "dense" in methods:
         dense = np.zeros_like(painted)
         dense[slices] = np.where(mask[slices] > 0, 2, 1)
@@ -261,7 +357,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="+", default=["far", "near"],
                     choices=["far", "near", "reverse"])
-    ap.add_argument("--methods", nargs="+", default=["new", "new-best", "today", "rf", "dense"])
+    ap.add_argument("--methods", nargs="+",
+                    default=["new", "new-best", "today", "rf", "dense", "new-live", "rf-live"])
     ap.add_argument("--budget", type=float, default=180, help="seconds of training per run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="mito-2d", help="start model of far and near")

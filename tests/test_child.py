@@ -187,3 +187,19 @@ def test_strokes_painted_meanwhile_reach_the_child(proc):
     # a target without a strokes parameter runs as before
     assert proc.run("test_child:summed", {"array": np.ones(3), "offset": 0},
                     strokes=lambda: {1: np.ones((2, 2))}) == 3.0
+
+
+def test_job_folders_of_a_killed_napari_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"{child.JOB_PREFIX}{gone.pid}-abc"
+    mine = tmp_path / f"{child.JOB_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "emseg-job-notapid"
+    for folder in (stale, mine, other):
+        folder.mkdir()
+        (folder / "image.npy").write_bytes(b"x")
+    assert child.remove_stale_job_folders(str(tmp_path)) == [stale]
+    assert not stale.exists() and mine.exists() and other.exists()

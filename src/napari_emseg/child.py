@@ -63,6 +63,38 @@ CHILD_NICE = 10
 POLL_SECONDS = 0.05
 
 
+#: Job folders in the temp directory: ``emseg-job-<pid of napari's process>-<random>``.
+JOB_PREFIX = "emseg-job-"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (always True where this cannot be asked)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_job_folders(temp: str | None = None) -> list[Path]:
+    """Delete job folders (large arrays in transit) left by a process that is gone.
+
+    A napari killed while a job ran cannot clean up after itself; the next
+    start of a child does it. Returns the folders removed.
+    """
+    removed = []
+    for folder in Path(temp or tempfile.gettempdir()).glob(f"{JOB_PREFIX}*-*"):
+        pid = folder.name[len(JOB_PREFIX):].split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 class ChildDied(RuntimeError):
     """The child process ended while running a job."""
 
@@ -228,6 +260,7 @@ class ChildProcess:
         if self.alive():
             return
         self.stop(0.1)
+        remove_stale_job_folders()
         key = secrets.token_bytes(32)
         listener = Listener(authkey=key)
         env = {**os.environ, KEY_ENV: key.hex(), PATH_ENV: json.dumps(sys.path)}
@@ -308,7 +341,7 @@ class ChildProcess:
             if not self.alive():
                 self.start()
             self._wait_connected()
-            folder = Path(tempfile.mkdtemp(prefix="emseg-job-"))
+            folder = Path(tempfile.mkdtemp(prefix=f"{JOB_PREFIX}{os.getpid()}-"))
             try:
                 sent = {k: _to_files(v, str(folder / k)) for k, v in kwargs.items()}
                 sent["_focus"] = focus() if focus else None
