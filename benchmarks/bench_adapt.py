@@ -13,12 +13,13 @@ swipes across the background away from objects); every other slice is scored. Me
   painted slices (what ilastik and napari-convpaint do);
 * ``dense``: ``fine_tune`` (new defaults) on dense labels of the 3 slices (a ceiling);
 * ``new-live``: the interactive loop. The user paints half the strokes (0.5 %), looks
-  at the live prediction of the painted slices after 60 s and paints corrections of
-  its largest errors (background on false detections, foreground on misses) up to the
-  same 1 % in all; the run takes them while it goes on (``fine_tune(strokes=...)``,
-  what the Train dock does with strokes painted during training);
-* ``rf-live``: the same two rounds for the random forest (corrections of its own
-  prediction, then trained again).
+  at the live prediction of the painted slices after 45, 90 and 135 s and each time
+  paints corrections of its largest errors (background on false detections,
+  foreground on misses), up to the same 1 % in all; the run takes them while it goes
+  on (``fine_tune(strokes=...)``, what the Train dock does with strokes painted
+  during training);
+* ``rf-live``: the same rounds for the random forest (corrections of its own
+  prediction, trained again after each).
 
 Cases: ``far`` (``mito-2d``, trained on Lucchi++ FIB-SEM, adapted to the ISBI 2012
 ssTEM mitochondria), ``near`` (``mito-2d`` on held-back Lucchi++ slices, where a
@@ -52,9 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_finetune
 DATA = REPO.parent / "shared" / "data"
 OUT = REPO / "benchmarks" / "results"
 TIMES = (15, 30, 60, 120, 180)
-# "new-live" / "rf-live": the user paints LIVE_FIRST of the 3 slices' pixels, looks at
-# the prediction of those slices after LIVE_LOOK s and corrects it up to 1 % in all
-LIVE_FIRST, LIVE_LOOK = 0.005, 60.0
+# "new-live" / "rf-live": the user paints LIVE_FIRST of the 3 slices' pixels, then looks
+# at the prediction of those slices at each of LIVE_LOOKS (s) and corrects its largest
+# errors, up to 1 % in all (in even steps)
+LIVE_FIRST, LIVE_LOOKS = 0.005, (45.0, 90.0, 135.0)
 
 
 # ------------------------------------------------------------------ data
@@ -162,29 +164,36 @@ def iou_rest(pred: np.ndarray, mask: np.ndarray, scored: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- methods
-class _User:
-    """A simulated user who looks at the live preview of the painted slices at
-    ``look`` s and paints corrections of what it shows (strokes fed to the run)."""
+def live_fractions(n: int) -> list[float]:
+    """Painted fraction after each of ``n`` looks: from LIVE_FIRST up to 1 % in even steps."""
+    return [LIVE_FIRST + (k + 1) / n * (0.01 - LIVE_FIRST) for k in range(n)]
 
-    def __init__(self, mask, painted, slices, look: float, voxel_size):
+
+class _User:
+    """A simulated user who looks at the live preview of the painted slices at each
+    of ``looks`` (s) and paints corrections of what it shows (fed to the run)."""
+
+    def __init__(self, mask, painted, slices, looks: tuple[float, ...], voxel_size):
         self.mask, self.painted, self.slices = mask, painted, slices
-        self.look, self.voxel_size = look, voxel_size
+        self.looks, self.voxel_size = list(looks), voxel_size
+        self.fractions = live_fractions(len(looks))
         self.pending: dict | None = None
-        self.done = False
 
     def preview(self, model, img, wall: float) -> None:
         from napari_emseg.adapt import predict_slice_adapted
 
-        if self.done or wall < self.look:
+        if not self.looks or wall < self.looks[0]:
             return
-        self.done = True
+        self.looks.pop(0)
         pred = np.zeros(self.mask.shape, bool)
         for z in self.slices:
             pred[z] = predict_slice_adapted(img, model, z, voxel_size=self.voxel_size) > 0.5
-        more = paint_corrections_of(self.mask, pred, self.painted, self.slices)
-        self.pending = {z: more[z] for z in self.slices}
+        more = paint_corrections_of(self.mask, pred, self.painted, self.slices,
+                                    self.fractions.pop(0))
         print(f"  user at {wall:.0f} s: {int((more > 0).sum() - (self.painted > 0).sum())} "
               "px of corrections", flush=True)
+        self.painted = more
+        self.pending = {z: more[z] for z in self.slices}
 
     def strokes(self):
         out, self.pending = self.pending, None
@@ -272,13 +281,14 @@ def run_rf(img, mask, painted, scored, threads: int, slices: list[int] | None = 
     """Random forest on the painted pixels; wall time = features + fit.
 
     With ``slices``, the user then paints corrections of the forest's prediction of
-    those slices (as for ``new-live``) and it is trained again.
+    those slices and it is trained again, as often as ``new-live`` looks
+    (``LIVE_LOOKS``), up to the same 1 %.
     """
     t0 = time.perf_counter()
     rf = _fit_rf(img, painted, threads)
-    if slices is not None:
-        more = paint_corrections_of(mask, _rf_predict(rf, img, slices), painted, slices)
-        painted = more
+    for fraction in live_fractions(len(LIVE_LOOKS)) if slices is not None else []:
+        painted = paint_corrections_of(mask, _rf_predict(rf, img, slices), painted, slices,
+                                       fraction)
         rf = _fit_rf(img, painted, threads)
     seconds = time.perf_counter() - t0
     iou = iou_rest(_rf_predict(rf, img, np.flatnonzero(scored)), mask, scored)
@@ -340,7 +350,7 @@ def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: f
         first = paint(mask, slices, fraction=LIVE_FIRST)
         out["live_first_pixels"] = int((first > 0).sum())
     if "new-live" in methods:
-        user = _User(mask, first, slices, LIVE_LOOK, voxel_size)
+        user = _User(mask, first, slices, LIVE_LOOKS, voxel_size)
         out["new-live"] = run_unet(model_name, img, mask, first, scored, new_cfg, "auto",
                                    "new-live", voxel_size, user=user)
     if "rf-live" in methods:
