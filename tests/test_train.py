@@ -712,3 +712,30 @@ def test_fine_tune_trains_on_strokes_painted_while_it_runs(crop):
     training = res.model.meta["training"]
     assert training["painted_while_training"] == later.size
     assert training["painted_voxels"] == int((painted > 0).sum()) + later.size
+
+
+def test_stroke_feed_reports_changed_slices_once_painted():
+    from napari_emseg.workflows import StrokeFeed
+
+    layer = np.zeros((3, 4, 4), np.uint8)
+    start = layer.copy()
+    now = {"t": 0.0}
+    feed = StrokeFeed(lambda: layer, start, every=1.0, clock=lambda: now["t"])
+    layer[2, 1, 1] = 2
+    assert feed.changes() is None  # nothing said it was painted
+    feed.touch("event")
+    out = feed.changes()
+    assert list(out) == [2] and out[2][1, 1] == 2
+    layer[2, 1, 1] = 2  # no new change
+    layer[0, 0, 0] = 1
+    feed.touch()
+    assert feed.changes() is None  # asked again too soon: kept for later
+    now["t"] = 1.5
+    feed.touch()
+    assert list(feed.changes()) == [0]
+    assert start.max() == 0  # the run's own labels are never written
+    flat = np.zeros((4, 4), np.uint8)
+    feed2 = StrokeFeed(lambda: flat, flat.copy())
+    flat[0, 0] = 2
+    feed2.touch()
+    assert list(feed2.changes()) == [0]

@@ -435,6 +435,7 @@ def test_qt_free_helpers():
         ended_worse,
         estimate_text,
         one_class_warning,
+        painted_slices,
         recipe_text,
     )
 
@@ -442,6 +443,11 @@ def test_qt_free_helpers():
     assert "background (1)" in one_class_warning(np.array([0, 1, 1]))
     assert "foreground" in one_class_warning(np.array([0, 2]))
     assert one_class_warning(np.array([0, 1, 2])) is None
+    vol = np.zeros((4, 3, 3), np.uint8)
+    vol[1, 0, 0], vol[3, 2, 2] = 1, 2
+    np.testing.assert_array_equal(painted_slices(vol), [1, 3])
+    np.testing.assert_array_equal(painted_slices(vol[1]), [0])
+    assert painted_slices(vol[0]).size == 0 and painted_slices(vol[:0]).size == 0
     assert estimate_text(0, 30) == "30 steps, no time limit"
     assert estimate_text(1.5, 30).startswith("about 1.5 min")
     assert recipe_text("far", 0.25).startswith("recipe far")

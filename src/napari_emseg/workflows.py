@@ -127,13 +127,15 @@ class StrokeFeed:
     Parameters
     ----------
     read : ``() -> ndarray``, the labels now ((Z, Y, X) or (Y, X))
-    painted : ndarray, the labels the run started with (copied)
+    painted : ndarray, the labels the run started with: the job's own copy, which
+        nobody changes (copied again at the first look, off the GUI thread)
     """
 
     def __init__(self, read: Callable[[], np.ndarray], painted: np.ndarray,
                  every: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self.read, self.every, self.clock = read, every, clock
-        self.last = np.array(painted, copy=True)
+        self.start = painted  # copied at the first look, in the caller's (worker) thread
+        self.last: np.ndarray | None = None
         self.dirty, self.next = False, 0.0
 
     def touch(self, *_event) -> None:
@@ -145,6 +147,8 @@ class StrokeFeed:
         if not self.dirty or self.clock() < self.next:
             return None
         self.dirty, self.next = False, self.clock() + self.every
+        if self.last is None:
+            self.last = np.array(self.start, copy=True)
         now = np.asarray(self.read())
         if now.shape != self.last.shape:
             return None

@@ -90,6 +90,16 @@ def is_annotation_layer(layer: Labels, shape: tuple[int, ...] | None = None) -> 
     return bool((data == 1).any() and (data >= 2).any())
 
 
+def painted_slices(painted: np.ndarray) -> np.ndarray:
+    """Indices of the slices (first axis) with any non-zero label; ``[0]`` or ``[]`` in 2D."""
+    painted = np.asarray(painted)
+    if painted.ndim < 3:
+        return np.flatnonzero([painted.any()])
+    if painted.size == 0:
+        return np.array([], int)
+    return np.flatnonzero(painted.reshape(painted.shape[0], -1).max(axis=1) != 0)
+
+
 def one_class_warning(painted: np.ndarray) -> str | None:
     """Why training on ``painted`` is probably a mistake (one class only), else None."""
     has_background, has_foreground = bool((painted == 1).any()), bool((painted >= 2).any())
@@ -149,6 +159,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         self._viewer = napari_viewer
         self._registry = model_registry(napari_viewer)
         self.job: Job | None = None
+        self._strokes_only: np.ndarray | None = None  # the painted slices, while checked
         self.predict_job: Job | None = None
         self.last_checkpoint: Path | None = None
         self.result = None
@@ -394,14 +405,24 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         }
 
     def _painted(self) -> np.ndarray | None:
-        """A copy of the painted labels, or None (and an error) when unusable."""
+        """A copy of the painted labels, or None (and an error) when unusable.
+
+        One pass over the layer finds the painted slices; the other checks look
+        at those only (the GUI thread waits for them).
+        """
         layer = self.annotations.value
         painted = np.asarray(layer_array(layer))
-        if not painted.any():
+        if not np.issubdtype(painted.dtype, np.integer):
+            jobs.error(f"Train: annotation layer {layer.name!r} must hold "
+                       "non-negative integer labels")
+            return None
+        zs = painted_slices(painted)
+        if zs.size == 0:
             jobs.error(f"Train: annotation layer {layer.name!r} is empty: paint "
                           "background (1) and foreground (2) strokes first")
             return None
-        if not np.issubdtype(painted.dtype, np.integer) or painted.min() < 0:
+        self._strokes_only = painted[zs] if painted.ndim >= 3 else painted
+        if np.issubdtype(painted.dtype, np.signedinteger) and self._strokes_only.min() < 0:
             jobs.error(f"Train: annotation layer {layer.name!r} must hold "
                           "non-negative integer labels")
             return None
@@ -409,7 +430,8 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
 
     def _confirm_one_class(self, painted: np.ndarray) -> bool:
         """Warn once about one-class painting; True when training may go ahead."""
-        problem = one_class_warning(painted)
+        problem = one_class_warning(self._strokes_only)
+        self._strokes_only = None
         if problem is None:
             return True
         key = (id(self.annotations.value), bool((painted == 1).any()),
