@@ -173,6 +173,11 @@ def test_missing_empty_or_wrong_sized_annotations_notify(make_napari_viewer, cro
     tw.annotations.value = viewer.layers["small"]
     assert "shape" in tw.reason.value and not tw.train_button.enabled
     assert tw.train() is None and "shape" in notes.errors[-1]
+    negative = np.zeros(crop.shape, np.int32)
+    negative[1, 3, 3], negative[1, 4, 4] = -1, 2
+    viewer.add_labels(negative, name="negative")
+    tw.annotations.value = viewer.layers["negative"]
+    assert tw.train() is None and "non-negative" in notes.errors[-1]
 
 
 @pytest.mark.child_process
