@@ -669,7 +669,8 @@ def test_live_strokes_merge_new_slices_into_the_targets():
     assert targets is not None and targets[0].shape == (3, 8, 8)
     assert (targets[0][1, 2] == 1).all() and targets[0][1, 3, 0] == -1
     assert (targets[0][0, 0] == 0).all()  # the first strokes stay
-    assert live.added == 8 and records == [{"strokes": 16, "slices": [1]}]
+    assert live.added == 8
+    assert records == [{"strokes": 16, "slices": [1], "dropped": 1, "classes": 2}]
     assert live(4.9) is None and len(calls) == 1  # not asked again before `every`
     assert painted[1].max() == 0  # the caller's array is not changed
 
@@ -708,7 +709,8 @@ def test_fine_tune_trains_on_strokes_painted_while_it_runs(crop):
     cfg = TrainConfig(steps=4, batch_size=2, patch=(64, 64), val_every=2, threads=2)
     res = fine_tune(model, img, painted, cfg, on_log=records.append, strokes=source)
     assert sent == [9]
-    assert {"strokes": int((painted > 0).sum()) + later.size, "slices": [9]} in records
+    assert {"strokes": int((painted > 0).sum()) + later.size, "slices": [9], "dropped": 0,
+            "classes": 2} in records
     training = res.model.meta["training"]
     assert training["painted_while_training"] == later.size
     assert training["painted_voxels"] == int((painted > 0).sum()) + later.size

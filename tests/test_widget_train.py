@@ -209,10 +209,14 @@ def test_strokes_painted_while_training_join_the_run(make_napari_viewer, qtbot, 
     assert job.exception is None, notes.errors
     update = next(r for r in records if "strokes" in r)
     assert update["slices"] == [3] and update["strokes"] == before + added
+    assert update["dropped"] == 0 and not notes.warnings
     assert tw.result.model_meta()["training"]["painted_while_training"] == added
     # the run is over: painting no longer feeds a training
     layer.paint((1, 5, 5), 1)
     assert tw._strokes.changes() is None
+    # a label the model does not have is named, not silently ignored
+    tw._logged({"strokes": 9, "slices": [1], "dropped": 4, "classes": 2})
+    assert "4 voxels" in notes.warnings[-1] and "1..2" in notes.warnings[-1]
 
 
 def test_train_from_scratch_and_cancel(make_napari_viewer, qtbot, tmp_path, crop, notes,

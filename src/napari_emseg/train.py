@@ -992,7 +992,8 @@ def fine_tune(
         :data:`STROKES_EVERY` s: slices the user painted again while the run
         goes on (the whole new slice, image coordinates). Training continues
         with them at once (:class:`LiveStrokes`); a log record
-        ``{"strokes": painted voxels, "slices": [...]}`` says so.
+        ``{"strokes": painted voxels, "slices": [...], "dropped": voxels with a
+        label the model does not have, "classes": n}`` says so.
 
     Validation IoU is measured on the painted voxels (there is no held-out data).
     ``result.model.meta["training"]`` records the recipe and the IoU before.
@@ -1085,14 +1086,16 @@ class LiveStrokes:
               and np.shape(updates[z]) == self.user.shape[1:]]
         if not zs:
             return None
-        before = int((self.user > 0).sum())
+        before, dropped = int((self.user > 0).sum()), 0
         for z in zs:
             new = np.asarray(updates[z])
-            self.user[z] = np.where((new >= 0) & (new <= self.n_classes), new, 0)
+            bad = (new < 0) | (new > self.n_classes)
+            dropped += int(bad.sum())
+            self.user[z] = np.where(bad, 0, new)
         self.added = max(0, self.added + int((self.user > 0).sum()) - before)
-        return [self._targets(zs)]
+        return [self._targets(zs, dropped)]
 
-    def _targets(self, zs: list[int]) -> np.ndarray:
+    def _targets(self, zs: list[int], dropped: int) -> np.ndarray:
         from .adapt import resample
 
         painted = self.user[0] if self.flat else self.user
@@ -1103,7 +1106,8 @@ class LiveStrokes:
         if self.regions is not None:
             targets = with_pseudo_labels(targets, painted, self.regions)
         if self.on_log:
-            self.on_log({"strokes": int((painted > 0).sum()), "slices": zs})
+            self.on_log({"strokes": int((painted > 0).sum()), "slices": zs,
+                         "dropped": dropped, "classes": self.n_classes})
         return _loss_targets(self.image, targets if targets.ndim == 3 else targets[None])
 
 

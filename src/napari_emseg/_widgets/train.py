@@ -549,6 +549,10 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
             slices = ", ".join(str(z) for z in record["slices"])
             self.status.value = (f"training… now with the strokes painted on slice "
                                  f"{slices} ({record['strokes']} painted voxels)")
+            if record.get("dropped"):
+                jobs.warning(f"Train: {record['dropped']} voxels painted with a label above "
+                             f"{record['classes']} are ignored: the model knows labels "
+                             f"1..{record['classes']} (1 = background)")
             return
         if "recipe" in record:
             self.recipe.value = recipe_text(record["recipe"], record.get("painted_iou_before"))
