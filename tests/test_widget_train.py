@@ -211,6 +211,7 @@ def test_strokes_painted_while_training_join_the_run(make_napari_viewer, qtbot, 
     assert update["slices"] == [3] and update["strokes"] == before + added
     assert update["dropped"] == 0 and not notes.warnings
     assert tw.result.model_meta()["training"]["painted_while_training"] == added
+    assert f"with {added} voxels painted while it ran" in tw.status.value
     # the run is over: painting no longer feeds a training
     layer.paint((1, 5, 5), 1)
     assert tw._strokes.changes() is None

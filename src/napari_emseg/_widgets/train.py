@@ -687,6 +687,9 @@ def _result_text(result, before: float | None) -> str:
     if before is not None:
         text += f" (before training {before:.3f})"
     text += f" after {result.steps} steps ({result.seconds:.0f} s)"
+    added = result.model_meta().get("training", {}).get("painted_while_training")
+    if added:
+        text += f", with {added} voxels painted while it ran"
     note = threshold_note(result.model_meta())  # chosen after fine-tuning
     if note:
         text += f", {note}"
