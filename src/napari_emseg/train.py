@@ -1030,7 +1030,7 @@ def fine_tune(
     imgs, tgts = _prepare([image], [targets], cfg)
     live = LiveStrokes(strokes, original, scaled["resampled"], n_classes,
                        image if image.ndim == 3 else image[None],
-                       regions if before is not None else None, on_log)
+                       regions if before is not None else None, on_log) if strokes else None
     meta["training"] = {"fine_tuned_from": meta.get("source", meta.get("name", "model")),
                         "painted_voxels": int((painted > 0).sum()), "recipe": chosen,
                         "painted_iou_before": None if before is None else round(before, 4),
@@ -1042,8 +1042,8 @@ def fine_tune(
     result = _train_loop(model, imgs, tgts, _val_crops(imgs, tgts, cfg, sparse=True), cfg,
                          sparse=True, checkpoint=checkpoint, meta=meta, progress=progress,
                          cancel=cancel, on_log=on_log, resume=False, save_state=False,
-                         preview=preview, refresh=live if strokes else None)
-    if live.added:
+                         preview=preview, refresh=live)
+    if live is not None and live.added:
         painted = live.painted
         result.model.meta["training"]["painted_voxels"] = int((painted > 0).sum())
         result.model.meta["training"]["painted_while_training"] = live.added
@@ -1067,7 +1067,7 @@ class LiveStrokes:
     pseudo-labels are rebuilt from the start model's ``regions``.
     """
 
-    def __init__(self, source: StrokesCallback | None, painted: np.ndarray,
+    def __init__(self, source: StrokesCallback, painted: np.ndarray,
                  factors, n_classes: int, image: np.ndarray, regions, on_log=None,
                  every: float = STROKES_EVERY):
         self.source, self.factors, self.n_classes = source, factors, n_classes
@@ -1078,7 +1078,7 @@ class LiveStrokes:
         self.painted: np.ndarray | None = None  # the model-scale labels, once changed
 
     def __call__(self, seconds: float) -> list | None:
-        if self.source is None or seconds < self.next:
+        if seconds < self.next:
             return None
         self.next = seconds + self.every
         updates = self.source() or {}

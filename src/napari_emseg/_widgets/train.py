@@ -159,7 +159,8 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         self._viewer = napari_viewer
         self._registry = model_registry(napari_viewer)
         self.job: Job | None = None
-        self._strokes_only: np.ndarray | None = None  # the painted slices, while checked
+        self._strokes: StrokeFeed | None = None  # strokes painted while a run goes on
+        self._strokes_layer: Labels | None = None
         self.predict_job: Job | None = None
         self.last_checkpoint: Path | None = None
         self.result = None
@@ -404,38 +405,39 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
             "device": None if self.device.value == "auto" else self.device.value,
         }
 
-    def _painted(self) -> np.ndarray | None:
-        """A copy of the painted labels, or None (and an error) when unusable.
+    def _painted(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(labels, strokes)``: a copy of the painted labels and a view of the painted
+        slices, or None (and an error) when unusable.
 
         One pass over the layer finds the painted slices; the other checks look
         at those only (the GUI thread waits for them).
         """
         layer = self.annotations.value
         painted = np.asarray(layer_array(layer))
+        not_labels = (f"Train: annotation layer {layer.name!r} must hold non-negative "
+                      "integer labels")
         if not np.issubdtype(painted.dtype, np.integer):
-            jobs.error(f"Train: annotation layer {layer.name!r} must hold "
-                       "non-negative integer labels")
+            jobs.error(not_labels)
             return None
         zs = painted_slices(painted)
         if zs.size == 0:
             jobs.error(f"Train: annotation layer {layer.name!r} is empty: paint "
                           "background (1) and foreground (2) strokes first")
             return None
-        self._strokes_only = painted[zs] if painted.ndim >= 3 else painted
-        if np.issubdtype(painted.dtype, np.signedinteger) and self._strokes_only.min() < 0:
-            jobs.error(f"Train: annotation layer {layer.name!r} must hold "
-                          "non-negative integer labels")
+        strokes = painted[zs] if painted.ndim >= 3 else painted
+        if np.issubdtype(painted.dtype, np.signedinteger) and strokes.min() < 0:
+            jobs.error(not_labels)
             return None
-        return painted.copy()
+        return painted.copy(), strokes
 
-    def _confirm_one_class(self, painted: np.ndarray) -> bool:
-        """Warn once about one-class painting; True when training may go ahead."""
-        problem = one_class_warning(self._strokes_only)
-        self._strokes_only = None
+    def _confirm_one_class(self, strokes: np.ndarray) -> bool:
+        """Warn once about one-class painting (``strokes``: the painted slices); True when
+        training may go ahead."""
+        problem = one_class_warning(strokes)
         if problem is None:
             return True
-        key = (id(self.annotations.value), bool((painted == 1).any()),
-               bool((painted >= 2).any()))
+        key = (id(self.annotations.value), bool((strokes == 1).any()),
+               bool((strokes >= 2).any()))
         if self._confirmed == key:
             return True
         self._confirmed = key
@@ -461,9 +463,10 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         if problem:
             jobs.error(f"Train: {problem}")
             return None
-        painted = self._painted()
-        if painted is None or not self._confirm_one_class(painted):
+        checked = self._painted()
+        if checked is None or not self._confirm_one_class(checked[1]):
             return None
+        painted = checked[0]
         try:
             patch = parse_patch(self.patch.value)
         except ValueError as exc:
@@ -532,7 +535,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         layer.events.paint.connect(self._strokes.touch)
 
     def _unwatch_strokes(self) -> None:
-        layer, feed = getattr(self, "_strokes_layer", None), getattr(self, "_strokes", None)
+        layer, feed = self._strokes_layer, self._strokes
         if layer is not None and feed is not None:
             try:
                 layer.events.paint.disconnect(feed.touch)
