@@ -157,9 +157,19 @@ def test_live_preview_refreshes_and_follows_the_shown_slice(make_napari_viewer, 
     records = []
     real = tw._logged
     tw._logged = lambda record: (records.append(record), real(record))
+    annotations = tw.annotations.value
+    assert viewer.layers.selection.active is annotations
     job = tw.train()
+    # added at the click, empty, between the image and the strokes; the user keeps
+    # painting in the annotation layer
+    names = [lay.name for lay in viewer.layers]
+    assert names == ["em", "em live preview", "em annotations"]
+    assert not viewer.layers["em live preview"].data.any()
+    assert viewer.layers.selection.active is annotations
+    assert list(viewer.layers.selection) == [annotations]
     wait_job(qtbot, job, timeout=120_000)
     assert job.exception is None, notes.errors
+    assert viewer.layers.selection.active is annotations
     previews = [r for r in records if "preview" in r]
     assert len(previews) >= 3
     assert all(r["z"] == 3 and r["preview"].shape == image.shape[1:] for r in previews)

@@ -49,6 +49,8 @@ def set_layer(
     kind: str,
     *,
     source: Layer | None = None,
+    above: Layer | None = None,
+    keep_selection: bool = False,
     **kwargs: Any,
 ) -> Layer:
     """Add a layer or update the one called ``name`` in place.
@@ -61,6 +63,11 @@ def set_layer(
     kind : "image" or "labels"
     source : Layer, optional
         Its scale and translate are copied (leading axes padded for extra dims).
+    above : Layer, optional
+        A new layer goes right above this one (default: on top).
+    keep_selection : bool
+        A new layer does not become the selected one (the user keeps painting
+        in the layer they had selected).
     **kwargs
         Display options (colormap, blending, contrast_limits, opacity, ...),
         applied when adding and re-applied on update.
@@ -68,15 +75,21 @@ def set_layer(
     cls = {"image": Image, "labels": Labels}[kind]
     geometry = layer_geometry(source, data.ndim)
     layer = find_layer(viewer, name)
-    if layer is not None and (not isinstance(layer, cls) or layer.ndim != data.ndim):
-        index = viewer.layers.index(layer)
-        viewer.layers.remove(layer)
+    if layer is None or not isinstance(layer, cls) or layer.ndim != data.ndim:
+        if layer is not None:
+            index = viewer.layers.index(layer)
+            viewer.layers.remove(layer)
+        elif above is not None and above in viewer.layers:
+            index = viewer.layers.index(above) + 1
+        else:
+            index = len(viewer.layers)
+        selected = (set(viewer.layers.selection), viewer.layers.selection.active)
         new = cls(data, name=name, **geometry, **kwargs)
         viewer.layers.insert(index, new)
+        if keep_selection and selected[1] is not None:
+            viewer.layers.selection.active = selected[1]  # selects only that one
+            viewer.layers.selection.update(selected[0])
         return new
-    if layer is None:
-        add = viewer.add_image if kind == "image" else viewer.add_labels
-        return add(data, name=name, **geometry, **kwargs)
     layer.data = data  # refreshes the layer
     for key, value in {**geometry, **kwargs}.items():
         if not _same(getattr(layer, key, None), value):  # each change redraws: skip no-ops

@@ -476,6 +476,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         source = self.start_from.value
         self.previous_model = self._registry.current or (None if source == SCRATCH else source)
         self._track_z()
+        self._prepare_preview(image_layer)
         work = self._work(layer_array(image_layer), painted, source, patch,
                           self._checkpoint_path(image_layer.name))
         self.plot.clear()
@@ -573,16 +574,32 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         if prob.ndim == layer_array(image).ndim:  # (C, Y, X) or (C, ...): any foreground
             prob = 1.0 - prob[0]
         z = record.get("z")
+        self._set_preview(image, prob, z)
+        where = f"slice {z}" if z is not None else "the image"
+        self.status.value = (f"training… live preview of {where} at "
+                             f"{jobs.clock(float(record.get('seconds', 0.0)))}")
+
+    def _set_preview(self, image: Image, prob: np.ndarray, z: int | None) -> None:
+        """Put ``prob`` (Y, X) of slice ``z`` in "<image> live preview", right above the
+        image (under the strokes), leaving the selected layer selected."""
         scale = np.asarray(image.scale, float)
         translate = np.asarray(image.translate, float).copy()
         if z is not None:
             prob = prob[None]
             translate[0] += z * scale[0]
         layers.set_layer(self._viewer, preview_name(image.name), prob, "image",
-                          scale=list(scale), translate=list(translate), **PREVIEW_DISPLAY)
-        where = f"slice {z}" if z is not None else "the image"
-        self.status.value = (f"training… live preview of {where} at "
-                             f"{jobs.clock(float(record.get('seconds', 0.0)))}")
+                         scale=list(scale), translate=list(translate), above=image,
+                         keep_selection=True, **PREVIEW_DISPLAY)
+
+    def _prepare_preview(self, image: Image) -> None:
+        """Add the (empty) preview layer now, at the click, if it is missing: napari
+        needs 100-400 ms of the GUI thread to add a layer, which the first preview
+        would otherwise cost while training competes for the CPU."""
+        if not self.live_preview.value or layers.find_layer(self._viewer,
+                                                              preview_name(image.name)):
+            return
+        shape = layer_array(image).shape[-2:]
+        self._set_preview(image, np.zeros(shape, np.float32), self._preview_z)
 
     def _trained(self, result) -> None:
         self.result = result
