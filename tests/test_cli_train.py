@@ -104,3 +104,25 @@ def test_painted_labels_with_two_classes_train_a_new_three_class_model(crop_file
                  "--steps", "2", "--patch", "64,64", "--width", "4", "--depth", "2"]) == 0
     model = load_model(out)
     assert model.config["out_channels"] == 3 and model.meta["activation"] == "softmax"
+
+
+def test_from_a_bundled_model_offers_its_relatives_unless_keep_start(crop_files, tmp_path,
+                                                                      monkeypatch):
+    from napari_emseg.cli import train as cli_train
+    from napari_emseg.models.zoo import list_models
+
+    if "mito-2d-mix" not in list_models():
+        pytest.skip("bundled weights not installed")
+    image, mask = crop_files
+    seen = []
+
+    def fake_fine_tune(model, *args, alternatives=(), **kwargs):
+        seen.append((model.meta["name"], list(alternatives)))
+        raise SystemExit(0)  # stop before training: only the call is checked
+
+    monkeypatch.setattr(cli_train, "fine_tune", fake_fine_tune)
+    for extra in ([], ["--keep-start"]):
+        with pytest.raises(SystemExit):
+            main(["train", str(image), str(mask), str(tmp_path / "x.pt"), "--from",
+                  "mito-2d", *extra])
+    assert seen == [("mito-2d", ["mito-2d-mix"]), ("mito-2d", [])]

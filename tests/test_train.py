@@ -395,6 +395,72 @@ def test_choose_recipe_on_constructed_cases():
     assert choose_recipe(trained, None, None) == "near"
 
 
+def _constant_model(foreground: bool, classes=("background", "mitochondria"), name="m"):
+    """A trained-looking binary model that says foreground (or background) everywhere."""
+    model = build_model(dict(dims=2, depth=2, width=4),
+                        {"training": {"steps": 9}, "classes": list(classes), "name": name})
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(8.0 if foreground else -8.0)
+    return model.eval()
+
+
+def _fg_bg_strokes(shape, fg_rows=2, bg_rows=2):
+    painted = np.zeros(shape, np.uint8)
+    painted[1, 10 : 10 + fg_rows, :] = 2
+    painted[1, 40 : 40 + bg_rows, :] = 1
+    return painted
+
+
+def test_best_start_takes_an_alternative_only_when_clearly_better(crop, monkeypatch):
+    from napari_emseg import train as train_module
+    from napari_emseg.train import START_MARGIN, best_start, measure_start
+
+    img = crop[0][:3]
+    painted = _fg_bg_strokes(img.shape)  # half of the painted voxels are foreground
+    blind = measure_start(_constant_model(False, name="blind"), img, painted, recipe="far")
+    assert blind.score == 0.0 and blind.recipe == "far"
+    seeing = _constant_model(True, name="seeing")
+    other_task = _constant_model(True, classes=("background", "membrane"), name="membranes")
+    start, scores = best_start(blind, [other_task, seeing], img, painted, recipe="far")
+    assert start.name == "seeing" and start.model is not seeing  # AdaBN on a copy
+    assert scores == {"blind": 0.0, "seeing": 0.5}  # other task: not measured
+    # near: the chosen model is kept without measuring the others
+    near = measure_start(_constant_model(True, name="near"), img, painted, recipe="near")
+    assert best_start(near, [seeing], img, painted, recipe="far") == (near, {})
+    # an alternative less than START_MARGIN better does not replace the first
+    monkeypatch.setattr(train_module, "START_MARGIN", 0.6)
+    start, scores = best_start(blind, [seeing], img, painted, recipe="far")
+    assert start is blind and scores == {"blind": 0.0, "seeing": 0.5}
+    assert START_MARGIN < 0.5
+
+
+def test_fine_tune_starts_from_the_alternative_and_says_so(crop, tmp_path):
+    img = crop[0][:3]
+    painted = _fg_bg_strokes(img.shape)
+    records = []
+    cfg = TrainConfig(steps=1, batch_size=2, patch=(64, 64), val_every=1, threads=2)
+    res = fine_tune(_constant_model(False, name="blind"), img, painted, cfg,
+                    alternatives=[_constant_model(True, name="seeing")],
+                    on_log=records.append, checkpoint=tmp_path / "ft.pt")
+    assert records[0]["start"] == "seeing"
+    assert records[0]["start_scores"] == {"blind": 0.0, "seeing": 0.5}
+    training = load_model(tmp_path / "ft.pt").meta["training"]
+    assert training["start"] == "seeing" and training["start_scores"]["seeing"] == 0.5
+    assert res.model.meta["name"] == "seeing"
+
+
+def test_related_models_are_bundled_ones_of_the_same_task(tmp_path):
+    from napari_emseg.models.zoo import list_models, related_models
+
+    if "mito-2d" not in list_models():
+        pytest.skip("bundled weights not installed")
+    assert related_models("mito-2d") == ["mito-2d-mix"]
+    assert related_models("mito-2d-mix") == ["mito-2d"]
+    assert related_models("mito-3d") == []  # no other 3D mitochondria model
+    assert related_models(str(tmp_path / "mine.pt")) == []  # a user's own: never swapped
+
+
 def test_fine_tune_records_the_recipe_and_its_measurements(crop):
     img, mask = crop
     model = build_model(dict(dims=2, depth=2, width=4),
@@ -405,7 +471,7 @@ def test_fine_tune_records_the_recipe_and_its_measurements(crop):
     cfg = TrainConfig(steps=2, batch_size=2, patch=(64, 64), val_every=2, threads=2)
     res = fine_tune(model, img, painted, cfg, on_log=records.append)
     first = records[0]
-    assert set(first) == {"recipe", "painted_iou_before", "feature_shift"}
+    assert set(first) == {"recipe", "painted_iou_before", "feature_shift"}  # no alternatives
     training = res.model.meta["training"]
     assert training["recipe"] == first["recipe"] in ("near", "far")
     assert training["feature_shift"] == pytest.approx(first["feature_shift"], abs=1e-4)

@@ -465,5 +465,9 @@ def test_qt_free_helpers():
     assert painted_slices(vol[0]).size == 0 and painted_slices(vol[:0]).size == 0
     assert estimate_text(0, 30) == "30 steps, no time limit"
     assert estimate_text(1.5, 30).startswith("about 1.5 min")
-    assert recipe_text("far", 0.25).startswith("recipe far")
-    assert "0.250" in recipe_text("far", 0.25) and recipe_text(None, None) == ""
+    assert recipe_text({"recipe": "far", "painted_iou_before": 0.25}).startswith("recipe far")
+    assert "0.250" in recipe_text({"recipe": "far", "painted_iou_before": 0.25})
+    assert recipe_text({}) == ""
+    swapped = recipe_text({"recipe": "near", "painted_iou_before": 0.6, "start": "b",
+                           "start_scores": {"a": 0.1, "b": 0.6}})
+    assert swapped.endswith("started from b: IoU on the painted voxels 0.60 (a 0.10)")

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,9 @@ PSEUDO_CONFIDENCE = 0.9
 PSEUDO_WEIGHT = 0.5
 PSEUDO_BG, PSEUDO_FG = -2, -3  # target codes (-1 = ignored)
 HALF_TILE = 48  # px: the squares that split painted voxels into two halves
+# best_start: an alternative start replaces the chosen model when it scores this much
+# more foreground IoU on the painted voxels (both measured as they would train).
+START_MARGIN = 0.05
 
 
 @dataclass
@@ -963,6 +966,7 @@ def fine_tune(
     preview: PreviewCallback | None = None,
     voxel_size: tuple[float, ...] | None = None,
     strokes: StrokesCallback | None = None,
+    alternatives: Sequence[Any] = (),
 ) -> TrainResult:
     """Fine-tune a model from sparse painted labels (0 unlabeled, 1 background, 2.. class).
 
@@ -994,32 +998,29 @@ def fine_tune(
         with them at once (:class:`LiveStrokes`); a log record
         ``{"strokes": painted voxels, "slices": [...], "dropped": voxels with a
         label the model does not have, "classes": n}`` says so.
+    alternatives : other starts (UNets, bundled names or paths) for the same
+        task. When the data are far from the model (:func:`choose_recipe`),
+        each is measured on the painted voxels too, and the run starts from the
+        one that scores best (:func:`best_start`); the ``recipe`` log record and
+        ``meta["training"]["start_scores"]`` say which and why.
 
     Validation IoU is measured on the painted voxels (there is no held-out data).
     ``result.model.meta["training"]`` records the recipe and the IoU before.
     """
-    from .models.zoo import load_model
-
-    model = (model_or_checkpoint if hasattr(model_or_checkpoint, "config")
-             else load_model(model_or_checkpoint))
+    model = _as_model(model_or_checkpoint)
     image, painted = np.asarray(image), np.asarray(painted)
     n_classes = _check_painted(model, image, painted)
     original = painted
-    model, image, painted, scaled = to_model_scale(model, image, painted, voxel_size)
-    binary = model.config["out_channels"] == 1
-    trained = bool(getattr(model, "meta", {}).get("training"))
-    regions = _painted_regions(model, image, painted, cancel=cancel) if binary and trained \
-        else []
-    before = _regions_iou(model, painted, regions)
     device = config.device if config else None
-    shift = feature_shift(model, image, device=device) if recipe == "auto" else None
-    chosen = choose_recipe(model, before, shift) if recipe == "auto" else recipe
+    start = measure_start(model, image, painted, voxel_size=voxel_size, recipe=recipe,
+                          device=device, cancel=cancel)
+    start, scores = best_start(start, alternatives, image, painted, voxel_size=voxel_size,
+                               device=device, cancel=cancel)
+    model, image, painted, scaled = start.model, start.image, start.painted, start.scaled
+    regions, before, shift, chosen = start.regions, start.before, start.shift, start.recipe
     if on_log:
-        on_log({"recipe": chosen, "painted_iou_before": before, "feature_shift": shift})
-    if chosen == "far":
-        model = adapt_batchnorm(model, image, device=device, cancel=cancel)
-        if binary and before is not None:  # the adapted model's answers anchor the run
-            regions = _painted_regions(model, image, painted, cancel=cancel)
+        on_log({"recipe": chosen, "painted_iou_before": before, "feature_shift": shift,
+                **({"start": start.name, "start_scores": scores} if scores else {})})
     meta = dict(model.meta)
     if "threshold" in meta:  # tuned for the old weights; re-chosen on the painted voxels
         meta["threshold"] = FINE_TUNED_THRESHOLD
@@ -1035,6 +1036,7 @@ def fine_tune(
                         "painted_voxels": int((painted > 0).sum()), "recipe": chosen,
                         "painted_iou_before": None if before is None else round(before, 4),
                         "feature_shift": None if shift is None else round(shift, 4),
+                        **({"start": start.name, "start_scores": scores} if scores else {}),
                         "voxel_size_nm": list(voxel_size) if voxel_size else None, **scaled,
                         "history_before": list(meta.get("training", {})
                                                .get("history", []))[-20:]}
@@ -1152,6 +1154,105 @@ def _fine_tune_config(model, recipe: str, config: TrainConfig | None, n_classes:
                          "patch": base.patch or defaults.patch
                          or _fine_tune_patch(model, meta.get("patch"))})
     return _fit_patch(cfg, shape)
+
+
+def _as_model(model_or_checkpoint):
+    from .models.zoo import load_model
+
+    return (model_or_checkpoint if hasattr(model_or_checkpoint, "config")
+            else load_model(model_or_checkpoint))
+
+
+@dataclass
+class Start:
+    """A model ready to be fine-tuned, and how it scored on the painted voxels."""
+
+    name: str
+    model: Any  # BatchNorm statistics re-estimated when ``recipe`` is "far"
+    image: np.ndarray  # at the model's voxel size
+    painted: np.ndarray
+    scaled: dict  # adapt.to_model_scale's info
+    regions: list  # (box, probabilities) around the strokes, from ``model``
+    before: float | None  # foreground IoU on the painted voxels, as loaded
+    shift: float | None  # adapt.feature_shift
+    recipe: str
+    score: float | None  # foreground IoU on the painted voxels, ready to train
+
+
+def measure_start(model, image: np.ndarray, painted: np.ndarray, *,
+                  voxel_size: tuple[float, ...] | None = None, recipe: str = "auto",
+                  device: str | None = None, cancel=None) -> Start:
+    """Measure ``model`` on the strokes, choose its recipe and prepare it.
+
+    Parameters
+    ----------
+    model : UNet with ``.meta``
+    image : ndarray (Z, Y, X) or (Y, X)
+    painted : integer ndarray, same shape (0 unlabeled, 1 background, 2.. classes)
+    recipe : "auto" (:func:`choose_recipe`), "near" or "far" ("far" re-estimates
+        the BatchNorm statistics on ``image``)
+    """
+    name = str(getattr(model, "meta", {}).get("name", "model"))
+    model, image, painted, scaled = to_model_scale(model, image, painted, voxel_size)
+    binary = model.config["out_channels"] == 1
+    trained = bool(getattr(model, "meta", {}).get("training"))
+    regions = _painted_regions(model, image, painted, cancel=cancel, device=device) \
+        if binary and trained else []
+    before = _regions_iou(model, painted, regions)
+    shift = feature_shift(model, image, device=device) if recipe == "auto" else None
+    chosen = choose_recipe(model, before, shift) if recipe == "auto" else recipe
+    score = before
+    if chosen == "far":
+        model = adapt_batchnorm(model, image, device=device, cancel=cancel)
+        if binary and before is not None:  # the adapted model's answers anchor the run
+            regions = _painted_regions(model, image, painted, cancel=cancel, device=device)
+            score = _regions_iou(model, painted, regions)
+    return Start(name, model, image, painted, scaled, regions, before, shift, chosen, score)
+
+
+def best_start(first: Start, alternatives: Sequence[Any], image: np.ndarray,
+               painted: np.ndarray, **kwargs) -> tuple[Start, dict[str, float]]:
+    """``first``, or an alternative that fits the strokes clearly better.
+
+    Only when ``first`` is "far" from the data: each alternative with the same
+    classes and dimensions is measured by :func:`measure_start` (after its own
+    recipe's preparation, AdaBN for "far"), and one scoring more than
+    :data:`START_MARGIN` above ``first`` on the painted voxels replaces it.
+
+    Returns
+    -------
+    The start, and ``{name: score}`` of those measured (empty when none was).
+    """
+    if not alternatives or first.recipe != "far" or first.score is None:
+        return first, {}
+    best, scores = first, {first.name: round(first.score, 4)}
+    for alternative in alternatives:
+        model = _as_model(alternative)
+        if not _same_task(model, first.model):
+            continue
+        start = measure_start(model, image, painted, **kwargs)
+        if start.score is None:
+            continue
+        scores[start.name] = round(start.score, 4)
+        if start.score > first.score + START_MARGIN and start.score > best.score:
+            best = start
+    return best, scores
+
+
+def start_text(start: str, scores: dict[str, float]) -> str:
+    """``"started from mito-2d-mix: IoU on the painted voxels 0.41 (mito-2d 0.05)"``."""
+    others = ", ".join(f"{name} {score:.2f}" for name, score in scores.items()
+                       if name != start)
+    verb = "started from" if start != next(iter(scores)) else "kept"
+    return (f"{verb} {start}: IoU on the painted voxels {scores[start]:.2f} "
+            f"({others})")
+
+
+def _same_task(model, other) -> bool:
+    """Same dimensions, outputs and class names."""
+    return (model.config["dims"] == other.config["dims"]
+            and model.config["out_channels"] == other.config["out_channels"]
+            and model.meta.get("classes") == other.meta.get("classes"))
 
 
 def choose_recipe(model, painted_iou_before: float | None,

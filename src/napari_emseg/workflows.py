@@ -60,7 +60,8 @@ def train_from_strokes(image: np.ndarray, painted: np.ndarray, *, source: str,
                        cancel: Callable[[], bool] | None = None,
                        log: Callable[[dict], None] | None = None,
                        focus: Callable[[], Any] | None = None,
-                       strokes: Callable[[], dict | None] | None = None):
+                       strokes: Callable[[], dict | None] | None = None,
+                       switch_start: bool = True):
     """Fine-tune ``source`` (or train a new model) on painted strokes, with a live preview.
 
     Parameters
@@ -77,6 +78,9 @@ def train_from_strokes(image: np.ndarray, painted: np.ndarray, *, source: str,
         (``prob`` (C, Y, X) or (Y, X) for a 2D image)
     strokes : ``() -> {z: (Y, X) labels} or None``: slices painted again while
         training runs (a :class:`StrokeFeed`); training goes on with them
+    switch_start : a bundled ``source`` far from the data may be swapped for
+        another bundled model of the same task that fits the strokes better
+        (:func:`~napari_emseg.train.best_start`)
 
     Returns
     -------
@@ -84,6 +88,7 @@ def train_from_strokes(image: np.ndarray, painted: np.ndarray, *, source: str,
     picklable; load ``result.checkpoint`` to use the model.
     """
     from .adapt import predict_slice_adapted
+    from .models import zoo
     from .predict import predict_volume
     from .train import TrainConfig, fine_tune
 
@@ -112,7 +117,8 @@ def train_from_strokes(image: np.ndarray, painted: np.ndarray, *, source: str,
         show(model, 0.0)
     result = fine_tune(model, img, painted, cfg, checkpoint=checkpoint, progress=progress,
                        cancel=cancel, on_log=log, preview=show if preview else None,
-                       voxel_size=voxel_size, strokes=strokes)
+                       voxel_size=voxel_size, strokes=strokes,
+                       alternatives=zoo.related_models(source) if switch_start else ())
     return dataclasses.replace(result, model=None, meta=result.model_meta())
 
 

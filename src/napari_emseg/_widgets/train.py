@@ -37,6 +37,7 @@ from ..train import (
     FINE_TUNE_MINUTES,
     NEAR_IOU,
     SCRATCH_LR,
+    start_text,
     threshold_note,
 )
 from ..workflows import SCRATCH, StrokeFeed, train_from_strokes
@@ -126,14 +127,18 @@ def estimate_text(minutes: float, steps: int) -> str:
     return f"{steps} steps, no time limit"
 
 
-def recipe_text(recipe: str | None, before: float | None) -> str:
-    """``"recipe near: IoU on painted voxels before training 0.81"``."""
+def recipe_text(record: dict) -> str:
+    """``"recipe near: IoU on painted voxels before training 0.81"`` (and the start chosen)
+    from a fine-tune's ``recipe`` log record or ``meta["training"]``."""
+    recipe, before = record.get("recipe"), record.get("painted_iou_before")
     if not recipe:
         return ""
     what = {"near": "gentle fine-tuning", "far": "BatchNorm re-estimated, larger steps"}
     text = f"recipe {recipe} ({what.get(recipe, recipe)})"
     if before is not None:
         text += f"; IoU on painted voxels before training {before:.3f}"
+    if record.get("start_scores"):
+        text += f"; {start_text(record['start'], record['start_scores'])}"
     return text
 
 
@@ -559,7 +564,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
                              f"1..{record['classes']} (1 = background)")
             return
         if "recipe" in record:
-            self.recipe.value = recipe_text(record["recipe"], record.get("painted_iou_before"))
+            self.recipe.value = recipe_text(record)
         if "step" in record:
             self.plot.add(record)
             self.status.value = (f"training… step {record['step']}: IoU on painted voxels "
@@ -612,7 +617,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         self.last_checkpoint = Path(result.checkpoint)
         training = result.model_meta().get("training", {})
         before = training.get("painted_iou_before")
-        self.recipe.value = recipe_text(training.get("recipe"), before)
+        self.recipe.value = recipe_text(training)
         worse = ended_worse(before, result.best_iou)
         self.rejected = self.last_checkpoint if worse else None
         self._registry.add(self.last_checkpoint, make_current=not worse)

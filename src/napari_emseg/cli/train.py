@@ -11,7 +11,7 @@ import numpy as np
 
 from .._textbar import ProgressBar
 from ..io import read_volume
-from ..models.zoo import load_model
+from ..models.zoo import load_model, related_models
 from ..train import (
     FINE_TUNE_EARLY_STOP,
     FINE_TUNE_MAX_STEPS,
@@ -22,6 +22,7 @@ from ..train import (
     new_model,
     painted_classes,
     resume_path,
+    start_text,
     threshold_note,
 )
 from . import common
@@ -49,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", metavar="OUT", help="checkpoint to write (.pt; never one of the inputs)")
     p.add_argument("--from", dest="source", metavar="NAME|PATH", default=None,
                    help=model_help("fine-tune this model") + " (default: a new U-Net)")
+    p.add_argument("--keep-start", action="store_true",
+                   help="fine-tune exactly the --from model; by default a bundled model far "
+                        "from the data is swapped for another bundled model of the same task "
+                        "that scores clearly better on the labels (said on stderr)")
     p.add_argument("--painted", action="store_true",
                    help="labels are painted (0 unlabeled, 1 background, 2.. classes)")
     p.add_argument("--dims", type=int, choices=(2, 3), default=2,
@@ -148,8 +153,9 @@ def _train(args: argparse.Namespace, image: np.ndarray, labels: np.ndarray,
     if args.source or args.painted:
         painted = labels if args.painted else np.where(labels > 0, labels + 1, 1)
         model = load_model(args.source) if args.source else _new_model(args, painted)
+        others = related_models(args.source) if args.source and not args.keep_start else []
         return fine_tune(model, image, painted, _fine_tune_config(args, config),
-                         checkpoint=args.out, progress=bar, on_log=log)
+                         checkpoint=args.out, progress=bar, on_log=log, alternatives=others)
     return fit(image, labels, config, checkpoint=args.out, ignore_label=args.ignore_label,
                resume=args.resume, progress=bar, on_log=log)
 
@@ -169,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
             sys.stderr.write(f"  recipe {rec['recipe']} (feature shift "
                              f"{_fmt(rec.get('feature_shift'))}, IoU on painted voxels "
                              f"{_fmt(rec.get('painted_iou_before'))})\n")
+            if rec.get("start_scores"):
+                sys.stderr.write(f"  {start_text(rec['start'], rec['start_scores'])}\n")
             return
         sys.stderr.write(f"\n  step {rec['step']}: loss {rec['loss']:.4f}, "
                          f"val IoU on painted voxels {rec['val_iou']:.4f}\n")

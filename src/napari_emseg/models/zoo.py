@@ -148,6 +148,20 @@ def model_info(name_or_path: str | os.PathLike) -> dict:
     return {**DEFAULT_META, **ckpt["meta"], "config": dict(ckpt["config"])}
 
 
+def related_models(name: str) -> list[str]:
+    """Other bundled models for the same task: same dimensions and class names.
+
+    ``[]`` when ``name`` is not a bundled model (a user's own checkpoint is
+    never swapped for a bundled one).
+    """
+    if name not in list_models():
+        return []
+    own = model_info(name)
+    return [other for other in list_models() if other != name
+            and model_info(other)["config"]["dims"] == own["config"]["dims"]
+            and model_info(other)["classes"] == own["classes"]]
+
+
 def build_model(config: dict, meta: dict | None = None):
     """A fresh :class:`UNet` from its config, with ``.meta`` attached."""
     from .unet import UNet
