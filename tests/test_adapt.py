@@ -115,17 +115,40 @@ def test_context_fits_compares_section_thickness():
     assert context_fits(model, None) and context_fits(_model(), (50.0, 4.0, 4.0))
 
 
+def test_sections_fit_compares_a_3d_models_section_thickness():
+    from napari_emseg.adapt import sections_fit
+
+    cube = build_model(dict(dims=3, depth=2, width=4), {"voxel_size_nm": [5.0, 5.0, 5.0]})
+    assert sections_fit(cube, (5.0, 5.0, 5.0)) and sections_fit(cube, (10.0, 5.0, 5.0))
+    assert not sections_fit(cube, (50.0, 4.0, 4.0))
+    assert sections_fit(cube, None) and sections_fit(cube, (4.0, 4.0))
+    assert sections_fit(_model(voxel_size_nm=[5.0, 5.0, 5.0]), (50.0, 4.0, 4.0))  # 2D
+
+
 def test_predict_adapted_resamples_and_collapses_and_says_so():
     model = _model(context=1, voxel_size_nm=[5.0, 5.0, 5.0])
     image = _volume()
     prob, info = predict_adapted(image, model, voxel_size=(50.0, 10.0, 10.0), adapt=True)
     assert prob.shape == image.shape and prob.dtype == np.float32
-    assert info == {"adapted": True, "resampled": [1.0, 2.0, 2.0], "context_collapsed": True}
+    assert info == {"adapted": True, "resampled": [1.0, 2.0, 2.0], "context_collapsed": True,
+                    "sections_fit": True}
     text = describe(info)
     assert "voxel size" in text and "own neighbour" in text and "BatchNorm" in text
+    assert "thicker" not in text
     plain, info = predict_adapted(image, model)
-    assert info == {"adapted": False, "resampled": None, "context_collapsed": False}
+    assert info == {"adapted": False, "resampled": None, "context_collapsed": False,
+                    "sections_fit": True}
     assert describe(info) == "" and plain.shape == image.shape
+
+
+def test_predict_adapted_warns_of_a_3d_model_on_thick_sections():
+    cube = build_model(dict(dims=3, depth=2, width=4),
+                       {"voxel_size_nm": [5.0, 5.0, 5.0], "normalization": FIXED}).eval()
+    image = _volume()[:3, :32, :32]
+    prob, info = predict_adapted(image, cube, voxel_size=(25.0, 5.0, 5.0))
+    assert prob.shape == image.shape and info["resampled"] == [5.0, 1.0, 1.0]
+    assert info["sections_fit"] is False
+    assert describe(info).startswith("warning: the sections are much thicker")
 
 
 def test_preview_slice_is_predicted_at_the_model_scale():

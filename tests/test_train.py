@@ -435,6 +435,27 @@ def test_best_start_takes_an_alternative_only_when_clearly_better(crop, monkeypa
     assert START_MARGIN < 0.5
 
 
+def test_a_3d_start_on_thick_sections_gives_way_to_a_2d_model(crop):
+    from napari_emseg.train import choose_start, start_text
+
+    img = crop[0][:3]
+    painted = _fg_bg_strokes(img.shape)
+    cube = build_model(dict(dims=3, depth=2, width=4),
+                       {"training": {"steps": 9}, "name": "cube", "voxel_size_nm": [5, 5, 5],
+                        "classes": ["background", "mitochondria"]})
+    flat = [_constant_model(False, name="blind"), _constant_model(True, name="seeing")]
+    start, scores = choose_start(cube, flat, img, painted, voxel_size=(50.0, 5.0, 5.0),
+                                 recipe="far")
+    assert start.name == "seeing" and start.model.config["dims"] == 2
+    assert scores == {"cube": None, "blind": 0.0, "seeing": 0.5}
+    assert "cube not measured: sections too thick" in start_text(start.name, scores)
+    # sections as thick as in training: the 3D model is measured and kept (alternatives
+    # of other dimensions are never measured against it)
+    start, scores = choose_start(cube, flat, img, painted, voxel_size=(5.0, 5.0, 5.0),
+                                 recipe="near")
+    assert start.name == "cube" and scores == {}
+
+
 def test_fine_tune_starts_from_the_alternative_and_says_so(crop, tmp_path):
     img = crop[0][:3]
     painted = _fg_bg_strokes(img.shape)
@@ -455,9 +476,9 @@ def test_related_models_are_bundled_ones_of_the_same_task(tmp_path):
 
     if "mito-2d" not in list_models():
         pytest.skip("bundled weights not installed")
-    assert related_models("mito-2d") == ["mito-2d-mix"]
-    assert related_models("mito-2d-mix") == ["mito-2d"]
-    assert related_models("mito-3d") == []  # no other 3D mitochondria model
+    assert related_models("mito-2d") == ["mito-3d", "mito-2d-mix"]
+    assert related_models("mito-3d") == ["mito-2d", "mito-2d-mix"]
+    assert related_models("membrane-2d") == []  # no other membrane model
     assert related_models(str(tmp_path / "mine.pt")) == []  # a user's own: never swapped
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from ._augment import augment, sample_patch
 from ._normalize import DEFAULT_NORMALIZATION, apply_normalization, normalization_range
-from .adapt import adapt_batchnorm, feature_shift, to_model_scale
+from .adapt import adapt_batchnorm, feature_shift, sections_fit, to_model_scale
 from .progress import CancelCheck, Cancelled, ProgressCallback, check_cancel, report
 
 #: ``preview(model, seconds)``: called while training, the model in eval mode.
@@ -1012,10 +1012,8 @@ def fine_tune(
     n_classes = _check_painted(model, image, painted)
     original = painted
     device = config.device if config else None
-    start = measure_start(model, image, painted, voxel_size=voxel_size, recipe=recipe,
-                          device=device, cancel=cancel)
-    start, scores = best_start(start, alternatives, image, painted, voxel_size=voxel_size,
-                               device=device, cancel=cancel)
+    start, scores = choose_start(model, alternatives, image, painted, voxel_size=voxel_size,
+                                 recipe=recipe, device=device, cancel=cancel)
     model, image, painted, scaled = start.model, start.image, start.painted, start.scaled
     regions, before, shift, chosen = start.regions, start.before, start.shift, start.recipe
     if on_log:
@@ -1210,6 +1208,36 @@ def measure_start(model, image: np.ndarray, painted: np.ndarray, *,
     return Start(name, model, image, painted, scaled, regions, before, shift, chosen, score)
 
 
+def choose_start(model, alternatives: Sequence[Any], image: np.ndarray, painted: np.ndarray,
+                 *, voxel_size: tuple[float, ...] | None = None,
+                 **kwargs) -> tuple[Start, dict[str, float | None]]:
+    """The start of a fine-tune: ``model``, or one of ``alternatives`` (same task).
+
+    A 3D model whose sections would be much thicker than in training
+    (:func:`~napari_emseg.adapt.sections_fit`) is not even measured when a 2D
+    alternative exists: the best-scoring 2D one is taken (its score ``None``
+    in the scores). Otherwise :func:`best_start` decides.
+
+    Returns
+    -------
+    The start, and ``{name: score}`` of the models measured (empty when none was).
+    """
+    alternatives = [_as_model(a) for a in alternatives]
+    flat = [a for a in alternatives if a.config["dims"] == 2 and _same_classes(a, model)]
+    if flat and not sections_fit(model, voxel_size):
+        starts = [measure_start(a, image, painted, voxel_size=voxel_size, **kwargs)
+                  for a in flat]
+        best = max(starts, key=lambda s: -1.0 if s.score is None else s.score)
+        name = str(model.meta.get("name", "model"))
+        return best, {name: None, **{s.name: _rounded(s.score) for s in starts}}
+    first = measure_start(model, image, painted, voxel_size=voxel_size, **kwargs)
+    return best_start(first, alternatives, image, painted, voxel_size=voxel_size, **kwargs)
+
+
+def _rounded(score: float | None) -> float | None:
+    return None if score is None else round(score, 4)
+
+
 def best_start(first: Start, alternatives: Sequence[Any], image: np.ndarray,
                painted: np.ndarray, **kwargs) -> tuple[Start, dict[str, float]]:
     """``first``, or an alternative that fits the strokes clearly better.
@@ -1239,19 +1267,25 @@ def best_start(first: Start, alternatives: Sequence[Any], image: np.ndarray,
     return best, scores
 
 
-def start_text(start: str, scores: dict[str, float]) -> str:
-    """``"started from mito-2d-mix: IoU on the painted voxels 0.41 (mito-2d 0.05)"``."""
-    others = ", ".join(f"{name} {score:.2f}" for name, score in scores.items()
-                       if name != start)
+def start_text(start: str, scores: dict[str, float | None]) -> str:
+    """``"started from mito-2d-mix: IoU on the painted voxels 0.41 (mito-2d 0.05)"``;
+    a model not measured (a 3D model on thick sections) is named as such."""
+    def score(name: str) -> str:
+        value = scores[name]
+        return "not measured: sections too thick for it" if value is None else f"{value:.2f}"
+
+    others = ", ".join(f"{name} {score(name)}" for name in scores if name != start)
     verb = "started from" if start != next(iter(scores)) else "kept"
-    return (f"{verb} {start}: IoU on the painted voxels {scores[start]:.2f} "
-            f"({others})")
+    return f"{verb} {start}: IoU on the painted voxels {score(start)} ({others})"
 
 
 def _same_task(model, other) -> bool:
     """Same dimensions, outputs and class names."""
-    return (model.config["dims"] == other.config["dims"]
-            and model.config["out_channels"] == other.config["out_channels"]
+    return model.config["dims"] == other.config["dims"] and _same_classes(model, other)
+
+
+def _same_classes(model, other) -> bool:
+    return (model.config["out_channels"] == other.config["out_channels"]
             and model.meta.get("classes") == other.meta.get("classes"))
 
 

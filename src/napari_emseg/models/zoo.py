@@ -149,17 +149,16 @@ def model_info(name_or_path: str | os.PathLike) -> dict:
 
 
 def related_models(name: str) -> list[str]:
-    """Other bundled models for the same task: same dimensions and class names.
+    """Other bundled models for the same task (the same class names).
 
     ``[]`` when ``name`` is not a bundled model (a user's own checkpoint is
     never swapped for a bundled one).
     """
     if name not in list_models():
         return []
-    own = model_info(name)
-    return [other for other in list_models() if other != name
-            and model_info(other)["config"]["dims"] == own["config"]["dims"]
-            and model_info(other)["classes"] == own["classes"]]
+    classes = model_info(name)["classes"]
+    return [other for other in list_models()
+            if other != name and model_info(other)["classes"] == classes]
 
 
 def build_model(config: dict, meta: dict | None = None):
