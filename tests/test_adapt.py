@@ -151,6 +151,21 @@ def test_predict_adapted_warns_of_a_3d_model_on_thick_sections():
     assert describe(info).startswith("warning: the sections are much thicker")
 
 
+def test_thick_sections_name_the_bundled_one_slice_models():
+    from napari_emseg.models.zoo import list_models, load_model
+
+    if "mito-2d-mix" not in list_models():
+        pytest.skip("bundled weights not installed")
+    image = _volume()[:3, :48, :48]
+    for name in ("mito-2d", "mito-3d"):
+        _, info = predict_adapted(image, load_model(name), voxel_size=(50.0, 5.0, 5.0))
+        assert info["serial_models"] == ["mito-2d-mix"]
+        assert describe(info).endswith("bundled for serial sections (one slice in): "
+                                       "mito-2d-mix")
+    _, info = predict_adapted(image, load_model("mito-2d"), voxel_size=(5.0, 5.0, 5.0))
+    assert "serial_models" not in info
+
+
 def test_preview_slice_is_predicted_at_the_model_scale():
     from napari_emseg.adapt import predict_slice_adapted
 

@@ -309,7 +309,9 @@ def predict_adapted(image: np.ndarray, model, *, voxel_size: tuple[float, ...] |
     -------
     prob : float32 ndarray, the image's shape (``(C, Z, Y, X)`` for several classes)
     info : dict, what was done: ``adapted`` (bool), ``resampled`` (zoom factors
-        ZYX or None), ``context_collapsed`` and ``sections_fit`` (bool)
+        ZYX or None), ``context_collapsed`` and ``sections_fit`` (bool); when the
+        sections are too thick for the model, ``serial_models``: bundled one-slice
+        models of the same task (:func:`serial_section_models`)
     """
     from .predict import predict_volume
 
@@ -320,11 +322,25 @@ def predict_adapted(image: np.ndarray, model, *, voxel_size: tuple[float, ...] |
     if adapt:
         model = adapt_batchnorm(model, work, device=predict_kwargs.get("device"),
                                 cancel=cancel)
+    serial = (serial_section_models(model)
+              if info["context_collapsed"] or not info["sections_fit"] else [])
+    if serial:
+        info["serial_models"] = serial
     prob = predict_volume(work, model, progress=progress, cancel=cancel, **predict_kwargs)
     if info["resampled"]:
         prob = (resample(prob, shape=image.shape) if prob.ndim == image.ndim else
                 np.stack([resample(p, shape=image.shape) for p in prob]))
     return prob, info
+
+
+def serial_section_models(model) -> list[str]:
+    """Bundled one-slice 2D models for the same task as ``model`` (by its name)."""
+    from .models import zoo
+
+    name = str(getattr(model, "meta", {}).get("name", ""))
+    return [other for other in zoo.related_models(name)
+            if zoo.model_info(other)["config"]["dims"] == 2
+            and not int(zoo.model_info(other).get("context", 0) or 0)]
 
 
 def predict_slice_adapted(image: np.ndarray, model, z: int, *,
@@ -383,4 +399,7 @@ def describe(info: dict) -> str:
                      "own neighbour")
     if info.get("adapted"):
         parts.append("BatchNorm statistics re-estimated on this volume")
+    if info.get("serial_models"):
+        parts.append("bundled for serial sections (one slice in): "
+                     + ", ".join(info["serial_models"]))
     return "; ".join(parts)
