@@ -19,7 +19,10 @@ swipes across the background away from objects); every other slice is scored. Me
   on (``fine_tune(strokes=...)``, what the Train dock does with strokes painted
   during training);
 * ``rf-live``: the same rounds for the random forest (corrections of its own
-  prediction, trained again after each).
+  prediction, trained again after each);
+* ``start``: no training; which bundled model of the task ``fine_tune`` would start
+  from on these strokes (``train.choose_start``), with the scores (the runs above
+  always start from ``--model``).
 
 Cases: ``far`` (``mito-2d``, trained on Lucchi++ FIB-SEM, adapted to the ISBI 2012
 ssTEM mitochondria), ``near`` (``mito-2d`` on held-back Lucchi++ slices, where a
@@ -298,6 +301,21 @@ def run_rf(img, mask, painted, scored, threads: int, slices: list[int] | None = 
 
 
 # ------------------------------------------------------------------ cases
+def start_choice(model_name: str, img, painted, voxel_size) -> dict:
+    """The start :func:`~napari_emseg.train.choose_start` takes among the bundled
+    models of the task, the scores behind it, and the seconds it took."""
+    from napari_emseg.models.zoo import load_model, related_models
+    from napari_emseg.train import choose_start
+
+    t0 = time.perf_counter()
+    start, scores = choose_start(load_model(model_name), related_models(model_name), img,
+                                 painted, voxel_size=voxel_size)
+    out = {"start": start.name, "recipe": start.recipe, "scores": scores,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"  start: {out}", flush=True)
+    return out
+
+
 def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: float,
              threads: int, methods: list[str], strokes: str = "skeletons",
              voxel_size=None) -> dict:
@@ -330,6 +348,8 @@ def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: f
            "painted_fraction_of_slices": round(float((painted[slices] > 0).mean()), 4),
            "before": round(before, 4), "painted_iou_before": gap, "feature_shift": shift,
            "recipe": recipe, "voxel_size_nm": voxel_size}
+    if "start" in methods:  # which bundled start fine_tune(alternatives=...) would take
+        out["start"] = start_choice(model_name, img, painted, voxel_size)
     # the recipe's settings with a longer budget; lr, batch and patch left to fine_tune
     new_cfg = replace(fine_tune_defaults(model, recipe), minutes=budget / 60, lr=None,
                       batch_size=None, patch=None)
