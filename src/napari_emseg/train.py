@@ -999,10 +999,12 @@ def fine_tune(
         ``{"strokes": painted voxels, "slices": [...], "dropped": voxels with a
         label the model does not have, "classes": n}`` says so.
     alternatives : other starts (UNets, bundled names or paths) for the same
-        task. When the data are far from the model (:func:`choose_recipe`),
-        each is measured on the painted voxels too, and the run starts from the
-        one that scores best (:func:`best_start`); the ``recipe`` log record and
-        ``meta["training"]["start_scores"]`` say which and why.
+        task (:func:`choose_start`). When the data are far from the model
+        (:func:`choose_recipe`), those of its dimensions are measured on the
+        painted voxels too, and the run starts from the one that scores best;
+        a 3D model on sections too thick for it gives way to the best 2D one.
+        The ``recipe`` log record and ``meta["training"]["start_scores"]`` say
+        which and why.
 
     Validation IoU is measured on the painted voxels (there is no held-out data).
     ``result.model.meta["training"]`` records the recipe and the IoU before.

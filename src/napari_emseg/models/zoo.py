@@ -17,6 +17,7 @@ Older checkpoints without it still load.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from importlib import resources
@@ -148,17 +149,28 @@ def model_info(name_or_path: str | os.PathLike) -> dict:
     return {**DEFAULT_META, **ckpt["meta"], "config": dict(ckpt["config"])}
 
 
+def bundled_info(name: str) -> dict:
+    """:func:`model_info` of a bundled model, read once per process."""
+    return dict(_bundled_info(_weights_root() / f"{name}.pt"))
+
+
+@functools.cache
+def _bundled_info(path: Path) -> dict:
+    return model_info(path)
+
+
 def related_models(name: str) -> list[str]:
     """Other bundled models for the same task (the same class names).
 
     ``[]`` when ``name`` is not a bundled model (a user's own checkpoint is
     never swapped for a bundled one).
     """
-    if name not in list_models():
+    names = list_models()
+    if name not in names:
         return []
-    classes = model_info(name)["classes"]
-    return [other for other in list_models()
-            if other != name and model_info(other)["classes"] == classes]
+    classes = bundled_info(name)["classes"]
+    return [other for other in names
+            if other != name and bundled_info(other)["classes"] == classes]
 
 
 def build_model(config: dict, meta: dict | None = None):
