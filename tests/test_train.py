@@ -382,13 +382,15 @@ def test_fine_tuning_a_3d_model_uses_a_small_default_patch(crop, tmp_path):
 
 # ------------------------------------------------- the gap rule and the time budget
 def test_choose_recipe_on_constructed_cases():
-    from napari_emseg.train import FAR_SHIFT, NEAR_IOU, choose_recipe
+    from napari_emseg.train import FAR_SHIFT, FIT_IOU, NEAR_IOU, choose_recipe
 
     trained = build_model(dict(dims=2, depth=2, width=4), {"training": {"steps": 9}})
     untrained = build_model(dict(dims=2, depth=2, width=4))
     assert choose_recipe(untrained, 0.95, 0.0) == "far"  # nothing to keep
     assert choose_recipe(trained, 0.9, FAR_SHIFT / 2) == "near"
-    assert choose_recipe(trained, 0.9, FAR_SHIFT * 1.5) == "far"  # other data statistics
+    assert choose_recipe(trained, 0.5, FAR_SHIFT * 1.5) == "far"  # other data statistics
+    assert choose_recipe(trained, FIT_IOU, FAR_SHIFT * 1.5) == "near"  # ... but it fits
+    assert choose_recipe(trained, None, FAR_SHIFT * 1.5) == "far"
     assert choose_recipe(trained, NEAR_IOU / 2, FAR_SHIFT / 2) == "far"  # fails on strokes
     # correction strokes sit where the model is wrong: a middling IoU stays near
     assert choose_recipe(trained, 0.44, FAR_SHIFT / 2) == "near"
