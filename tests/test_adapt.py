@@ -133,8 +133,8 @@ def test_predict_adapted_resamples_and_collapses_and_says_so():
     assert info == {"adapted": True, "resampled": [1.0, 2.0, 2.0], "context_collapsed": True,
                     "sections_fit": True}
     text = describe(info)
-    assert "voxel size" in text and "own neighbour" in text and "BatchNorm" in text
-    assert "thicker" not in text
+    assert "voxel size" in text and "without its neighbours" in text and "BatchNorm" in text
+    assert "warning" not in text
     plain, info = predict_adapted(image, model)
     assert info == {"adapted": False, "resampled": None, "context_collapsed": False,
                     "sections_fit": True}
@@ -160,8 +160,8 @@ def test_thick_sections_name_the_bundled_one_slice_models():
     for name in ("mito-2d", "mito-3d"):
         _, info = predict_adapted(image, load_model(name), voxel_size=(50.0, 5.0, 5.0))
         assert info["serial_models"] == ["mito-2d-mix"]
-        assert describe(info).endswith("bundled for serial sections (one slice in): "
-                                       "mito-2d-mix")
+        assert describe(info).endswith("for serial sections try mito-2d-mix (it reads one "
+                                       "slice at a time)")
     _, info = predict_adapted(image, load_model("mito-2d"), voxel_size=(5.0, 5.0, 5.0))
     assert "serial_models" not in info
 

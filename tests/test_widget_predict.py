@@ -121,6 +121,34 @@ def test_voxel_size_from_the_layer_and_resampling(make_napari_viewer, qtbot, tmp
     assert pw.voxel.value == ""
 
 
+def test_a_3d_model_on_thick_sections_is_flagged_before_it_runs(make_napari_viewer, qtbot,
+                                                                tmp_path, crop, notes):
+    import torch
+
+    from napari_emseg._widgets.registry import model_registry
+    from napari_emseg.models import zoo
+
+    torch.manual_seed(0)
+    cube = zoo.build_model(dict(dims=3, in_channels=1, out_channels=1, depth=2, width=4),
+                           {"name": "cube", "patch": [8, 64, 64], "voxel_size_nm": [5, 5, 5]})
+    ckpt = zoo.save_checkpoint(cube, tmp_path / "cube.pt")
+    viewer = make_napari_viewer()
+    viewer.add_image(crop[:3, :64, :64], name="em", scale=(25.0, 5.0, 5.0))
+    pw = open_widget(viewer, "Predict")
+    model_registry(viewer).add(ckpt)
+    seen = []
+    real = pw._noted
+    pw._noted = lambda note: (seen.append((note, pw.job is None or not pw.job.done)),
+                              real(note))
+    job = pw.run()
+    wait_job(qtbot, job)
+    assert job.exception is None, notes.errors
+    note, running = seen[0]
+    assert note.startswith("warning: the sections are much thicker") and running
+    assert notes.warnings and notes.warnings[-1] == f"Predict: {note}"
+    assert pw.status.value == f"done: {note}"
+
+
 def test_qt_free_helpers():
     from napari_emseg._widgets.jobs import budget_text, clock, progress_text
     from napari_emseg._widgets.predict import parse_voxel_size

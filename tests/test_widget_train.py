@@ -121,14 +121,25 @@ def test_paint_finetune_predict_again(make_napari_viewer, qtbot, tmp_path, crop,
     assert pw.model.value == str(ckpt.resolve()) == tw.start_from.value
     assert tw.predict_again_button.enabled and tw.revert_button.enabled
 
+    viewer.layers.selection.active = layer  # the user goes on painting
     job = tw.predict_again()
+    assert tw.progress.budget is None  # a prediction: no training time budget shown
     wait_job(qtbot, job)
     assert job.exception is None, notes.errors
     after = viewer.layers["em probabilities"].data
     assert np.abs(after - before).max() > 1e-3  # the fine-tuned model predicts differently
     np.testing.assert_allclose(after, predict_volume(image, str(ckpt)), atol=1e-6)
-    # the previous result is kept for comparison
+    # the previous result is kept for comparison, and said so
     np.testing.assert_array_equal(viewer.layers["em probabilities (previous)"].data, before)
+    # the new result lies under the strokes, the strokes stay selected, and the one-slice
+    # live preview is gone (the whole image is predicted now)
+    qtbot.waitUntil(lambda: "em live preview" not in [lay.name for lay in viewer.layers])
+    names = [lay.name for lay in viewer.layers]
+    assert names.index("em") + 1 == names.index("em probabilities")
+    assert names.index("em probabilities") < names.index("em annotations")
+    assert viewer.layers.selection.active.name == "em annotations"  # (layer is a proxy)
+    assert len(viewer.layers.selection) == 1
+    assert tw.status.value.endswith("the previous result is '… probabilities (previous)'")
 
     # revert: the model current before training is current again, Predict follows
     tw.revert()
@@ -316,8 +327,9 @@ def test_time_budget_is_the_default(make_napari_viewer):
     viewer = make_napari_viewer()
     tw = open_widget(viewer, "Train from annotations")
     assert tw.minutes.value == FINE_TUNE_MINUTES and not tw.steps.enabled
-    assert tw.estimate.value == ("about 2 min, stops earlier when the loss on the painted "
-                                 "voxels stops improving")
+    assert tw.estimate.value.startswith("at most 2 min: stops earlier when the loss on "
+                                        "the painted voxels stops improving, or after 60 "
+                                        "steps")
     fields = tw.config_fields()
     assert fields["minutes"] == FINE_TUNE_MINUTES
     assert fields["early_stop"] == FINE_TUNE_EARLY_STOP
@@ -464,10 +476,14 @@ def test_qt_free_helpers():
     np.testing.assert_array_equal(painted_slices(vol[1]), [0])
     assert painted_slices(vol[0]).size == 0 and painted_slices(vol[:0]).size == 0
     assert estimate_text(0, 30) == "30 steps, no time limit"
-    assert estimate_text(1.5, 30).startswith("about 1.5 min")
+    assert estimate_text(1.5, 30).startswith("at most 1.5 min")
     assert recipe_text({"recipe": "far", "painted_iou_before": 0.25}).startswith("recipe far")
     assert "0.250" in recipe_text({"recipe": "far", "painted_iou_before": 0.25})
     assert recipe_text({}) == ""
     swapped = recipe_text({"recipe": "near", "painted_iou_before": 0.6, "start": "b",
                            "start_scores": {"a": 0.1, "b": 0.6}})
-    assert swapped.endswith("started from b: IoU on the painted voxels 0.60 (a 0.10)")
+    assert swapped == ("started from b instead of a: it fits your strokes better (IoU on "
+                       "the painted voxels 0.60; a 0.10); recipe near (gentle fine-tuning)")
+    kept = recipe_text({"recipe": "far", "painted_iou_before": 0.3, "start": "a",
+                        "start_scores": {"a": 0.31, "b": 0.33}})
+    assert kept.startswith("kept a: IoU on the painted voxels 0.31 (b 0.33); recipe far")

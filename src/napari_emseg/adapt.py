@@ -17,6 +17,7 @@ No torch at import time.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -287,6 +288,7 @@ def predict_adapted(image: np.ndarray, model, *, voxel_size: tuple[float, ...] |
                     adapt: bool = False, resample_to_model: bool = True,
                     progress: ProgressCallback | None = None,
                     cancel: CancelCheck | None = None,
+                    on_info: Callable[[dict], None] | None = None,
                     **predict_kwargs) -> tuple[np.ndarray, dict]:
     """Predict ``image`` as the model's training data looked: scale, sections, statistics.
 
@@ -304,6 +306,8 @@ def predict_adapted(image: np.ndarray, model, *, voxel_size: tuple[float, ...] |
     image : ndarray (Z, Y, X) or (Y, X), raw grey values
     model : UNet with ``.meta``
     voxel_size : the image's voxel size in nm (ZYX or YX), optional
+    on_info : called with ``info`` (below) before the prediction starts, so a
+        warning reaches the user before a long run, not after it
     **predict_kwargs : passed to :func:`napari_emseg.predict.predict_volume`
 
     Returns
@@ -327,6 +331,8 @@ def predict_adapted(image: np.ndarray, model, *, voxel_size: tuple[float, ...] |
               if info["context_collapsed"] or not info["sections_fit"] else [])
     if serial:
         info["serial_models"] = serial
+    if on_info is not None:
+        on_info(dict(info))
     prob = predict_volume(work, model, progress=progress, cancel=cancel, **predict_kwargs)
     if info["resampled"]:
         prob = (resample(prob, shape=image.shape) if prob.ndim == image.ndim else
@@ -389,18 +395,18 @@ def describe(info: dict) -> str:
     """One line saying what :func:`predict_adapted` did ("" when nothing)."""
     parts = []
     if not info.get("sections_fit", True):
-        parts.append("warning: the sections are much thicker than this 3D model's training "
-                     "data, so it sees slices invented between them; use a 2D model for "
-                     "serial sections")
+        parts.append("warning: the sections are much thicker than those this 3D model was "
+                     "trained on, so most slices it sees are made up between them; a 2D "
+                     "model suits serial sections")
     if info.get("resampled"):
         parts.append("resampled to the model's voxel size (zoom "
                      + "×".join(f"{f:g}" for f in info["resampled"]) + ")")
     if info.get("context_collapsed"):
-        parts.append("sections too thick for the model's 2.5D context: each slice is its "
-                     "own neighbour")
+        parts.append("sections thicker than those the model was trained on: each slice is "
+                     "predicted on its own, without its neighbours")
     if info.get("adapted"):
         parts.append("BatchNorm statistics re-estimated on this volume")
     if info.get("serial_models"):
-        parts.append("bundled for serial sections (one slice in): "
-                     + ", ".join(info["serial_models"]))
+        parts.append("for serial sections try " + " or ".join(info["serial_models"])
+                     + " (it reads one slice at a time)")
     return "; ".join(parts)

@@ -1277,15 +1277,19 @@ def best_start(first: Start, alternatives: Sequence[Any], image: np.ndarray,
 
 
 def start_text(start: str, scores: dict[str, float | None]) -> str:
-    """``"started from mito-2d-mix: IoU on the painted voxels 0.41 (mito-2d 0.05)"``;
+    """``"started from mito-2d-mix instead of mito-2d: it fits your strokes better (IoU on
+    the painted voxels 0.41; mito-2d 0.05)"``;
     a model not measured (a 3D model on thick sections) is named as such."""
     def score(name: str) -> str:
         value = scores[name]
         return "not measured: sections too thick for it" if value is None else f"{value:.2f}"
 
+    first = next(iter(scores))
     others = ", ".join(f"{name} {score(name)}" for name in scores if name != start)
-    verb = "started from" if start != next(iter(scores)) else "kept"
-    return f"{verb} {start}: IoU on the painted voxels {score(start)} ({others})"
+    if start == first:
+        return f"kept {start}: IoU on the painted voxels {score(start)} ({others})"
+    return (f"started from {start} instead of {first}: it fits your strokes better "
+            f"(IoU on the painted voxels {score(start)}; {others})")
 
 
 def _same_task(model, other) -> bool:

@@ -200,6 +200,8 @@ def predict_image(image: np.ndarray, *, model, z: int | None = None,
     adaptation : :func:`~napari_emseg.adapt.predict_adapted` keywords (whole images)
     planes : average the z, y and x sectionings of a 3D image
         (:func:`~napari_emseg.predict.predict_planes`; no adaptation, no resampling)
+    log : gets ``{"note": what the adaptation will do}`` before an adapted
+        prediction starts
 
     Returns
     -------
@@ -231,6 +233,11 @@ def predict_image(image: np.ndarray, *, model, z: int | None = None,
                                      **opts), threshold, ""
     from .adapt import describe, predict_adapted
 
+    def tell(info: dict) -> None:  # before the run: a warning should not wait for it
+        note = describe(info)
+        if log is not None and note:
+            log({"note": note})
+
     prob, info = predict_adapted(np.asarray(image), net, **adaptation, progress=progress,
-                                 cancel=cancel, **opts)
+                                 cancel=cancel, on_info=tell, **opts)
     return prob, threshold, describe(info)

@@ -20,3 +20,12 @@ class ScrollingDock:
     def content(self):
         """The inner widget (its ``layout()`` holds the dock's fields)."""
         return self._widget._mgui_get_native_widget()
+
+    def fit_narrow(self) -> None:
+        """Let the dock shrink to a narrow window: drop-downs no longer widen to their
+        longest entry (a checkpoint path), so no field is cut off at the right."""
+        from qtpy.QtWidgets import QComboBox
+
+        for box in self.content.findChildren(QComboBox):
+            box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            box.setMinimumContentsLength(12)

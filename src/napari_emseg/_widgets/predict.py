@@ -197,6 +197,8 @@ def predict_job(
     make_current: bool = True,
     planes: bool = False,
     progress_bar: ProgressPanel | None = None,
+    on_note: Callable[[str], None] | None = None,
+    under_strokes: bool = False,
 ) -> Job | None:
     """Predict ``layer`` with ``model`` in a worker; the result updates the viewer.
 
@@ -227,12 +229,17 @@ def predict_job(
         images, one-slice 2D models; :func:`napari_emseg.predict.predict_planes`).
     progress_bar : ProgressPanel, optional
         The dock's own progress bar.
+    on_note : called on the GUI thread with what the adaptation will do (a
+        warning among it), before the prediction runs.
+    under_strokes : a new probabilities layer goes right above ``layer`` (under
+        the strokes painted on it) and does not take the selection.
 
     Returns
     -------
     Job or None
         None (and an error notification) when the inputs are unusable. Its
-        ``info`` dict holds ``note``: what the adaptation did (may be empty).
+        ``info`` dict holds ``note``: what the adaptation did (may be empty), and
+        ``previous``: whether an older result was kept as "(previous)".
     """
     if not _inputs_ok(layer, model):
         return None
@@ -253,7 +260,7 @@ def predict_job(
     tuned: dict = {"note": ""}  # the model's threshold (for Segment), what adapt did
     in_child = key is not None and child_process_wanted(data.nbytes)
 
-    def work(progress, cancel, _log) -> np.ndarray:
+    def work(progress, cancel, log) -> np.ndarray:
         kwargs = {"model": key if key is not None else model, "z": z, "options": opts,
                   "adaptation": adaptation, "planes": planes, "model_label": name,
                   "image_label": f"image layer {layer.name!r}"}
@@ -261,9 +268,9 @@ def predict_job(
             image = np.asarray(data)  # a lazy 2D layer is read here, in the worker thread
             out = shared_child().run("napari_emseg.workflows:predict_image",
                                      {"image": image, **kwargs},
-                                     progress=progress, cancel=cancel)
+                                     progress=progress, cancel=cancel, log=log)
         else:
-            out = predict_image(data, **kwargs, progress=progress, cancel=cancel)
+            out = predict_image(data, **kwargs, progress=progress, cancel=cancel, log=log)
         prob, tuned["threshold"], tuned["note"] = out
         return prob
 
@@ -273,7 +280,7 @@ def predict_job(
         existing = layers.find_layer(viewer, layer_name, Image)
         if existing is not None and keep_previous and z is None:
             keep_as_previous(viewer, existing)
-            existing = None
+            tuned["previous"], existing = True, None
         if existing is not None:  # before its data changes: Segment reads it then
             existing.metadata.update(tag)
         if z is not None and data.ndim == 3:
@@ -289,14 +296,19 @@ def predict_job(
             prob = volume
         metadata = {**(existing.metadata if existing is not None else {}), **tag}
         layers.set_layer(viewer, layer_name, prob, "image", source=layer, metadata=metadata,
-                          **PROB_DISPLAY)
+                         above=layer if under_strokes else None,
+                         keep_selection=under_strokes, **PROB_DISPLAY)
         if key is not None and make_current:
             known.set_current(str(key))
 
     where = f" (slice {z})" if z is not None and data.ndim == 3 else ""
+    def noted(record: dict) -> None:
+        if on_note is not None and record.get("note"):
+            on_note(record["note"])
+
     job = Job(work, description=f"Predict {layer.name!r} with {name}{where}",
               on_returned=show, on_finished=on_finished, synchronous=synchronous,
-              preload=() if in_child else ("torch",),
+              preload=() if in_child else ("torch",), on_log=noted,
               progress_bar=progress_bar)
     job.info = tuned
     return job
@@ -469,6 +481,7 @@ class PredictWidget(ScrollingDock, ModelChoices, CancellableJobOwner, Container)
         self._follow_registry(napari_viewer)
         self._default_model()
         self._image_changed()
+        self.fit_narrow()
 
     def _build(self, viewer) -> None:
         self.reason = layers.reason_label()
@@ -625,7 +638,8 @@ class PredictWidget(ScrollingDock, ModelChoices, CancellableJobOwner, Container)
         planes = self.extent.value == "planes"
         job = predict_job(self._viewer, layer, self.model.value, z=z, options=opts,
                           on_finished=self._finished, adaptation=adaptation,
-                          planes=planes, progress_bar=self.progress, **blockwise)
+                          planes=planes, progress_bar=self.progress, on_note=self._noted,
+                          **blockwise)
         if job is None:
             return None
         self.job = job
@@ -636,6 +650,15 @@ class PredictWidget(ScrollingDock, ModelChoices, CancellableJobOwner, Container)
         if job.done:  # synchronous
             self._finished(job)
         return job
+
+    def _noted(self, note: str) -> None:
+        """What the adaptation will do, before the prediction runs (GUI thread)."""
+        try:
+            self.status.value = f"running… {note}"
+        except RuntimeError:  # widget deleted
+            return
+        if note.startswith("warning"):
+            jobs.warning(f"Predict: {note}")
 
     def _finished(self, job: Job) -> None:
         super()._finished(job)

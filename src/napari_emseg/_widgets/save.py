@@ -63,6 +63,7 @@ class SaveWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         self.labels_layer.changed.connect(self._update_state)
         self._follow_registry(napari_viewer)
         self._layers_changed()
+        self.fit_narrow()
 
     # -- state
     def _layers_changed(self) -> None:

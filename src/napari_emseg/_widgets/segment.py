@@ -172,6 +172,7 @@ class SegmentWidget(ScrollingDock, CancellableJobOwner, Container):
         self._select_probabilities()
         self._update_state()
         self._adopt_model_settings()
+        self.fit_narrow()
 
     # -- state
     def _layers_changed(self) -> None:

@@ -36,6 +36,7 @@ from ..train import (
     FINE_TUNE_MAX_STEPS,
     FINE_TUNE_MINUTES,
     NEAR_IOU,
+    NEAR_STEPS,
     SCRATCH_LR,
     start_text,
     threshold_note,
@@ -122,8 +123,9 @@ def ended_worse(before: float | None, after: float) -> bool:
 def estimate_text(minutes: float, steps: int) -> str:
     """What the run will take, shown before it starts."""
     if minutes > 0:
-        return (f"about {minutes:g} min, stops earlier when the loss on the painted "
-                "voxels stops improving")
+        return (f"at most {minutes:g} min: stops earlier when the loss on the painted "
+                f"voxels stops improving, or after {NEAR_STEPS} steps when the model "
+                "already fits your data")
     return f"{steps} steps, no time limit"
 
 
@@ -135,10 +137,10 @@ def recipe_text(record: dict) -> str:
         return ""
     what = {"near": "gentle fine-tuning", "far": "BatchNorm re-estimated, larger steps"}
     text = f"recipe {recipe} ({what.get(recipe, recipe)})"
+    if record.get("start_scores"):  # the scores say it (and the IoU before)
+        return f"{start_text(record['start'], record['start_scores'])}; {text}"
     if before is not None:
         text += f"; IoU on painted voxels before training {before:.3f}"
-    if record.get("start_scores"):
-        text += f"; {start_text(record['start'], record['start_scores'])}"
     return text
 
 
@@ -180,6 +182,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         self._follow_registry(napari_viewer)
         self._default_start_model()
         self._layers_changed()
+        self.fit_narrow()
 
     def _build_fields(self, viewer) -> None:
         self.reason = layers.reason_label()
@@ -208,6 +211,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         self.steps = SpinBox(label="steps", value=200, min=1, max=1_000_000, step=50,
                              tooltip="Training steps (used only when the time budget is 0)")
         self.estimate = Label(value="")
+        self.estimate.native.setWordWrap(True)
         self.lr = FloatSpinBox(
             label="learning rate (0 = auto)", value=0.0, min=0.0, max=1.0, step=1e-4,
             tooltip=f"auto: chosen from the model's IoU on the painted voxels — {SCRATCH_LR:g} "
@@ -557,7 +561,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         if "strokes" in record:
             slices = ", ".join(str(z) for z in record["slices"])
             self.status.value = (f"training… now with the strokes painted on slice "
-                                 f"{slices} ({record['strokes']} painted voxels)")
+                                 f"{slices} ({record['strokes']} painted voxels in all)")
             if record.get("dropped"):
                 jobs.warning(f"Train: {record['dropped']} voxels painted with a label above "
                              f"{record['classes']} are ignored: the model knows labels "
@@ -565,6 +569,8 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
             return
         if "recipe" in record:
             self.recipe.value = recipe_text(record)
+            if record.get("start_scores") and record["start"] != next(iter(record["start_scores"])):
+                jobs.info(f"Train: {start_text(record['start'], record['start_scores'])}")
         if "step" in record:
             self.plot.add(record)
             self.status.value = (f"training… step {record['step']}: IoU on painted voxels "
@@ -605,6 +611,14 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
             return
         shape = layer_array(image).shape[-2:]
         self._set_preview(image, np.zeros(shape, np.float32), self._preview_z)
+
+    def _drop_preview(self) -> None:
+        """Remove the live preview: the new prediction of the whole image replaces it."""
+        image = self.image.value
+        preview = image is not None and layers.find_layer(self._viewer,
+                                                          preview_name(image.name))
+        if preview:
+            self._viewer.layers.remove(preview)
 
     def _trained(self, result) -> None:
         self.result = result
@@ -675,13 +689,14 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
             jobs.info("Train: a prediction is already running")
             return None
         options = {"device": self.device.value}
+        self.progress.budget = None  # a prediction has no time budget
         self.predict_job = predict_job(self._viewer, self.image.value,
                                        str(self.last_checkpoint), options=options,
                                        adaptation={"voxel_size": self.voxel_size(),
                                                    "resample_to_model": True},
                                        on_finished=self._finished, keep_previous=True,
                                        make_current=self.rejected is None,
-                                       progress_bar=self.progress)
+                                       progress_bar=self.progress, under_strokes=True)
         if self.predict_job is not None and not self.predict_job.done:
             self.cancel_button.enabled = True
             self.predict_again_button.enabled = False
@@ -697,8 +712,10 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
             if job.exception is not None and not job.cancelled:
                 self.status.value = "failed (see notification)"
             elif job is self.predict_job and not job.cancelled:
-                self.status.value = (f"predicted with {self.last_checkpoint.name}; the "
-                                     "previous result is '… probabilities (previous)'")
+                self._drop_preview()
+                previous = ("; the previous result is '… probabilities (previous)'"
+                            if getattr(job, "info", {}).get("previous") else "")
+                self.status.value = f"predicted with {self.last_checkpoint.name}{previous}"
             elif job.cancelled and job is self.predict_job:
                 self.status.value = "prediction cancelled"
             self._update_state()
@@ -711,7 +728,7 @@ def _result_text(result, before: float | None) -> str:
     text = f"IoU on painted voxels {result.best_iou:.3f}"
     if before is not None:
         text += f" (before training {before:.3f})"
-    text += f" after {result.steps} steps ({result.seconds:.0f} s)"
+    text += f" after {result.steps} steps ({result.seconds:.0f} s of training)"
     added = result.model_meta().get("training", {}).get("painted_while_training")
     if added:
         text += f", with {added} voxels painted while it ran"
