@@ -199,3 +199,19 @@ def test_predict_planes_flag_averages_three_sectionings(tmp_path, checkpoint, im
     assert cli.main(["predict", str(src), str(tmp_path / "x.tif"), "--model",
                      str(checkpoint), "--planes", "--adapt", "--quiet"]) == 2
     assert "--planes cannot be combined with --adapt" in capsys.readouterr().err
+
+
+def test_predict_warns_of_a_3d_model_on_thick_sections_before_it_runs(tmp_path, image,
+                                                                      capsys):
+    torch.manual_seed(0)
+    cube = UNet(dims=3, in_channels=1, out_channels=1, depth=2, width=4, norm="batch").eval()
+    ckpt = tmp_path / "cube.pt"
+    zoo.save_checkpoint(cube, ckpt, {"name": "cube", "patch": [8, 64, 64],
+                                     "voxel_size_nm": [5.0, 5.0, 5.0]})
+    src = _imagej_tif(tmp_path / "in.tif", image[:2, :32, :32], (25.0, 5.0, 5.0))
+    assert cli.main(["predict", str(src), str(tmp_path / "p.tif"), "--model", str(ckpt),
+                     "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    warning = err.index("emseg predict: warning: the sections are much thicker")
+    assert warning < err.index("tiles")  # said before the prediction's progress
+    assert err.count("much thicker") == 1

@@ -108,6 +108,13 @@ def _predict_planes(args: argparse.Namespace, volume, model, voxel, bar) -> np.n
     return predict_planes(volume, model, progress=bar, **_engine_kwargs(args))
 
 
+def _tell(info: dict) -> None:
+    """Say what the adaptation does before the prediction runs (a warning among it)."""
+    note = describe(info)
+    if note:
+        print(f"emseg predict: {note}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``emseg predict``; returns the exit code."""
     out = _check_output(args)
@@ -130,12 +137,9 @@ def run(args: argparse.Namespace) -> int:
             prob, info = predict_adapted(
                 volume, model, voxel_size=voxel, adapt=args.adapt,
                 resample_to_model=not args.no_resample, progress=bar,
-                **_engine_kwargs(args))
+                on_info=_tell, **_engine_kwargs(args))
         if args.uint8:
             prob = np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
-    done = describe(info)
-    if done:
-        print(f"emseg predict: {done}", file=sys.stderr)
     spatial = voxel if voxel is not None and len(voxel) == min(prob.ndim, 3) else None
     write_volume(out, prob, voxel_size=spatial)
     if not args.quiet:
