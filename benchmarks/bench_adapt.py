@@ -30,7 +30,7 @@ user paints corrections of its errors first: ``bench_finetune.paint_corrections`
 ``reverse`` (a model trained on ISBI 2012 mitochondria only, adapted to held-back
 Lucchi++ slices; needs ``--reverse-model``).
 
-    python benchmarks/bench_adapt.py [--cases far near] [--budget 180] [--threads 2]
+    python benchmarks/bench_adapt.py [--cases far near] [--budget 180] [--threads 2] [--start auto]
 
 Writes ``benchmarks/results/adapt.json`` (one entry per case, with the device).
 """
@@ -204,10 +204,12 @@ class _User:
 
 
 def run_unet(model_name: str, img, mask, painted, scored, config, recipe: str,
-             label: str, voxel_size=None, user: _User | None = None) -> dict:
+             label: str, voxel_size=None, user: _User | None = None,
+             alternatives: tuple[str, ...] = ()) -> dict:
     """Fine-tune; snapshots at TIMES (wall time from the call) scored afterwards.
 
-    With a ``user``, corrections painted while the run goes on are fed to it.
+    With a ``user``, corrections painted while the run goes on are fed to it;
+    ``alternatives`` are other starts ``fine_tune`` may take (``--start auto``).
     """
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
@@ -227,7 +229,8 @@ def run_unet(model_name: str, img, mask, painted, scored, config, recipe: str,
 
     config = replace(config, preview_every=1.0)
     res = fine_tune(model, img, painted, config, recipe=recipe, preview=keep,
-                    voxel_size=voxel_size, strokes=user.strokes if user else None)
+                    voxel_size=voxel_size, strokes=user.strokes if user else None,
+                    alternatives=alternatives)
     wall = time.perf_counter() - t_call
     final_t = float(res.model.meta.get("threshold", 0.5))
     curve = []
@@ -248,7 +251,9 @@ def run_unet(model_name: str, img, mask, painted, scored, config, recipe: str,
             "seconds": round(wall, 1), "steps": res.steps,
             "steps_per_second": round(res.steps / max(res.seconds, 1e-9), 2),
             "recipe": training.get("recipe"),
-            "painted_iou_before": training.get("painted_iou_before")}
+            "painted_iou_before": training.get("painted_iou_before"),
+            "start": training.get("start", model_name),
+            "start_scores": training.get("start_scores")}
 
 
 def rf_features(slice_2d: np.ndarray) -> np.ndarray:
@@ -318,9 +323,9 @@ def start_choice(model_name: str, img, painted, voxel_size) -> dict:
 
 def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: float,
              threads: int, methods: list[str], strokes: str = "skeletons",
-             voxel_size=None) -> dict:
+             voxel_size=None, start: str = "given") -> dict:
     from napari_emseg.adapt import feature_shift
-    from napari_emseg.models.zoo import load_model
+    from napari_emseg.models.zoo import load_model, related_models
     from napari_emseg.predict import predict_volume
     from napari_emseg.train import TrainConfig, choose_recipe, fine_tune_defaults, painted_iou
 
@@ -353,9 +358,11 @@ def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: f
     # the recipe's settings with a longer budget; lr, batch and patch left to fine_tune
     new_cfg = replace(fine_tune_defaults(model, recipe), minutes=budget / 60, lr=None,
                       batch_size=None, patch=None)
+    others = tuple(related_models(model_name)) if start == "auto" else ()
+    out["start_option"] = start
     if "new" in methods:
         out["new"] = run_unet(model_name, img, mask, painted, scored, new_cfg, "auto", "new",
-                              voxel_size)
+                              voxel_size, alternatives=others)
     if "new-best" in methods:  # the same run returning the best weights on painted voxels
         out["new-best"] = run_unet(model_name, img, mask, painted, scored,
                                    replace(new_cfg, keep="best"), "auto", "new-best",
@@ -372,7 +379,7 @@ def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: f
     if "new-live" in methods:
         user = _User(mask, first, slices, LIVE_LOOKS, voxel_size)
         out["new-live"] = run_unet(model_name, img, mask, first, scored, new_cfg, "auto",
-                                   "new-live", voxel_size, user=user)
+                                   "new-live", voxel_size, user=user, alternatives=others)
     if "rf-live" in methods:
         out["rf-live"] = run_rf(img, mask, first, scored, threads, slices=slices)
     if "dense" in methods:
@@ -394,6 +401,11 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="mito-2d", help="start model of far and near")
     ap.add_argument("--reverse-model", default=None,
                     help="a model trained on ISBI 2012 mitochondria only (reverse case)")
+    ap.add_argument("--start", choices=["given", "auto"], default="given",
+                    help="given: new and new-live fine-tune --model itself; auto: as the "
+                         "Train dock and emseg train do, a bundled model of the same task "
+                         "that fits the strokes clearly better may be taken instead (on "
+                         "ISBI 2012 that is mito-2d-mix, which was trained on it)")
     ap.add_argument("--out", type=Path, default=OUT / "adapt.json")
     args = ap.parse_args(argv)
     import torch
@@ -408,16 +420,17 @@ def main(argv=None) -> int:
         if case == "far":
             img, mask = load_isbi_mito()
             res[case] = run_case(case, args.model, img, mask, [4, 14, 24], args.budget,
-                                 args.threads, args.methods, voxel_size=(50.0, 4.0, 4.0))
+                                 args.threads, args.methods, voxel_size=(50.0, 4.0, 4.0),
+                                 start=args.start)
         elif case == "near":
             img, mask = load_lucchi_heldback()
             res[case] = run_case(case, args.model, img, mask, [4, 12, 20], args.budget,
                                  args.threads, args.methods, strokes="corrections",
-                                 voxel_size=(5.0, 5.0, 5.0))
+                                 voxel_size=(5.0, 5.0, 5.0), start=args.start)
         elif args.reverse_model:
             img, mask = load_lucchi_heldback()
             res[case] = run_case(case, args.reverse_model, img, mask, [4, 12, 20],
-                                 args.budget, args.threads, args.methods)
+                                 args.budget, args.threads, args.methods, start=args.start)
     res["load_average_1min"] = {"start": load0, "end": round(os.getloadavg()[0], 2)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
