@@ -1025,25 +1025,24 @@ def fine_tune(
                                  recipe=recipe, device=device, cancel=cancel)
     model, image, painted, scaled = start.model, start.image, start.painted, start.scaled
     regions, before, shift, chosen = start.regions, start.before, start.shift, start.recipe
+    start_info = {"start": start.name, "start_scores": scores} if scores else {}
     if on_log:
         on_log({"recipe": chosen, "painted_iou_before": before, "feature_shift": shift,
-                **({"start": start.name, "start_scores": scores} if scores else {})})
+                **start_info})
     meta = dict(model.meta)
     if "threshold" in meta:  # tuned for the old weights; re-chosen on the painted voxels
         meta["threshold"] = FINE_TUNED_THRESHOLD
     cfg = _fine_tune_config(model, chosen, config, n_classes, image.shape)
-    targets = painted_targets(painted)
-    if before is not None:  # a trained binary model: keep its sure answers near the strokes
-        targets = with_pseudo_labels(targets, painted, regions)
-    imgs, tgts = _prepare([image], [targets], cfg)
+    # a trained binary model keeps its sure answers near the strokes
+    anchors = regions if before is not None else None
+    imgs, tgts = _prepare([image], [stroke_targets(painted, anchors)], cfg)
     live = LiveStrokes(strokes, original, scaled["resampled"], n_classes,
                        image if image.ndim == 3 else image[None],
-                       regions if before is not None else None, on_log) if strokes else None
+                       anchors, on_log) if strokes else None
     meta["training"] = {"fine_tuned_from": meta.get("source", meta.get("name", "model")),
                         "painted_voxels": int((painted > 0).sum()), "recipe": chosen,
-                        "painted_iou_before": None if before is None else round(before, 4),
-                        "feature_shift": None if shift is None else round(shift, 4),
-                        **({"start": start.name, "start_scores": scores} if scores else {}),
+                        "painted_iou_before": _rounded(before),
+                        "feature_shift": _rounded(shift), **start_info,
                         "voxel_size_nm": list(voxel_size) if voxel_size else None, **scaled,
                         "history_before": list(meta.get("training", {})
                                                .get("history", []))[-20:]}
@@ -1111,9 +1110,7 @@ class LiveStrokes:
         if self.factors:
             painted = resample(painted, tuple(self.factors), order=0)
         self.painted = painted
-        targets = painted_targets(painted)
-        if self.regions is not None:
-            targets = with_pseudo_labels(targets, painted, self.regions)
+        targets = stroke_targets(painted, self.regions)
         if self.on_log:
             self.on_log({"strokes": int((painted > 0).sum()), "slices": zs,
                          "dropped": dropped, "classes": self.n_classes})
@@ -1231,9 +1228,10 @@ def choose_start(model, alternatives: Sequence[Any], image: np.ndarray, painted:
     -------
     The start, and ``{name: score}`` of the models measured (empty when none was).
     """
-    alternatives = [_as_model(a) for a in alternatives]
-    flat = [a for a in alternatives if a.config["dims"] == 2 and _same_classes(a, model)]
-    if flat and not sections_fit(model, voxel_size):
+    flat = [] if sections_fit(model, voxel_size) else [
+        a for a in map(_as_model, alternatives)
+        if a.config["dims"] == 2 and _same_classes(a, model)]
+    if flat:
         starts = [measure_start(a, image, painted, voxel_size=voxel_size, **kwargs)
                   for a in flat]
         best = max(starts, key=lambda s: -1.0 if s.score is None else s.score)
@@ -1262,7 +1260,7 @@ def best_start(first: Start, alternatives: Sequence[Any], image: np.ndarray,
     """
     if not alternatives or first.recipe != "far" or first.score is None:
         return first, {}
-    best, scores = first, {first.name: round(first.score, 4)}
+    best, scores = first, {first.name: _rounded(first.score)}
     for alternative in alternatives:
         model = _as_model(alternative)
         if not _same_task(model, first.model):
@@ -1270,7 +1268,7 @@ def best_start(first: Start, alternatives: Sequence[Any], image: np.ndarray,
         start = measure_start(model, image, painted, **kwargs)
         if start.score is None:
             continue
-        scores[start.name] = round(start.score, 4)
+        scores[start.name] = _rounded(start.score)
         if start.score > first.score + START_MARGIN and start.score > best.score:
             best = start
     return best, scores
@@ -1354,6 +1352,13 @@ def _regions_iou(model, painted: np.ndarray, regions) -> float | None:
         inter += int((pred & fg).sum())
         union += int((pred | fg).sum())
     return inter / max(union, 1)
+
+
+def stroke_targets(painted: np.ndarray, regions) -> np.ndarray:
+    """Loss targets of painted labels, with the starting model's sure answers near the
+    strokes (:func:`with_pseudo_labels`) when ``regions`` is not None."""
+    targets = painted_targets(painted)
+    return targets if regions is None else with_pseudo_labels(targets, painted, regions)
 
 
 def with_pseudo_labels(targets: np.ndarray, painted: np.ndarray, regions) -> np.ndarray:
