@@ -438,7 +438,7 @@ def test_best_start_takes_an_alternative_only_when_clearly_better(crop, monkeypa
 
 
 def test_a_3d_start_on_thick_sections_gives_way_to_a_2d_model(crop):
-    from napari_emseg.train import choose_start, start_text
+    from napari_emseg.train import choose_start, start_swapped, start_text
 
     img = crop[0][:3]
     painted = _fg_bg_strokes(img.shape)
@@ -451,11 +451,13 @@ def test_a_3d_start_on_thick_sections_gives_way_to_a_2d_model(crop):
     assert start.name == "seeing" and start.model.config["dims"] == 2
     assert scores == {"cube": None, "blind": 0.0, "seeing": 0.5}
     assert "cube not measured: sections too thick" in start_text(start.name, scores)
+    assert start_swapped(start.name, scores) and not start_swapped("cube", scores)
     # sections as thick as in training: the 3D model is measured and kept (alternatives
     # of other dimensions are never measured against it)
     start, scores = choose_start(cube, flat, img, painted, voxel_size=(5.0, 5.0, 5.0),
                                  recipe="near")
     assert start.name == "cube" and scores == {}
+    assert not start_swapped(start.name, scores)
 
 
 def test_fine_tune_starts_from_the_alternative_and_says_so(crop, tmp_path):

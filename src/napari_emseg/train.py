@@ -1282,12 +1282,19 @@ def start_text(start: str, scores: dict[str, float | None]) -> str:
         value = scores[name]
         return "not measured: sections too thick for it" if value is None else f"{value:.2f}"
 
-    first = next(iter(scores))
     others = ", ".join(f"{name} {score(name)}" for name in scores if name != start)
-    if start == first:
+    if not start_swapped(start, scores):
         return f"kept {start}: IoU on the painted voxels {score(start)} ({others})"
-    return (f"started from {start} instead of {first}: it fits your strokes better "
+    return (f"started from {start} instead of {next(iter(scores))}: it fits your strokes better "
             f"(IoU on the painted voxels {score(start)}; {others})")
+
+
+def start_swapped(start: str, scores: dict[str, float | None]) -> bool:
+    """True when a fine-tune started from another model than the one asked for.
+
+    ``scores`` is :func:`choose_start`'s: the model asked for comes first.
+    """
+    return bool(scores) and start != next(iter(scores))
 
 
 def _same_task(model, other) -> bool:

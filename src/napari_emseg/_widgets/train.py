@@ -38,6 +38,7 @@ from ..train import (
     NEAR_IOU,
     NEAR_STEPS,
     SCRATCH_LR,
+    start_swapped,
     start_text,
     threshold_note,
 )
@@ -569,7 +570,7 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
             return
         if "recipe" in record:
             self.recipe.value = recipe_text(record)
-            if record.get("start_scores") and record["start"] != next(iter(record["start_scores"])):
+            if start_swapped(record.get("start", ""), record.get("start_scores") or {}):
                 jobs.info(f"Train: {start_text(record['start'], record['start_scores'])}")
         if "step" in record:
             self.plot.add(record)
