@@ -77,9 +77,12 @@ def test_feature_shift_is_none_without_batchnorm():
     assert feature_shift(model, _volume(), tiles=2, tile=64) is None
 
 
-def test_voxel_scale_resamples_only_beyond_the_tolerance():
+def test_voxel_scale_resamples_finer_pixels_early_and_coarser_ones_late():
     assert voxel_scale((5, 5, 5), (5, 5, 5)) is None
-    assert voxel_scale((5, 6, 6), (5, 5, 5)) is None  # 20 %: within tolerance
+    assert voxel_scale((5, 4.9, 4.9), (5, 5, 5)) is None  # 2 % finer: fits
+    assert voxel_scale((5, 4.6, 4.6), (5, 5, 5)) == (1.0, 0.92, 0.92)  # 8 % finer
+    assert voxel_scale((5, 7, 7), (5, 5, 5)) is None  # 1.4x coarser: fits
+    assert voxel_scale((5, 7, 4), (5, 5, 5)) == (1.0, 1.4, 0.8)  # one axis off: both
     assert voxel_scale((50, 10, 10), (5, 5, 5)) == (1.0, 2.0, 2.0)  # 2D model: z kept
     assert voxel_scale((50, 10, 10), (5, 5, 5), dims=3) == (10.0, 2.0, 2.0)
     assert voxel_scale(None, (5, 5, 5)) is None and voxel_scale((5, 5), None) is None

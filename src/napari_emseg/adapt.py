@@ -5,8 +5,9 @@
   means and variances are replaced by those of the new data. The grey values
   are normalised with the volume's own percentiles, as prediction does.
 * :func:`voxel_scale` and :func:`resample` bring a volume to the voxel size the
-  model was trained at (and probabilities back), when the two differ by more
-  than :data:`VOXEL_TOLERANCE`.
+  model was trained at (and probabilities back), when the image's voxels are
+  finer than the model's by more than :data:`FINER_TOLERANCE` or coarser by
+  more than :data:`COARSER_LIMIT` times.
 * :func:`context_fits` says whether a 2.5D model's neighbouring slices are
   about as far apart in the volume as in its training data; :func:`sections_fit`
   whether a 3D model's sections are about as thick.
@@ -26,8 +27,13 @@ from ._augment import crop_reflect
 from ._normalize import DEFAULT_NORMALIZATION, apply_normalization, normalization_range
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
 
-#: Relative difference of voxel sizes above which images are resampled.
-VOXEL_TOLERANCE = 0.25
+#: Voxels finer than the model's by more than this fraction are resampled: objects that
+#: look larger than in training lose IoU fast (``mito-2d``, 5 nm, on Lucchi++ at 4.5 nm
+#: pixels 0.81, at 4.2 nm 0.74, resampled 0.86; at 5 nm 0.88; docs/adaptation.md).
+FINER_TOLERANCE = 0.05
+#: Voxels coarser than the model's are resampled only beyond this factor: up to 1.4x
+#: coarser scored as well or better unresampled (0.91 against 0.86 resampled, which blurs).
+COARSER_LIMIT = 1.5
 #: Sections this much thicker than the model's training data make 2.5D context wrong.
 CONTEXT_Z_RATIO = 2.0
 
@@ -186,17 +192,22 @@ def voxel_scale(image_voxel: tuple[float, ...] | None,
 
     Returns
     -------
-    tuple of 3 floats, or None when either size is unknown or every axis is
-    within :data:`VOXEL_TOLERANCE` of the model's.
+    tuple of 3 floats, or None when either size is unknown or every axis fits
+    (:func:`scale_fits`).
     """
     if not image_voxel or not model_voxel:
         return None
     img, mod = _zyx(image_voxel), _zyx(model_voxel)
     factors = [1.0 if i is None or m is None or (k == 0 and dims == 2) else i / m
                for k, (i, m) in enumerate(zip(img, mod, strict=True))]
-    if all(abs(f - 1.0) <= VOXEL_TOLERANCE for f in factors):
+    if all(scale_fits(f) for f in factors):
         return None
     return tuple(round(f, 4) for f in factors)
+
+
+def scale_fits(factor: float) -> bool:
+    """True when an axis whose voxels are ``factor`` times the model's needs no resampling."""
+    return 1.0 - FINER_TOLERANCE <= factor <= COARSER_LIMIT
 
 
 def resample(volume: np.ndarray, factors: tuple[float, ...] | None = None, *,
@@ -253,7 +264,7 @@ def to_model_scale(model, image: np.ndarray, labels: np.ndarray | None,
 
     A 2.5D model whose sections would be much thicker than in training becomes
     a one-slice model (:func:`context_fits`); an image more than
-    :data:`VOXEL_TOLERANCE` off the model's voxel size is resampled to it
+    off the model's voxel size (:func:`scale_fits`) is resampled to it
     (labels by nearest neighbour) when ``resample_image``. Nothing changes
     when ``voxel_size`` is None.
 
@@ -292,8 +303,8 @@ def predict_adapted(image: np.ndarray, model, *, voxel_size: tuple[float, ...] |
                     **predict_kwargs) -> tuple[np.ndarray, dict]:
     """Predict ``image`` as the model's training data looked: scale, sections, statistics.
 
-    1. When ``voxel_size`` and the model's ``meta["voxel_size_nm"]`` differ by more
-       than :data:`VOXEL_TOLERANCE`, the image is resampled to the model's voxel
+    1. When ``voxel_size`` does not fit the model's ``meta["voxel_size_nm"]``
+       (:func:`scale_fits`), the image is resampled to the model's voxel
        size (``resample_to_model``) and the probabilities back to the image's shape.
     2. A 2.5D model whose neighbouring slices would be much farther apart than in
        training (:func:`context_fits`) sees each slice as its own neighbours

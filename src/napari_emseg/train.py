@@ -995,7 +995,8 @@ def fine_tune(
     voxel_size : the image's voxel size in nm (ZYX), optional. A 2.5D model
         whose sections would be much thicker than in training learns one
         slice at a time (:func:`~napari_emseg.adapt.context_fits`); an image
-        more than 25 % off the model's voxel size is trained at the model's
+        off the model's voxel size (:func:`~napari_emseg.adapt.scale_fits`) is
+        trained at the model's
         (:func:`~napari_emseg.adapt.to_model_scale`). The result then
         predicts at the model's voxel size: use
         :func:`~napari_emseg.adapt.predict_adapted` with the same voxel size.

@@ -503,8 +503,9 @@ class PredictWidget(ScrollingDock, ModelChoices, CancellableJobOwner, Container)
                                       "= unknown (no resampling)")
         self.match_voxel = CheckBox(text="match the model's voxel size", value=True,
                                     tooltip="Resample the image to the voxel size the model "
-                                            "was trained at (when they differ by more than "
-                                            "25 %), and the probabilities back")
+                                            "was trained at (when its pixels are more than 5 % "
+                                            "finer or 1.5x coarser), and the probabilities "
+                                            "back")
         self.adapt = CheckBox(text="adapt to this volume", value=False,
                               tooltip="Re-estimate the model's BatchNorm statistics on this "
                                       "volume before predicting (AdaBN, no labels needed); "

@@ -30,8 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Tiled U-Net prediction of an EM volume (TIFF, slice folder, zarr, HDF5, MRC). "
             "Writes float32 probabilities (or 0-255 uint8 with --uint8) with the input's "
-            "voxel size to a .tif/.tiff or .zarr file. When the volume's voxel size differs "
-            "from the model's by more than 25 %, it is predicted at the model's voxel size."
+            "voxel size to a .tif/.tiff or .zarr file. When the volume's voxels are more than "
+            "5 % finer or 1.5x coarser than the model's, it is predicted at the model's "
+            "voxel size."
         ),
     )
     p.add_argument("input", metavar="IN", help="input volume (file or folder)")
@@ -103,8 +104,8 @@ def _predict_planes(args: argparse.Namespace, volume, model, voxel, bar) -> np.n
     if args.adapt:
         raise ValueError("--planes cannot be combined with --adapt")
     if voxel_scale(voxel, model.meta.get("voxel_size_nm"), 2) and not args.no_resample:
-        raise ValueError("--planes predicts at the volume's voxel size, which differs from "
-                         "the model's by more than 25 %: add --no-resample to accept that")
+        raise ValueError("--planes predicts at the volume's voxel size, which does not fit "
+                         "the model's: add --no-resample to accept that")
     return predict_planes(volume, model, progress=bar, **_engine_kwargs(args))
 
 
