@@ -215,3 +215,12 @@ def test_predict_warns_of_a_3d_model_on_thick_sections_before_it_runs(tmp_path, 
     warning = err.index("emseg predict: warning: the sections are much thicker")
     assert warning < err.index("tiles")  # said before the prediction's progress
     assert err.count("much thicker") == 1
+
+
+def test_a_checkpoint_is_named_by_its_file_and_its_start():
+    from napari_emseg.cli.predict import model_label
+
+    assert model_label("mito-2d", {"name": "mito-2d"}) == "mito-2d"
+    tuned = {"name": "mito-2d-mix", "training": {"fine_tuned_from": "mito-2d-mix"}}
+    assert model_label("/runs/ft.pt", tuned) == "ft.pt (fine-tuned from mito-2d-mix)"
+    assert model_label("new.pt", {"name": "new model", "training": {"steps": 4}}) == "new.pt"

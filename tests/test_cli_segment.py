@@ -48,7 +48,10 @@ def test_segment_components_uint8_and_otsu(tmp_path):
 
 def fake_predict(monkeypatch, predict) -> None:
     """Make ``emseg segment --model`` predict with ``predict(volume, model, **kw)``."""
-    monkeypatch.setattr("napari_emseg.cli.segment.predict_volume", predict)
+    def adapted(volume, model, *, voxel_size=None, on_info=None, **kw):
+        return predict(volume, model, **kw), {}
+
+    monkeypatch.setattr("napari_emseg.cli.segment.predict_adapted", adapted)
 
 
 def test_segment_with_model_calls_predict_and_uses_its_settings(tmp_path, monkeypatch):
@@ -356,3 +359,43 @@ def test_blockwise_names_the_steps_it_skips(tmp_path, capsys):
     assert main(["segment", str(src), str(tmp_path / "b.zarr"), "--blockwise", "--zfilter",
                  "0", "--min-size", "0", "--block", "4,64,64"]) == 0
     assert "skips" not in capsys.readouterr().err
+
+
+def test_segment_with_model_predicts_as_emseg_predict_does(tmp_path, capsys):
+    """Same probabilities as ``emseg predict`` (voxel size, resampling), then segmented."""
+    torch = pytest.importorskip("torch")
+    from napari_emseg.models import zoo
+
+    torch.manual_seed(0)
+    model = zoo.build_model(dict(dims=2, in_channels=1, out_channels=1, depth=2, width=4),
+                            {"name": "tiny", "patch": [64, 64], "voxel_size_nm": [10, 10, 10]})
+    ckpt = zoo.save_checkpoint(model, tmp_path / "tiny10nm.pt")
+    raw = (discs_stack(nz=3) * 150 + 40).astype(np.uint8)
+    src = tmp_path / "raw.tif"
+    tifffile.imwrite(src, raw)
+    common = ["--voxel-size", "10,5,5"]
+    assert main(["predict", str(src), str(tmp_path / "p.tif"), "--model", str(ckpt),
+                 "--quiet", *common]) == 0
+    assert main(["segment", str(tmp_path / "p.tif"), str(tmp_path / "a.tif"),
+                 "--threshold", "0.5", "--min-size", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["segment", str(src), str(tmp_path / "b.tif"), "--model", str(ckpt),
+                 "--threshold", "0.5", "--min-size", "0", *common]) == 0
+    assert "resampled to the model's voxel size" in capsys.readouterr().err
+    np.testing.assert_array_equal(read_labels(tmp_path / "b.tif"), read_labels(tmp_path / "a.tif"))
+    # probabilities given with --model: predicted as asked, with a warning
+    assert main(["segment", str(tmp_path / "p.tif"), str(tmp_path / "c.tif"), "--model",
+                 str(ckpt), "--min-size", "0"]) == 0
+    assert "like probabilities" in capsys.readouterr().err
+
+
+def test_segment_says_what_the_size_filter_removed(tmp_path, capsys):
+    prob = np.zeros((3, 64, 96), np.float32)
+    prob[:, 5:25, 5:25] = 0.9
+    prob[:, 40:44, 40:44] = 0.9
+    src = tmp_path / "p.tif"
+    tifffile.imwrite(src, prob)
+    assert main(["segment", str(src), str(tmp_path / "l.tif"), "--method", "components",
+                 "--dims", "3", "--zfilter", "0", "--min-size", "100", "--quiet"]) == 0
+    assert ("1 objects (1 removed by the size filter, --min-size 100: lower it to keep them)"
+            in capsys.readouterr().out)

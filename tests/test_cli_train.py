@@ -126,3 +126,45 @@ def test_from_a_bundled_model_offers_its_relatives_unless_keep_start(crop_files,
             main(["train", str(image), str(mask), str(tmp_path / "x.pt"), "--from",
                   "mito-2d", *extra])
     assert seen == [("mito-2d", ["mito-3d", "mito-2d-mix"]), ("mito-2d", [])]
+
+
+def test_labels_that_do_not_fit_are_named_before_training(crop_files, tmp_path, capsys):
+    image, mask = crop_files
+    base = tmp_path / "dense.pt"
+    assert main(["train", str(image), str(mask), str(base), *TINY]) == 0
+    capsys.readouterr()
+    painted = np.zeros(tifffile.imread(mask).shape, np.uint8)
+    painted[2, :, :10], painted[2, :, 60:70] = 1, 2
+    tifffile.imwrite(tmp_path / "painted.tif", painted)
+    # painted strokes given as dense labels: the message points to --painted
+    assert main(["train", str(image), str(tmp_path / "painted.tif"), str(tmp_path / "a.pt"),
+                 "--from", str(base), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "values up to 2" in err and "1 foreground class" in err and "--painted" in err
+    assert not (tmp_path / "a.pt").exists()
+    # the image as its own painted labels: refused, not a 250-class U-Net
+    assert main(["train", str(image), str(image), str(tmp_path / "b.pt"), "--painted",
+                 *TINY]) == 2
+    assert "image or instance ids" in capsys.readouterr().err
+    # only background painted: trained (as asked) with the Train dock's warning
+    tifffile.imwrite(tmp_path / "bg.tif", (painted == 1).astype(np.uint8))
+    assert main(["train", str(image), str(tmp_path / "bg.tif"), str(tmp_path / "c.pt"),
+                 "--from", str(base), "--painted", "--steps", "1"]) == 0
+    assert "warning: only background (1) is painted" in capsys.readouterr().err
+
+
+def test_fine_tune_learns_at_the_voxel_size_predict_uses(crop_files, tmp_path):
+    image, mask = crop_files
+    base = tmp_path / "dense.pt"
+    assert main(["train", str(image), str(mask), str(base), *TINY]) == 0
+    painted = np.zeros(tifffile.imread(mask).shape, np.uint8)
+    painted[2, :, :10], painted[2, :, 60:70] = 1, 2
+    tifffile.imwrite(tmp_path / "painted.tif", painted)
+    out = tmp_path / "ft.pt"
+    # the tiny model records no voxel size: the given one is recorded, nothing resampled
+    assert main(["train", str(image), str(tmp_path / "painted.tif"), str(out), "--from",
+                 str(base), "--painted", "--steps", "1", "--voxel-size", "50,4,4"]) == 0
+    assert load_model(out).meta["training"]["voxel_size_nm"] == [50.0, 4.0, 4.0]
+    assert main(["train", str(image), str(tmp_path / "painted.tif"), str(out), "--from",
+                 str(base), "--painted", "--steps", "1", "--voxel-size", "4,4",
+                 "--overwrite"]) == 2  # a 3D volume needs 3 values

@@ -359,3 +359,18 @@ def test_fixture_instances_recovered(fixtures_dir):
         res = instance_ap(lab, inst, thresholds=(0.5,))["thresholds"]["0.5"]
         assert res["ap"] == 1.0, (name, res)
         assert lab.max() == inst.max() == 6
+
+
+def test_segmentation_counts_what_the_size_filter_removed():
+    from napari_emseg.postprocess import segment
+
+    prob = np.zeros((3, 64, 64), np.float32)
+    prob[:, 5:25, 5:25] = 0.9  # 1200 voxels
+    prob[:, 40:44, 40:44] = 0.9  # 48 voxels
+    prob[:, 50:53, 10:13] = 0.9  # 27 voxels
+    result = segment(prob, method="components", dims=3, zfilter=0, min_size=100)
+    assert result.labels.max() == 1 and result.dropped == 2
+    assert result.summary(100) == ("1 instances (2 smaller than 100 voxels removed: lower "
+                                   "the minimum size to keep them)")
+    kept = segment(prob, method="components", dims=3, zfilter=0, min_size=0)
+    assert kept.labels.max() == 3 and kept.dropped == 0 and kept.summary() == "3 instances"

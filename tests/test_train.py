@@ -832,3 +832,41 @@ def test_stroke_feed_reports_changed_slices_once_painted():
     flat[0, 0] = 2
     feed2.touch()
     assert list(feed2.changes()) == [0]
+
+
+def test_painting_checks_name_one_class_and_image_like_labels():
+    from napari_emseg.train import one_class_warning, painted_classes
+
+    assert "background (1)" in one_class_warning(np.array([0, 1, 1]))
+    assert "foreground" in one_class_warning(np.array([0, 2]))
+    assert one_class_warning(np.array([0, 1, 2])) is None
+    assert painted_classes(np.array([0, 1])) == 2 and painted_classes(np.array([0, 1, 3])) == 3
+    with pytest.raises(ValueError, match="up to 253.*image or instance ids"):
+        painted_classes(np.array([0, 1, 253]))
+
+
+def test_a_fine_tune_learns_slightly_finer_pixels_as_they_are_and_records_them(crop):
+    """4 nm pixels for a 5 nm model: trained unresampled, the result says 4 nm."""
+    import torch
+
+    from napari_emseg.adapt import voxel_scale
+    from napari_emseg.models import zoo
+    from napari_emseg.train import TrainConfig, fine_tune
+
+    def model():  # fine_tune trains (and relabels) the model it is given
+        torch.manual_seed(0)
+        return zoo.build_model(dict(dims=2, in_channels=1, out_channels=1, depth=2, width=4),
+                               {"name": "tiny", "patch": [64, 64], "voxel_size_nm": [5, 5, 5],
+                                "training": {"steps": 1}})
+
+    img = crop[0][:3]
+    painted = _fg_bg_strokes(img.shape)
+    cfg = TrainConfig(steps=1, batch_size=2, patch=(64, 64), minutes=None)
+    assert voxel_scale((5, 4, 4), (5, 5, 5)) == (1.0, 0.8, 0.8)  # prediction would resample
+    res = fine_tune(model(), img, painted, cfg, recipe="near", voxel_size=(5.0, 4.0, 4.0))
+    assert res.model.meta["training"]["resampled"] is None
+    assert res.model.meta["voxel_size_nm"] == [5.0, 4.0, 4.0]
+    assert voxel_scale((5, 4, 4), tuple(res.model.meta["voxel_size_nm"])) is None
+    res = fine_tune(model(), img, painted, cfg, recipe="near", voxel_size=(5.0, 2.0, 2.0))
+    assert res.model.meta["training"]["resampled"] == [1.0, 0.4, 0.4]
+    assert res.model.meta["voxel_size_nm"] == [5, 5, 5]  # learnt at the model's

@@ -191,3 +191,31 @@ def test_extent_along_z_y_and_x_averages_the_three_sectionings(make_napari_viewe
     wait_job(qtbot, job)
     assert job.exception is not None and "adapt to this volume" in notes.errors[-1]
     np.testing.assert_array_equal(viewer.layers["em probabilities"].data, prob)
+
+
+def test_one_voxel_size_for_every_dock_even_from_napari_s_tiff_reader(make_napari_viewer,
+                                                                     tmp_path, crop):
+    import tifffile
+
+    from napari_emseg._widgets.predict import TYPED_VOXEL, image_voxel_size
+
+    path = tmp_path / "em_ij.tif"
+    tifffile.imwrite(path, crop, imagej=True, resolution=(1 / 0.004, 1 / 0.004),
+                     metadata={"spacing": 0.05, "unit": "micron"})
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(path, plugin="napari")  # napari's reader: scale stays 1
+    assert tuple(layer.scale) == (1.0, 1.0, 1.0)
+    pw = open_widget(viewer, "Predict")
+    tw = open_widget(viewer, "Train from annotations")
+    assert pw.voxel.value == "50,4,4"  # from the file's metadata
+    assert tw.voxel_size() == pytest.approx((50.0, 4.0, 4.0))
+    assert pw.adaptation()["voxel_size"] == pytest.approx((50.0, 4.0, 4.0))
+
+    pw.voxel.value = "45, 4.6, 4.6"  # typed: the Train dock uses it too
+    assert layer.metadata[TYPED_VOXEL] == "45, 4.6, 4.6"
+    assert tw.voxel_size() == pytest.approx((45.0, 4.6, 4.6))
+    pw.voxel.value = "4.6 nm"  # not valid: the last valid one stays
+    assert tw.voxel_size() == pytest.approx((45.0, 4.6, 4.6))
+    pw.voxel.value = ""  # cleared: unknown everywhere, not the file's again
+    assert tw.voxel_size() is None and image_voxel_size(layer) is None
+    assert image_voxel_size(viewer.add_image(crop, name="plain")) is None

@@ -461,15 +461,11 @@ def test_qt_free_helpers():
     from napari_emseg._widgets.train import (
         ended_worse,
         estimate_text,
-        one_class_warning,
         painted_slices,
         recipe_text,
     )
 
     assert ended_worse(0.8, 0.7) and not ended_worse(0.8, 0.8) and not ended_worse(None, 0.0)
-    assert "background (1)" in one_class_warning(np.array([0, 1, 1]))
-    assert "foreground" in one_class_warning(np.array([0, 2]))
-    assert one_class_warning(np.array([0, 1, 2])) is None
     vol = np.zeros((4, 3, 3), np.uint8)
     vol[1, 0, 0], vol[3, 2, 2] = 1, 2
     np.testing.assert_array_equal(painted_slices(vol), [1, 3])

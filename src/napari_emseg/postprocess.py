@@ -845,10 +845,23 @@ class Segmentation:
     objects : ndarray of uint32, same shape as ``instances``, or None
         The tracked 3D objects (``track=True``), covering exactly the voxels
         of ``instances``; None without tracking.
+    dropped : int
+        Objects removed by the size filter (``min_size`` / ``min_volume``).
     """
 
     instances: np.ndarray
     objects: np.ndarray | None = None
+    dropped: int = 0
+
+    def summary(self, min_size: int = 0) -> str:
+        """``"6 objects"``, with what the size filter removed ("(4 smaller than …)")."""
+        text = (f"{int(self.instances.max())} instances" if self.objects is None else
+                f"{int(self.instances.max())} instances, {int(self.objects.max())} 3D objects")
+        if self.dropped:
+            size = f" {min_size} voxels" if min_size else " the minimum size"
+            text += (f" ({self.dropped} smaller than{size} removed: lower the minimum size "
+                     "to keep them)")
+        return text
 
     @property
     def labels(self) -> np.ndarray:
@@ -1002,7 +1015,9 @@ def segment(
                                min_slices=s.min_slices, cancel=cancel,
                                progress=stage_progress(progress, 700, 200))
     check_cancel(cancel)
-    kept = _drop_small(instances if objects is None else objects, s, spacing)
+    filtered = instances if objects is None else objects
+    kept = _drop_small(filtered, s, spacing)
+    dropped = _count_ids(filtered) - _count_ids(kept)
     if objects is not None:
         objects = relabel_sequential(kept)
         instances = relabel_sequential(np.where(objects > 0, instances, 0))
@@ -1010,8 +1025,15 @@ def segment(
         instances = relabel_sequential(kept)
     report(progress, 1000, 1000)
     if squeeze:
-        return Segmentation(instances[0], None if objects is None else objects[0])
-    return Segmentation(instances, objects)
+        return Segmentation(instances[0], None if objects is None else objects[0], dropped)
+    return Segmentation(instances, objects, dropped)
+
+
+def _count_ids(labels: np.ndarray) -> int:
+    """Distinct non-zero ids in ``labels``."""
+    if labels.size == 0 or not labels.any():
+        return 0
+    return int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
 
 
 def _foreground(

@@ -26,7 +26,13 @@ import numpy as np
 
 from ._augment import augment, sample_patch
 from ._normalize import DEFAULT_NORMALIZATION, apply_normalization, normalization_range
-from .adapt import adapt_batchnorm, feature_shift, sections_fit, to_model_scale
+from .adapt import (
+    TRAIN_FINER_TOLERANCE,
+    adapt_batchnorm,
+    feature_shift,
+    sections_fit,
+    to_model_scale,
+)
 from .progress import CancelCheck, Cancelled, ProgressCallback, check_cancel, report
 
 #: ``preview(model, seconds)``: called while training, the model in eval mode.
@@ -600,9 +606,31 @@ def new_model(n_classes: int = 2, config: TrainConfig | None = None, *,
     return build_model(arch, _meta_for(config, n_classes, {"name": "new model"}))
 
 
-def painted_classes(painted: np.ndarray) -> int:
-    """Classes (with background) that painted labels (1 background, 2.. classes) need."""
-    return max(2, int(np.asarray(painted).max()))
+def painted_classes(painted: np.ndarray, max_classes: int = TrainConfig.max_classes) -> int:
+    """Classes (with background) that painted labels (1 background, 2.. classes) need.
+
+    More than ``max_classes`` foreground classes is refused: such a file is an
+    image or instance ids, not painted classes.
+    """
+    top = int(np.asarray(painted).max())
+    if top - 1 > max_classes:
+        raise ValueError(f"painted labels go up to {top}, i.e. {top - 1} foreground classes "
+                         f"(more than {max_classes}): painted labels are 0 = not painted, "
+                         "1 = background, 2.. = classes; is this an image or instance ids?")
+    return max(2, top)
+
+
+def one_class_warning(painted: np.ndarray) -> str | None:
+    """Why training on ``painted`` is probably a mistake (one class only), else None."""
+    has_background, has_foreground = bool((painted == 1).any()), bool((painted >= 2).any())
+    if has_background and not has_foreground:
+        return ("only background (1) is painted: the model learns that everything is "
+                "background. Paint foreground as 2 (a ground-truth mask where 1 marks "
+                "objects must not be used as annotations)")
+    if has_foreground and not has_background:
+        return ("only foreground (2..) is painted: the model learns that everything is "
+                "foreground. Paint some background as 1")
+    return None
 
 
 def _train_loop(model, images, targets, val_crops, config: TrainConfig, *, sparse: bool,
@@ -995,11 +1023,13 @@ def fine_tune(
     voxel_size : the image's voxel size in nm (ZYX), optional. A 2.5D model
         whose sections would be much thicker than in training learns one
         slice at a time (:func:`~napari_emseg.adapt.context_fits`); an image
-        off the model's voxel size (:func:`~napari_emseg.adapt.scale_fits`) is
-        trained at the model's
-        (:func:`~napari_emseg.adapt.to_model_scale`). The result then
-        predicts at the model's voxel size: use
-        :func:`~napari_emseg.adapt.predict_adapted` with the same voxel size.
+        more than 20 % finer or 1.5x coarser than the model's voxel size
+        (:func:`~napari_emseg.adapt.scale_fits`, ``TRAIN_FINER_TOLERANCE``) is
+        trained at the model's (:func:`~napari_emseg.adapt.to_model_scale`);
+        otherwise at its own, and the result records ``voxel_size`` as its
+        ``meta["voxel_size_nm"]``. Either way
+        :func:`~napari_emseg.adapt.predict_adapted` with the same voxel size
+        predicts as the model learnt.
     strokes : ``() -> {z: (Y, X) labels} or None``, polled every
         :data:`STROKES_EVERY` s: slices the user painted again while the run
         goes on (the whole new slice, image coordinates). Training continues
@@ -1048,6 +1078,8 @@ def fine_tune(
                         "history_before": list(meta.get("training", {})
                                                .get("history", []))[-20:]}
     meta.pop("source", None)
+    if voxel_size and not scaled["resampled"]:  # learnt at the volume's own pixels
+        meta["voxel_size_nm"] = [float(v) for v in voxel_size]
     result = _train_loop(model, imgs, tgts, _val_crops(imgs, tgts, cfg, sparse=True), cfg,
                          sparse=True, checkpoint=checkpoint, meta=meta, progress=progress,
                          cancel=cancel, on_log=on_log, resume=False, save_state=False,
@@ -1198,7 +1230,8 @@ def measure_start(model, image: np.ndarray, painted: np.ndarray, *,
         the BatchNorm statistics on ``image``)
     """
     name = str(getattr(model, "meta", {}).get("name", "model"))
-    model, image, painted, scaled = to_model_scale(model, image, painted, voxel_size)
+    model, image, painted, scaled = to_model_scale(model, image, painted, voxel_size,
+                                                   finer_tolerance=TRAIN_FINER_TOLERANCE)
     binary = model.config["out_channels"] == 1
     trained = bool(getattr(model, "meta", {}).get("training"))
     regions = _painted_regions(model, image, painted, cancel=cancel, device=device) \

@@ -71,14 +71,45 @@ def parse_voxel_size(text: str) -> tuple[float, ...] | None:
     return values
 
 
-def voxel_text(layer: Image | None) -> str:
-    """The layer's voxel size in nm as text ("" when unknown, i.e. every scale is 1)."""
+#: Image layer metadata key: the voxel size typed into the Predict dock (text; "" = unknown).
+TYPED_VOXEL = "emseg_voxel_size"
+
+
+def image_voxel_size(layer: Image | None) -> tuple[float, ...] | None:
+    """An image layer's voxel size in nm, the one every dock uses.
+
+    In order: typed into the Predict dock (kept in the layer's metadata), the
+    layer's scale, the metadata of the file it was opened from (napari's own
+    TIFF reader leaves the scale at 1). None when unknown.
+    """
     if layer is None:
-        return ""
+        return None
+    typed = layer.metadata.get(TYPED_VOXEL)
+    if typed is not None:
+        try:
+            return parse_voxel_size(str(typed))
+        except ValueError:
+            pass
     from .._writer import layer_voxel_size
 
     ndim = layer_array(layer).ndim
     sizes = layer_voxel_size(layer.scale, getattr(layer, "units", None), ndim)
+    return sizes if sizes is not None else _file_voxel_size(layer, ndim)
+
+
+def _file_voxel_size(layer: Image, ndim: int) -> tuple[float, ...] | None:
+    """The voxel size in the metadata of the file the layer was opened from."""
+    path = getattr(getattr(layer, "source", None), "path", None)
+    if not path:
+        return None
+    from ..io import read_voxel_size
+
+    return read_voxel_size(path, ndim=ndim)
+
+
+def voxel_text(layer: Image | None) -> str:
+    """:func:`image_voxel_size` as text ("" when unknown)."""
+    sizes = image_voxel_size(layer)
     return "" if sizes is None else ",".join(f"{v:g}" for v in sizes)
 
 
@@ -478,6 +509,7 @@ class PredictWidget(ScrollingDock, ModelChoices, CancellableJobOwner, Container)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.image.changed.connect(self._image_changed)
+        self.voxel.changed.connect(self._voxel_typed)
         self._follow_registry(napari_viewer)
         self._default_model()
         self._image_changed()
@@ -499,8 +531,9 @@ class PredictWidget(ScrollingDock, ModelChoices, CancellableJobOwner, Container)
                                        "lying in a section become visible; 3× the time)")
         self.voxel = LineEdit(label="voxel size (nm)", value="",
                               tooltip="The image's voxel size in nm, 'z,y,x' or one value; "
-                                      "filled from the layer's scale when it is not 1. Empty "
-                                      "= unknown (no resampling)")
+                                      "filled from the layer's scale or its file's metadata; "
+                                      "the Train dock uses it too. Empty = unknown (no "
+                                      "resampling)")
         self.match_voxel = CheckBox(text="match the model's voxel size", value=True,
                                     tooltip="Resample the image to the voxel size the model "
                                             "was trained at (when its pixels are more than 5 % "
@@ -564,12 +597,23 @@ class PredictWidget(ScrollingDock, ModelChoices, CancellableJobOwner, Container)
         self._update_state()
 
     def _image_changed(self, _value=None) -> None:
-        """Prefill the voxel size from the new image layer's scale."""
+        """Prefill the voxel size from the new image layer (:func:`image_voxel_size`)."""
         try:
             self.voxel.value = voxel_text(self.image.value)
         except RuntimeError:  # widget deleted
             return
         self._update_state()
+
+    def _voxel_typed(self, text: str = "") -> None:
+        """Keep a valid typed voxel size on the layer, where the Train dock finds it."""
+        layer = self.image.value
+        if layer is None:
+            return
+        try:
+            parse_voxel_size(str(text))
+        except ValueError:
+            return
+        layer.metadata[TYPED_VOXEL] = str(text)
 
     def _show_advanced(self, visible: bool) -> None:
         for widget in self._advanced:

@@ -328,12 +328,12 @@ class SegmentWidget(ScrollingDock, CancellableJobOwner, Container):
         def show(result) -> None:
             layers.set_layer(viewer, f"{name} instances", result.instances, "labels",
                               source=layer)
-            msg = f"{int(result.instances.max())} instances"
             if result.objects is not None:
                 layers.set_layer(viewer, f"{name} objects 3D", result.objects, "labels",
                                   source=layer)
-                msg += f", {int(result.objects.max())} 3D objects"
-            self.status.value = msg
+            self.status.value = result.summary(settings.min_size)
+            if result.dropped and not result.labels.any():
+                jobs.warning(f"Segment: {self.status.value}")
 
         return self._start(work, show, f"Segment {layer.name!r}")
 

@@ -38,6 +38,7 @@ from ..train import (
     NEAR_IOU,
     NEAR_STEPS,
     SCRATCH_LR,
+    one_class_warning,
     start_swapped,
     start_text,
     threshold_note,
@@ -48,7 +49,7 @@ from .dock import ScrollingDock
 from .jobs import Job, JobOwner, ProgressPanel, child_process_wanted
 from .layers import base_name, current_index, layer_array, layer_picker
 from .plot import LossPlot
-from .predict import DEVICES, parse_patch, parse_voxel_size, predict_job, voxel_text
+from .predict import DEVICES, image_voxel_size, parse_patch, predict_job
 from .registry import ModelChoices, model_registry
 
 if TYPE_CHECKING:
@@ -101,19 +102,6 @@ def painted_slices(painted: np.ndarray) -> np.ndarray:
     if painted.size == 0:
         return np.array([], int)
     return np.flatnonzero(painted.reshape(painted.shape[0], -1).max(axis=1) != 0)
-
-
-def one_class_warning(painted: np.ndarray) -> str | None:
-    """Why training on ``painted`` is probably a mistake (one class only), else None."""
-    has_background, has_foreground = bool((painted == 1).any()), bool((painted >= 2).any())
-    if has_background and not has_foreground:
-        return ("only background (1) is painted: the model learns that everything is "
-                "background. Paint foreground as 2 (a ground-truth mask where 1 marks "
-                "objects must not be used as annotations)")
-    if has_foreground and not has_background:
-        return ("only foreground (2..) is painted: the model learns that everything is "
-                "foreground. Paint some background as 1")
-    return None
 
 
 def ended_worse(before: float | None, after: float) -> bool:
@@ -504,8 +492,8 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         return self.job
 
     def voxel_size(self) -> tuple[float, ...] | None:
-        """The image layer's voxel size in nm from its scale (None when unknown)."""
-        return parse_voxel_size(voxel_text(self.image.value))
+        """The image layer's voxel size in nm, as the Predict dock has it (None: unknown)."""
+        return image_voxel_size(self.image.value)
 
     def _work(self, image, painted: np.ndarray, source: str, patch, checkpoint: Path):
         """The job's function: :func:`~napari_emseg.workflows.train_from_strokes` in the

@@ -218,6 +218,35 @@ def voxel_size(text: str) -> tuple[float, ...]:
     return values
 
 
+def add_voxel_size(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--voxel-size Z,Y,X`` for the volume named ``what``."""
+    parser.add_argument("--voxel-size", type=voxel_size, default=None, metavar="Z,Y,X",
+                        help=f"voxel size of {what} in nm (default: from the file's metadata)")
+
+
+def voxel_size_of(args: argparse.Namespace, path: str, ndim: int,
+                  key: str | None = None) -> tuple[float, ...] | None:
+    """``--voxel-size``, else the metadata of ``path``; ``ndim`` values (nm) or None."""
+    from ..io import read_voxel_size
+
+    given = getattr(args, "voxel_size", None)
+    if given is None:
+        return read_voxel_size(path, key=key, ndim=ndim)
+    if len(given) < ndim:
+        raise ValueError(f"--voxel-size needs {ndim} values (Z,Y,X) for a {ndim}D volume, "
+                         f"got {len(given)}")
+    return tuple(given[-ndim:])
+
+
+def tell_adaptation(command: str, info: dict) -> None:
+    """Say on stderr what the adaptation does, before the prediction runs."""
+    from ..adapt import describe
+
+    note = describe(info)
+    if note:
+        print(f"emseg {command}: {note}", file=sys.stderr, flush=True)
+
+
 # ----------------------------------------------------------------- device
 def device(text: str) -> str | None:
     """'cuda', 'cuda:N', 'mps' or 'cpu' (checked against this machine); 'auto' → None."""

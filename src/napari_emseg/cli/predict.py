@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from .._textbar import progress_bar
-from ..adapt import describe, predict_adapted, voxel_scale
-from ..io import read_volume, read_voxel_size, scale_text, write_volume
+from ..adapt import predict_adapted, voxel_scale
+from ..io import read_volume, scale_text, write_volume
 from ..models.zoo import load_model
 from ..predict import predict_planes
 from . import common
@@ -60,8 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--adapt", action="store_true",
                    help="re-estimate the model's BatchNorm statistics on this volume first "
                         "(label-free adaptation to a new microscope or stain)")
-    p.add_argument("--voxel-size", type=common.voxel_size, default=None, metavar="Z,Y,X",
-                   help="voxel size of IN in nm (default: from the file's metadata)")
+    common.add_voxel_size(p, "IN")
     p.add_argument("--no-resample", action="store_true",
                    help="predict at the volume's own voxel size even when it differs from "
                         "the model's")
@@ -83,16 +82,6 @@ def _check_output(args: argparse.Namespace) -> Path:
                          resume=args.blockwise)
 
 
-def _voxel_size(args: argparse.Namespace, ndim: int) -> tuple[float, ...] | None:
-    """--voxel-size, else the input's metadata; ``ndim`` values (nm) or None."""
-    if args.voxel_size is None:
-        return read_voxel_size(args.input, key=args.key, ndim=ndim)
-    if len(args.voxel_size) < ndim:
-        raise ValueError(f"--voxel-size needs {ndim} values (Z,Y,X) for a {ndim}D volume, "
-                         f"got {len(args.voxel_size)}")
-    return tuple(args.voxel_size[-ndim:])
-
-
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     """predict_volume arguments from the flags."""
     return dict(patch=args.patch, overlap=args.overlap, batch_size=args.batch_size,
@@ -109,11 +98,13 @@ def _predict_planes(args: argparse.Namespace, volume, model, voxel, bar) -> np.n
     return predict_planes(volume, model, progress=bar, **_engine_kwargs(args))
 
 
-def _tell(info: dict) -> None:
-    """Say what the adaptation does before the prediction runs (a warning among it)."""
-    note = describe(info)
-    if note:
-        print(f"emseg predict: {note}", file=sys.stderr, flush=True)
+def model_label(given: str, meta: dict) -> str:
+    """How the model is named in messages: a checkpoint by its file (and what it came from)."""
+    name = meta.get("name")
+    if not Path(given).suffix:  # a bundled model's name
+        return name or given
+    start = (meta.get("training") or {}).get("fine_tuned_from")
+    return f"{Path(given).name} (fine-tuned from {start})" if start else Path(given).name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,11 +114,11 @@ def run(args: argparse.Namespace) -> int:
         return run_blockwise_predict(args)
     volume = read_volume(args.input, key=args.key)
     model = load_model(args.model)
-    voxel = _voxel_size(args, volume.ndim)
+    voxel = common.voxel_size_of(args, args.input, volume.ndim, args.key)
     meta = model.meta
     if not args.quiet:
         print(f"emseg predict: {Path(args.input).name} {tuple(volume.shape)} {volume.dtype}, "
-              f"voxel {scale_text(voxel)}, with {meta.get('name') or args.model} "
+              f"voxel {scale_text(voxel)}, with {model_label(args.model, meta)} "
               f"({meta['dims']}D, context {meta.get('context', 0)})", file=sys.stderr)
     t0 = time.perf_counter()
     with memory_guard(volume.shape, volume.dtype):
@@ -138,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
             prob, info = predict_adapted(
                 volume, model, voxel_size=voxel, adapt=args.adapt,
                 resample_to_model=not args.no_resample, progress=bar,
-                on_info=_tell, **_engine_kwargs(args))
+                on_info=lambda info: common.tell_adaptation("predict", info),
+                **_engine_kwargs(args))
         if args.uint8:
             prob = np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
     spatial = voxel if voxel is not None and len(voxel) == min(prob.ndim, 3) else None

@@ -19,10 +19,10 @@ import numpy as np
 
 from .. import postprocess
 from .._textbar import progress_bar
-from ..io import read_volume, read_voxel_size, relative_spacing, scale_text, write_labels
+from ..adapt import predict_adapted
+from ..io import read_volume, relative_spacing, scale_text, write_labels
 from ..models.zoo import load_model, model_info
 from ..neurons import segment_neurons
-from ..predict import predict_volume
 from . import common
 from .blockwise import add_blockwise_arguments, run_blockwise_segment
 from .common import check_output, memory_guard, model_help, resolve_threshold
@@ -67,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "--spacing, --iou, --max-gap, --min-slices",
     )
     _add_setting_arguments(seg)
+    common.add_voxel_size(seg, "INPUT (with --model: predicted at the model's voxel size "
+                               "as emseg predict does; the labels keep it)")
     seg.add_argument("--channel", type=common.non_negative_int, default=None, metavar="C",
                      help="class channel of a multi-class map")
     seg.add_argument("--device", type=common.device, default=None,
@@ -225,8 +227,22 @@ def _check_membrane_options(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------- the work
-def _probabilities(args: argparse.Namespace, volume, model) -> np.ndarray:
-    """INPUT as checked float32 probabilities (ZYX), predicted first with ``--model``."""
+def looks_like_probabilities(volume) -> bool:
+    """Floating-point values within [0, 1] (on a sample of at most about 100 000 voxels)."""
+    a = np.asarray(volume)
+    if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
+        return False
+    sample = a.ravel()[:: max(1, a.size // 100_000)]
+    return bool(np.nanmin(sample) >= 0.0 and np.nanmax(sample) <= 1.0)
+
+
+def _probabilities(args: argparse.Namespace, volume, model,
+                   voxel: tuple[float, ...] | None) -> np.ndarray:
+    """INPUT as checked float32 probabilities (ZYX), predicted first with ``--model``.
+
+    The prediction is ``emseg predict``'s (:func:`~napari_emseg.adapt.predict_adapted`
+    at the volume's voxel size, without ``--adapt``).
+    """
     if model is None:
         try:
             return postprocess.as_probabilities(volume, args.channel, name=str(args.input))
@@ -234,8 +250,14 @@ def _probabilities(args: argparse.Namespace, volume, model) -> np.ndarray:
             raise ValueError(f"{exc} (raw EM: add --model)") from None
     if not args.quiet:
         print(f"predicting {tuple(volume.shape)} with {args.model} ...", file=sys.stderr)
-    prob = predict_volume(volume, model, device=args.device,
-                          progress=progress_bar("predict", "tiles", args.quiet))
+        if looks_like_probabilities(volume):
+            print(f"emseg segment: warning: {args.input} holds values in [0, 1] like "
+                  "probabilities; with --model it is predicted as raw EM (drop --model to "
+                  "segment it as it is)", file=sys.stderr)
+    prob, _info = predict_adapted(
+        volume, model, voxel_size=voxel, device=args.device,
+        progress=progress_bar("predict", "tiles", args.quiet),
+        on_info=None if args.quiet else lambda info: common.tell_adaptation("segment", info))
     if prob.ndim == volume.ndim + 1 == 3:  # classes of a 2D image: give them a z axis
         return postprocess.as_probabilities(prob[:, None], args.channel,
                                             name="the prediction")[0]
@@ -251,7 +273,7 @@ def _spacing(args: argparse.Namespace, dims: int,
         return None
     spacing = relative_spacing(voxel)
     if not args.quiet:
-        print(f"voxel size {scale_text(voxel)} (from the file): 3D spacing {spacing}",
+        print(f"voxel size {scale_text(voxel)}: 3D spacing {spacing}",
               file=sys.stderr)
     return spacing
 
@@ -275,22 +297,28 @@ def _neurites(args: argparse.Namespace, prob: np.ndarray,
 
 
 def _instances(args: argparse.Namespace, prob: np.ndarray, settings,
-               voxel: tuple[float, ...] | None) -> np.ndarray:
+               voxel: tuple[float, ...] | None) -> postprocess.Segmentation:
     """Mitochondria-style instances: :func:`napari_emseg.postprocess.segment`."""
-    result = postprocess.segment(
+    return postprocess.segment(
         prob, settings=settings, spacing=_spacing(args, settings.dims, voxel),
         progress=progress_bar("segment", "", args.quiet),
     )
-    return result.labels
 
 
 def _labels(args: argparse.Namespace, prob: np.ndarray, settings,
             voxel: tuple[float, ...] | None) -> tuple[np.ndarray, str]:
-    """The labels and what they are called (neurites, objects or 2D instances)."""
+    """The labels and what they are called ("6 objects (2 smaller than … removed)")."""
     if args.from_membranes:
-        return _neurites(args, prob, voxel), "neurites"
+        labels = _neurites(args, prob, voxel)
+        return labels, f"{int(labels.max()) if labels.size else 0} neurites"
     noun = "2D instances" if settings.dims == 2 and not settings.track else "objects"
-    return _instances(args, prob, settings, voxel), noun
+    result = _instances(args, prob, settings, voxel)
+    labels = result.labels
+    text = f"{int(labels.max()) if labels.size else 0} {noun}"
+    if result.dropped:
+        text += (f" ({result.dropped} removed by the size filter, --min-size "
+                 f"{settings.min_size}: lower it to keep them)")
+    return labels, text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -303,16 +331,18 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model) if args.model and not args.blockwise else None
     settings = None if args.from_membranes else segment_settings(args, _model_meta(args, model))
     if args.blockwise:
+        if args.voxel_size:
+            raise ValueError("--voxel-size is not available with --blockwise")
         return run_blockwise_segment(_blockwise_args(args, settings))
     out = check_output(args.output, [args.input, args.model], args.overwrite)
     t0 = time.perf_counter()
     volume = read_volume(args.input)
     with memory_guard(volume.shape, volume.dtype):
-        prob = _probabilities(args, volume, model)
-        voxel = read_voxel_size(args.input, ndim=prob.ndim)
-        labels, noun = _labels(args, prob, settings, voxel)
+        voxel = common.voxel_size_of(args, args.input, volume.ndim)
+        prob = _probabilities(args, volume, model, voxel)
+        voxel = voxel if prob.ndim == volume.ndim else None  # a 2D image got a z axis
+        labels, found = _labels(args, prob, settings, voxel)
     path = write_labels(out, labels, voxel_size=voxel)
-    n = int(labels.max()) if labels.size else 0
-    print(f"{n} {noun}, shape {tuple(np.shape(labels))}, written to {path} "
+    print(f"{found}, shape {tuple(np.shape(labels))}, written to {path} "
           f"({time.perf_counter() - t0:.1f} s)")
     return 0

@@ -20,6 +20,7 @@ from ..train import (
     fine_tune,
     fit,
     new_model,
+    one_class_warning,
     painted_classes,
     resume_path,
     start_text,
@@ -56,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "that scores clearly better on the labels (said on stderr)")
     p.add_argument("--painted", action="store_true",
                    help="labels are painted (0 unlabeled, 1 background, 2.. classes)")
+    common.add_voxel_size(p, "IMAGE (fine-tuning: a model trained at another voxel size "
+                          "learns at its own, as emseg predict then predicts)")
     p.add_argument("--dims", type=int, choices=(2, 3), default=2,
                    help="2: a 2D U-Net run slice by slice; 3: a 3D U-Net")
     p.add_argument("--context", type=common.non_negative_int, default=0, metavar="N",
@@ -147,15 +150,39 @@ def _new_model(args: argparse.Namespace, painted: np.ndarray):
     return new_model(painted_classes(painted), train_config(args))
 
 
+def _check_labels(args: argparse.Namespace, labels: np.ndarray, painted: np.ndarray,
+                  model) -> None:
+    """Name LABELS that do not fit the model or the painting convention, before training.
+
+    Dense labels above the model's classes are refused with a pointer to
+    ``--painted``; strokes of one class only get a warning (as in the Train dock).
+    """
+    n_out = model.config["out_channels"]
+    foreground = 1 if n_out == 1 else n_out - 1
+    top = int(labels.max()) if labels.size else 0
+    if not args.painted and top > foreground:
+        raise ValueError(
+            f"LABELS {args.labels} hold values up to {top}, but the model predicts "
+            f"{foreground} foreground class(es): dense labels are 0 = background, "
+            f"1..{foreground} = classes. Painted strokes (0 = not painted, 1 = background, "
+            "2.. = classes)? add --painted. Instance ids? train on labels > 0")
+    problem = one_class_warning(painted)
+    if problem:
+        sys.stderr.write(f"emseg train: warning: {problem}\n")
+
+
 def _train(args: argparse.Namespace, image: np.ndarray, labels: np.ndarray,
            config: TrainConfig, bar, log):
     """One engine call: :func:`fine_tune` (--from / --painted) or :func:`fit`."""
     if args.source or args.painted:
         painted = labels if args.painted else np.where(labels > 0, labels + 1, 1)
         model = load_model(args.source) if args.source else _new_model(args, painted)
+        _check_labels(args, labels, painted, model)
         others = related_models(args.source) if args.source and not args.keep_start else []
+        voxel = common.voxel_size_of(args, args.image, image.ndim, args.key)
         return fine_tune(model, image, painted, _fine_tune_config(args, config),
-                         checkpoint=args.out, progress=bar, on_log=log, alternatives=others)
+                         checkpoint=args.out, progress=bar, on_log=log, alternatives=others,
+                         voxel_size=voxel)
     return fit(image, labels, config, checkpoint=args.out, ignore_label=args.ignore_label,
                resume=args.resume, progress=bar, on_log=log)
 
