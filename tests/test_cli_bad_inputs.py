@@ -307,3 +307,21 @@ def test_adaptation_is_not_silently_dropped_blockwise(image, tmp_path, checkpoin
                  capsys)
     assert "--adapt is not available with --blockwise" in line
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """``emseg evaluate … | head``: no "Broken pipe" error lines when head has gone."""
+    import subprocess
+    import sys
+
+    a = np.zeros((2, 32, 32), np.uint16)
+    a[:, 4:12, 4:12], a[:, 20:28, 20:28] = 1, 2
+    tifffile.imwrite(tmp_path / "a.tif", a)
+    code = ("import sys; from napari_emseg.cli import main; sys.stdout.close = lambda: None\n"
+            "import os; r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"
+            f"sys.exit(main(['evaluate', {str(tmp_path / 'a.tif')!r}, "
+            f"{str(tmp_path / 'a.tif')!r}]))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 141, run.stderr
+    assert "Broken pipe" not in run.stderr and "error" not in run.stderr

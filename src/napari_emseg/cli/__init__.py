@@ -51,6 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("emseg: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `emseg evaluate … | head`: the reader has gone
+        _silence_stdout()
+        return 141
     except (ValueError, OSError, MemoryError) as exc:
         print(f"emseg {args.command}: error: {cli_words(str(exc))}", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Send what is left of stdout to /dev/null (no second error when Python flushes it)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (e.g. captured in tests)
+        pass
