@@ -397,5 +397,8 @@ def test_segment_says_what_the_size_filter_removed(tmp_path, capsys):
     tifffile.imwrite(src, prob)
     assert main(["segment", str(src), str(tmp_path / "l.tif"), "--method", "components",
                  "--dims", "3", "--zfilter", "0", "--min-size", "100", "--quiet"]) == 0
-    assert ("1 objects (1 removed by the size filter, --min-size 100: lower it to keep them)"
+    assert "1 objects (1 smaller ones removed by --min-size 100)" in capsys.readouterr().out
+    assert main(["segment", str(src), str(tmp_path / "m.tif"), "--method", "components",
+                 "--dims", "3", "--zfilter", "0", "--min-size", "5000", "--quiet"]) == 0
+    assert ("0 objects (2 smaller ones removed by --min-size 5000; lower it to keep them)"
             in capsys.readouterr().out)

@@ -96,6 +96,11 @@ def test_tracking_gives_2d_instances_and_3d_objects_of_the_engine(
                                       f"{objects.data.max()} 3D objects")
     assert expected.dropped > 0 and sw.status.value == expected.summary(200)
     assert f"({expected.dropped} smaller than 200 voxels removed" in sw.status.value
+    sw.min_size.value = 10**7  # nothing left: a warning says what to change
+    run(qtbot, sw, notes)
+    assert not viewer.layers["em objects 3D"].data.any()
+    assert notes.warnings and "lower the minimum size" in notes.warnings[-1]
+    sw.min_size.value = 200
 
     # 3D components, tracking ignored: the same objects as scipy's 3D labelling
     sw.method.value = ("components", 3)

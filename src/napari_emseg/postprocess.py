@@ -859,8 +859,7 @@ class Segmentation:
                 f"{int(self.instances.max())} instances, {int(self.objects.max())} 3D objects")
         if self.dropped:
             size = f" {min_size} voxels" if min_size else " the minimum size"
-            text += (f" ({self.dropped} smaller than{size} removed: lower the minimum size "
-                     "to keep them)")
+            text += f" ({self.dropped} smaller than{size} removed)"
         return text
 
     @property

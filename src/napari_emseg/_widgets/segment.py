@@ -333,7 +333,8 @@ class SegmentWidget(ScrollingDock, CancellableJobOwner, Container):
                                   source=layer)
             self.status.value = result.summary(settings.min_size)
             if result.dropped and not result.labels.any():
-                jobs.warning(f"Segment: {self.status.value}")
+                jobs.warning(f"Segment: {self.status.value}: lower the minimum size to "
+                             "keep them")
 
         return self._start(work, show, f"Segment {layer.name!r}")
 

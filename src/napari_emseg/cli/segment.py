@@ -316,8 +316,8 @@ def _labels(args: argparse.Namespace, prob: np.ndarray, settings,
     labels = result.labels
     text = f"{int(labels.max()) if labels.size else 0} {noun}"
     if result.dropped:
-        text += (f" ({result.dropped} removed by the size filter, --min-size "
-                 f"{settings.min_size}: lower it to keep them)")
+        text += f" ({result.dropped} smaller ones removed by --min-size {settings.min_size}"
+        text += "; lower it to keep them)" if not labels.any() else ")"
     return labels, text
 
 
