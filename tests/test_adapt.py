@@ -134,13 +134,13 @@ def test_predict_adapted_resamples_and_collapses_and_says_so():
     prob, info = predict_adapted(image, model, voxel_size=(50.0, 10.0, 10.0), adapt=True)
     assert prob.shape == image.shape and prob.dtype == np.float32
     assert info == {"adapted": True, "resampled": [1.0, 2.0, 2.0], "context_collapsed": True,
-                    "sections_fit": True}
+                    "sections_fit": True, "z_step_px": None}
     text = describe(info)
     assert "voxel size" in text and "without its neighbours" in text and "BatchNorm" in text
     assert "warning" not in text
     plain, info = predict_adapted(image, model)
     assert info == {"adapted": False, "resampled": None, "context_collapsed": False,
-                    "sections_fit": True}
+                    "sections_fit": True, "z_step_px": None}  # noise: no estimate
     assert describe(info) == "" and plain.shape == image.shape
 
 
@@ -185,3 +185,39 @@ def test_preview_slice_is_predicted_at_the_model_scale():
 
     np.testing.assert_array_equal(predict_slice_adapted(image, model, 2, voxel_size=(5, 5, 5)),
                                   predict_slice(image, model, 2))
+
+
+def test_z_step_tells_fib_sem_slices_from_serial_sections(fixtures_dir):
+    import tifffile
+
+    from napari_emseg.adapt import z_step_pixels
+
+    fib = tifffile.imread(fixtures_dir / "lucchi_crop_image.tif")  # 5 nm isotropic
+    sstem = tifffile.imread(fixtures_dir / "isbi_crop_image.tif")  # 4x4x50 nm
+    assert 0.5 < z_step_pixels(fib) < 1.6
+    assert z_step_pixels(sstem) > 4
+    # a smooth volume stretched along z: twice the stretch, about twice the step
+    rng = np.random.default_rng(0)
+    from scipy import ndimage as ndi
+
+    smooth = ndi.gaussian_filter(rng.normal(size=(40, 96, 96)), 3)
+    one, three = z_step_pixels(smooth), z_step_pixels(smooth[::3])
+    assert 0.6 < one < 1.5 and 2.2 < three / one < 3.8
+    assert z_step_pixels(fib[:1]) is None and z_step_pixels(_volume()) is None  # noise
+
+
+def test_unknown_voxel_size_on_serial_sections_predicts_slice_by_slice(fixtures_dir):
+    import tifffile
+
+    sstem = tifffile.imread(fixtures_dir / "isbi_crop_image.tif").astype(np.float32)
+    fib = tifffile.imread(fixtures_dir / "lucchi_crop_image.tif")[:4].astype(np.float32)
+    model = _model(context=1, voxel_size_nm=[5.0, 5.0, 5.0])
+    prob, info = predict_adapted(sstem, model)
+    assert info["context_collapsed"] and info["z_step_px"] > 4 and info["resampled"] is None
+    np.testing.assert_allclose(prob, predict_adapted(sstem, model,
+                                                     voxel_size=(50.0, 5.0, 5.0))[0], atol=1e-6)
+    assert describe(info).startswith("voxel size unknown: adjacent slices differ as much as")
+    _, info = predict_adapted(fib, model)  # FIB-SEM: its neighbours are used
+    assert not info["context_collapsed"] and info["z_step_px"] < 2
+    _, info = predict_adapted(sstem, model, voxel_size=(5.0, 5.0, 5.0))  # said: obeyed
+    assert not info["context_collapsed"] and info["z_step_px"] is None

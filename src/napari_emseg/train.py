@@ -30,6 +30,7 @@ from .adapt import (
     TRAIN_FINER_TOLERANCE,
     adapt_batchnorm,
     feature_shift,
+    section_voxel,
     sections_fit,
     to_model_scale,
 )
@@ -1262,7 +1263,7 @@ def choose_start(model, alternatives: Sequence[Any], image: np.ndarray, painted:
     -------
     The start, and ``{name: score}`` of the models measured (empty when none was).
     """
-    flat = [] if sections_fit(model, voxel_size) else [
+    flat = [] if sections_fit(model, section_voxel(model, image, voxel_size)[0]) else [
         a for a in map(_as_model, alternatives)
         if a.config["dims"] == 2 and _same_classes(a, model)]
     if flat:
