@@ -612,11 +612,17 @@ def test_fine_tune_trains_at_the_models_voxel_size(crop):
     painted = np.zeros(img.shape, np.uint8)
     painted[3, ::6, :] = 1 + (mask[3, ::6, :] > 0)
     cfg = TrainConfig(steps=2, batch_size=2, patch=(64, 64), val_every=2, threads=2)
-    res = fine_tune(model, img, painted, cfg, recipe="near", voxel_size=(50.0, 10.0, 10.0))
+    logs = []
+    res = fine_tune(model, img, painted, cfg, recipe="near", voxel_size=(50.0, 10.0, 10.0),
+                    on_log=logs.append)
+    said = next(rec["adaptation"] for rec in logs if "recipe" in rec)
+    assert "resampled to the model's voxel size" in said and "without its neighbours" in said
     training = res.model.meta["training"]
     assert training["resampled"] == [1.0, 2.0, 2.0]  # 10 nm pixels seen at 5 nm
     assert training["context_collapsed"] and res.model.config["in_channels"] == 1
-    plain = fine_tune(model, img, painted, cfg, recipe="near")
+    logs.clear()
+    plain = fine_tune(model, img, painted, cfg, recipe="near", on_log=logs.append)
+    assert not any("adaptation" in rec for rec in logs)  # nothing changed: nothing said
     assert plain.model.meta["training"]["resampled"] is None
     assert plain.model.config["in_channels"] == 3
 

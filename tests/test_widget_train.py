@@ -476,6 +476,8 @@ def test_qt_free_helpers():
     assert recipe_text({"recipe": "far", "painted_iou_before": 0.25}).startswith("recipe far")
     assert "0.250" in recipe_text({"recipe": "far", "painted_iou_before": 0.25})
     assert recipe_text({}) == ""
+    assert recipe_text({"recipe": "near", "painted_iou_before": 0.5,
+                        "adaptation": "sections thicker …"}).endswith("0.500; sections thicker …")
     swapped = recipe_text({"recipe": "near", "painted_iou_before": 0.6, "start": "b",
                            "start_scores": {"a": 0.1, "b": 0.6}})
     assert swapped == ("started from b instead of a: it fits your strokes better (IoU on "

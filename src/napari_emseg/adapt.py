@@ -507,7 +507,7 @@ def describe(info: dict) -> str:
                      + "×".join(f"{f:g}" for f in info["resampled"]) + ")")
     if info.get("context_collapsed"):
         parts.append("sections thicker than those the model was trained on: each slice is "
-                     "predicted on its own, without its neighbours")
+                     "read on its own, without its neighbours")
     if info.get("adapted"):
         parts.append("BatchNorm statistics re-estimated on this volume")
     if info.get("serial_models"):

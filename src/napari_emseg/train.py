@@ -29,6 +29,7 @@ from ._normalize import DEFAULT_NORMALIZATION, apply_normalization, normalizatio
 from .adapt import (
     TRAIN_FINER_TOLERANCE,
     adapt_batchnorm,
+    describe,
     feature_shift,
     section_voxel,
     sections_fit,
@@ -1059,8 +1060,9 @@ def fine_tune(
     regions, before, shift, chosen = start.regions, start.before, start.shift, start.recipe
     start_info = {"start": start.name, "start_scores": scores} if scores else {}
     if on_log:
+        note = describe(scaled)  # resampled, read slice by slice, and why
         on_log({"recipe": chosen, "painted_iou_before": before, "feature_shift": shift,
-                **start_info})
+                **start_info, **({"adaptation": note} if note else {})})
     meta = dict(model.meta)
     if "threshold" in meta:  # tuned for the old weights; re-chosen on the painted voxels
         meta["threshold"] = FINE_TUNED_THRESHOLD

@@ -127,10 +127,10 @@ def recipe_text(record: dict) -> str:
     what = {"near": "gentle fine-tuning", "far": "BatchNorm re-estimated, larger steps"}
     text = f"recipe {recipe} ({what.get(recipe, recipe)})"
     if record.get("start_scores"):  # the scores say it (and the IoU before)
-        return f"{start_text(record['start'], record['start_scores'])}; {text}"
-    if before is not None:
+        text = f"{start_text(record['start'], record['start_scores'])}; {text}"
+    elif before is not None:
         text += f"; IoU on painted voxels before training {before:.3f}"
-    return text
+    return f"{text}; {record['adaptation']}" if record.get("adaptation") else text
 
 
 def _slug(text: str) -> str:

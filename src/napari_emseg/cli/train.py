@@ -204,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
                              f"{_fmt(rec.get('painted_iou_before'))})\n")
             if rec.get("start_scores"):
                 sys.stderr.write(f"  {start_text(rec['start'], rec['start_scores'])}\n")
+            if rec.get("adaptation"):
+                sys.stderr.write(f"  {rec['adaptation']}\n")
             return
         sys.stderr.write(f"\n  step {rec['step']}: loss {rec['loss']:.4f}, "
                          f"val IoU on painted voxels {rec['val_iou']:.4f}\n")
