@@ -208,6 +208,7 @@ def test_one_voxel_size_for_every_dock_even_from_napari_s_tiff_reader(make_napar
     pw = open_widget(viewer, "Predict")
     tw = open_widget(viewer, "Train from annotations")
     assert pw.voxel.value == "50,4,4"  # from the file's metadata
+    assert TYPED_VOXEL not in layer.metadata  # nothing typed: the layer's own stays live
     assert tw.voxel_size() == pytest.approx((50.0, 4.0, 4.0))
     assert pw.adaptation()["voxel_size"] == pytest.approx((50.0, 4.0, 4.0))
 

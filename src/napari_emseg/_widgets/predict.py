@@ -90,6 +90,11 @@ def image_voxel_size(layer: Image | None) -> tuple[float, ...] | None:
             return parse_voxel_size(str(typed))
         except ValueError:
             pass
+    return _known_voxel_size(layer)
+
+
+def _known_voxel_size(layer: Image) -> tuple[float, ...] | None:
+    """The voxel size from the layer's scale, else from its file's metadata."""
     from .._writer import layer_voxel_size
 
     ndim = layer_array(layer).ndim
@@ -610,10 +615,13 @@ class PredictWidget(ScrollingDock, ModelChoices, CancellableJobOwner, Container)
         if layer is None:
             return
         try:
-            parse_voxel_size(str(text))
+            typed = parse_voxel_size(str(text))
         except ValueError:
             return
-        layer.metadata[TYPED_VOXEL] = str(text)
+        if typed == _known_voxel_size(layer):  # nothing typed over: follow the layer
+            layer.metadata.pop(TYPED_VOXEL, None)
+        else:
+            layer.metadata[TYPED_VOXEL] = str(text)
 
     def _show_advanced(self, visible: bool) -> None:
         for widget in self._advanced:
