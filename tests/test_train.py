@@ -869,7 +869,10 @@ def test_a_fine_tune_learns_slightly_finer_pixels_as_they_are_and_records_them(c
     painted = _fg_bg_strokes(img.shape)
     cfg = TrainConfig(steps=1, batch_size=2, patch=(64, 64), minutes=None)
     assert voxel_scale((5, 4, 4), (5, 5, 5)) == (1.0, 0.8, 0.8)  # prediction would resample
-    res = fine_tune(model(), img, painted, cfg, recipe="near", voxel_size=(5.0, 4.0, 4.0))
+    seen = []  # the previews see the model at the scale it learns at
+    res = fine_tune(model(), img, painted, cfg, recipe="near", voxel_size=(5.0, 4.0, 4.0),
+                    preview=lambda net, _s: seen.append(list(net.meta["voxel_size_nm"])))
+    assert seen and all(v == [5.0, 4.0, 4.0] for v in seen)
     assert res.model.meta["training"]["resampled"] is None
     assert res.model.meta["voxel_size_nm"] == [5.0, 4.0, 4.0]
     assert voxel_scale((5, 4, 4), tuple(res.model.meta["voxel_size_nm"])) is None

@@ -1081,8 +1081,9 @@ def fine_tune(
                         "history_before": list(meta.get("training", {})
                                                .get("history", []))[-20:]}
     meta.pop("source", None)
-    if voxel_size and not scaled["resampled"]:  # learnt at the volume's own pixels
-        meta["voxel_size_nm"] = [float(v) for v in voxel_size]
+    if voxel_size and not scaled["resampled"]:  # learnt at the volume's own pixels,
+        meta["voxel_size_nm"] = [float(v) for v in voxel_size]  # and previewed there
+        model.meta = {**model.meta, "voxel_size_nm": meta["voxel_size_nm"]}
     result = _train_loop(model, imgs, tgts, _val_crops(imgs, tgts, cfg, sparse=True), cfg,
                          sparse=True, checkpoint=checkpoint, meta=meta, progress=progress,
                          cancel=cancel, on_log=on_log, resume=False, save_state=False,
