@@ -221,3 +221,21 @@ def test_unknown_voxel_size_on_serial_sections_predicts_slice_by_slice(fixtures_
     assert not info["context_collapsed"] and info["z_step_px"] < 2
     _, info = predict_adapted(sstem, model, voxel_size=(5.0, 5.0, 5.0))  # said: obeyed
     assert not info["context_collapsed"] and info["z_step_px"] is None
+
+
+def test_one_slice_preview_reads_serial_sections_as_the_whole_volume_does(fixtures_dir):
+    import tifffile
+
+    from napari_emseg.adapt import predict_slice_adapted
+    from napari_emseg.workflows import predict_image
+
+    sstem = tifffile.imread(fixtures_dir / "isbi_crop_image.tif").astype(np.float32)
+    model = _model(context=1, voxel_size_nm=[5.0, 5.0, 5.0])
+    volume, info = predict_adapted(sstem, model)  # voxel size unknown: estimated thick
+    assert info["context_collapsed"]
+    one = predict_slice_adapted(sstem, model, 2)
+    np.testing.assert_allclose(one, volume[2], atol=1e-5)
+    shown, _thr, _note = predict_image(sstem, model=model, z=2)  # the Predict dock's path
+    np.testing.assert_allclose(shown, volume[2], atol=1e-5)
+    stated = predict_slice_adapted(sstem, model, 2, voxel_size=(5.0, 5.0, 5.0))
+    assert np.abs(stated - volume[2]).max() > 1e-4  # neighbours used when told FIB-SEM

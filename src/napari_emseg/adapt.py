@@ -454,9 +454,11 @@ def predict_slice_adapted(image: np.ndarray, model, z: int, *,
                           **predict_kwargs) -> np.ndarray:
     """Probabilities of slice ``z``, predicted at the model's voxel size.
 
-    The live preview of a fine-tune that trains at the model's scale: only the
-    slices around ``z`` are resampled (y/x, and z for 3D models), with the
-    grey-value range of the whole image.
+    The live preview of a fine-tune that trains at the model's scale, and the
+    Predict dock's one-slice preview: only the slices around ``z`` are resampled
+    (y/x, and z for 3D models), with the grey-value range of the whole image; a
+    2.5D model on sections too thick for it reads the slice alone, as
+    :func:`predict_adapted` does.
 
     Parameters
     ----------
@@ -473,6 +475,7 @@ def predict_slice_adapted(image: np.ndarray, model, z: int, *,
     from .predict import predict_slice
 
     image = np.asarray(image)
+    model = _fitting_context(model, image, voxel_size)
     factors = voxel_scale(voxel_size, model.meta.get("voxel_size_nm"), model.config["dims"])
     if not factors:
         return predict_slice(image, model, z, **predict_kwargs)
@@ -488,6 +491,16 @@ def predict_slice_adapted(image: np.ndarray, model, z: int, *,
     if prob.ndim == 2:
         return resample(prob[None], shape=shape)[0]
     return np.stack([resample(p[None], shape=shape)[0] for p in prob])
+
+
+def _fitting_context(model, image: np.ndarray, voxel_size: tuple[float, ...] | None):
+    """``model``, with its 2.5D context collapsed when the sections are too thick for it."""
+    if model.config["dims"] != 2 or not int(model.meta.get("context", 0) or 0):
+        return model
+    from .models.unet import collapse_context
+
+    sections, _ = section_voxel(model, image, voxel_size)
+    return model if context_fits(model, sections) else collapse_context(model)
 
 
 def describe(info: dict) -> str:

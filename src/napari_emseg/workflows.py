@@ -215,9 +215,13 @@ def predict_image(image: np.ndarray, *, model, z: int | None = None,
                          image_label=image_label)
     threshold = getattr(net, "meta", {}).get("threshold")
     opts = dict(options or {})
-    if z is not None and image.ndim == 3:
-        return engine.predict_slice(image, net, z, progress=progress, cancel=cancel,
-                                    **opts), threshold, ""
+    if z is not None and image.ndim == 3:  # as the whole volume would be, without AdaBN
+        from .adapt import predict_slice_adapted
+
+        given = adaptation or {}
+        voxel = given.get("voxel_size") if given.get("resample_to_model", True) else None
+        return predict_slice_adapted(image, net, z, voxel_size=voxel, progress=progress,
+                                     cancel=cancel, **opts), threshold, ""
     if planes:
         if image.ndim != 3:
             raise ValueError(f"{image_label} is 2D: predicting along z, y and x needs a "

@@ -529,8 +529,8 @@ class PredictWidget(ScrollingDock, ModelChoices, CancellableJobOwner, Container)
         self.browse = FileEdit(label="checkpoint file", mode="r", filter="*.pt",
                                tooltip="Browse… for a napari-emseg checkpoint (.pt)")
         self.extent = ComboBox(label="run on", choices=list(EXTENTS), value="volume",
-                               tooltip="Whole volume, or only the slice shown (fast preview, "
-                                       "without adaptation), or the whole volume sectioned "
+                               tooltip="Whole volume, or only the slice shown (fast preview: "
+                                       "at the model's voxel size, without AdaBN), or the whole volume sectioned "
                                        "along z, y and x and averaged (one-slice 2D models "
                                        "on isotropic volumes such as FIB-SEM: boundaries "
                                        "lying in a section become visible; 3× the time)")
