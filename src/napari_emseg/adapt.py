@@ -248,7 +248,7 @@ def z_step_pixels(volume, pairs: int = 8, max_shift: int = 32, crop: int = 512) 
     The median correlation of adjacent slices is matched with the correlation
     of a slice and itself shifted by ``d`` pixels in y and x: the ``d`` (linearly
     interpolated) where the two are equal. Measured: Lucchi++ (5 nm FIB-SEM)
-    1.0, FlyEM (10 nm FIB-SEM) 1.3, ISBI 2012 (4×4×50 nm ssTEM) 9–10.
+    1.1, FlyEM (10 nm FIB-SEM) 1.2, ISBI 2012 (4×4×50 nm ssTEM, truly 12.5) 11–12.5.
 
     Parameters
     ----------
@@ -347,8 +347,8 @@ def to_model_scale(model, image: np.ndarray, labels: np.ndarray | None,
     """``(model, image, labels, info)`` as the model saw its training data.
 
     A 2.5D model whose sections would be much thicker than in training becomes
-    a one-slice model (:func:`context_fits`); an image more than
-    off the model's voxel size (:func:`scale_fits`) is resampled to it
+    a one-slice model (:func:`context_fits`); an image whose voxel size does not
+    fit the model's (:func:`scale_fits`) is resampled to it
     (labels by nearest neighbour) when ``resample_image``. Nothing changes
     when ``voxel_size`` is None, except that the section checks then use the
     z step estimated from the image (:func:`section_voxel`).

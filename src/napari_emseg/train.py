@@ -1154,6 +1154,12 @@ class LiveStrokes:
         return _loss_targets(self.image, targets if targets.ndim == 3 else targets[None])
 
 
+def model_classes(model) -> int:
+    """Classes a model tells apart, background included (2 for a one-output binary model)."""
+    n_out = int(model.config["out_channels"])
+    return 2 if n_out == 1 else n_out
+
+
 def _check_painted(model, image: np.ndarray, painted: np.ndarray) -> int:
     """Check painted labels against the image and the model; returns the class count."""
     _check_pair(image, painted, "fine-tune")
@@ -1162,8 +1168,7 @@ def _check_painted(model, image: np.ndarray, painted: np.ndarray) -> int:
                          "foreground (2..) strokes first")
     if painted.min() < 0:
         raise ValueError("painted labels must be >= 0 (0 = unlabeled)")
-    n_out = model.config["out_channels"]
-    n_classes = 2 if n_out == 1 else n_out
+    n_classes = model_classes(model)
     if int(painted.max()) > n_classes:
         raise ValueError(
             f"painted label {int(painted.max())} needs class {int(painted.max()) - 1}, "

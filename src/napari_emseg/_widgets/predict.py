@@ -530,8 +530,9 @@ class PredictWidget(ScrollingDock, ModelChoices, CancellableJobOwner, Container)
                                tooltip="Browse… for a napari-emseg checkpoint (.pt)")
         self.extent = ComboBox(label="run on", choices=list(EXTENTS), value="volume",
                                tooltip="Whole volume, or only the slice shown (fast preview: "
-                                       "at the model's voxel size, without AdaBN), or the whole volume sectioned "
-                                       "along z, y and x and averaged (one-slice 2D models "
+                                       "at the model's voxel size, without AdaBN), or the "
+                                       "whole volume sectioned along z, y and x and "
+                                       "averaged (one-slice 2D models "
                                        "on isotropic volumes such as FIB-SEM: boundaries "
                                        "lying in a section become visible; 3× the time)")
         self.voxel = LineEdit(label="voxel size (nm)", value="",

@@ -19,6 +19,7 @@ from ..train import (
     TrainConfig,
     fine_tune,
     fit,
+    model_classes,
     new_model,
     one_class_warning,
     painted_classes,
@@ -157,8 +158,7 @@ def _check_labels(args: argparse.Namespace, labels: np.ndarray, painted: np.ndar
     Dense labels above the model's classes are refused with a pointer to
     ``--painted``; strokes of one class only get a warning (as in the Train dock).
     """
-    n_out = model.config["out_channels"]
-    foreground = 1 if n_out == 1 else n_out - 1
+    foreground = model_classes(model) - 1
     top = int(labels.max()) if labels.size else 0
     if not args.painted and top > foreground:
         raise ValueError(
