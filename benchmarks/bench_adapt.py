@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_finetune
 DATA = REPO.parent / "shared" / "data"
 OUT = REPO / "benchmarks" / "results"
 TIMES = (15, 30, 60, 120, 180)
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)  # the end result scored at each (is the chosen one better?)
 # "new-live" / "rf-live": the user paints LIVE_FIRST of the 3 slices' pixels, then looks
 # at the prediction of those slices at each of LIVE_LOOKS (s) and corrects its largest
 # errors, up to 1 % in all (in even steps)
@@ -241,12 +242,16 @@ def run_unet(model_name: str, img, mask, painted, scored, config, recipe: str,
         curve.append({"seconds": round(seconds, 1), "iou_at_0.5": round(iou, 4)})
         print(f"  {label}: {seconds:6.1f} s  IoU {iou:.4f}", flush=True)
     res.model.load_state_dict(state)
-    final = iou_rest(predict_volume(img, res.model) > final_t, mask, scored)
+    prob = predict_volume(img, res.model)
+    final = iou_rest(prob > final_t, mask, scored)
+    by_threshold = {f"{t:.1f}": round(iou_rest(prob > t, mask, scored), 4)
+                    for t in THRESHOLDS}
     training = res.model.meta.get("training", {})
     print(f"  {label}: end {wall:.1f} s, {res.steps} steps, IoU {final:.4f} at {final_t}",
           flush=True)
     return {"curve": curve, "final_iou": round(final, 4), "final_threshold": final_t,
             "threshold_source": res.model.meta.get("threshold_source"),
+            "final_iou_by_threshold": by_threshold,
             "painted_pixels": training.get("painted_voxels"),
             "seconds": round(wall, 1), "steps": res.steps,
             "steps_per_second": round(res.steps / max(res.seconds, 1e-9), 2),

@@ -402,3 +402,21 @@ def test_segment_says_what_the_size_filter_removed(tmp_path, capsys):
                  "--dims", "3", "--zfilter", "0", "--min-size", "5000", "--quiet"]) == 0
     assert ("0 objects (2 smaller ones removed by --min-size 5000; lower it to keep them)"
             in capsys.readouterr().out)
+
+
+def test_segment_fits_the_defaults_to_thick_sections_unless_given(tmp_path, capsys):
+    from test_postprocess import short_objects
+
+    from napari_emseg.io import write_volume
+
+    src = tmp_path / "p.tif"
+    write_volume(src, short_objects(), voxel_size=(50.0, 4.0, 4.0))
+    assert main(["segment", str(src), str(tmp_path / "a.tif")]) == 0
+    out = capsys.readouterr()
+    assert "z-filter 5 → off, min size 2000 → 160 voxels" in out.err
+    assert "2 objects" in out.out and read_labels(tmp_path / "a.tif").max() == 2
+    # a value given stays: a z-median of 5 sections erases the 2-section objects
+    assert main(["segment", str(src), str(tmp_path / "b.tif"), "--zfilter", "5"]) == 0
+    out = capsys.readouterr()
+    assert "min size 2000 → 160 voxels" in out.err and "z-filter" not in out.err
+    assert read_labels(tmp_path / "b.tif").max() == 0

@@ -373,3 +373,53 @@ def test_segmentation_counts_what_the_size_filter_removed():
     assert result.summary(100) == "1 instances (2 smaller than 100 voxels removed)"
     kept = segment(prob, method="components", dims=3, zfilter=0, min_size=0)
     assert kept.labels.max() == 3 and kept.dropped == 0 and kept.summary() == "3 instances"
+
+
+# ------------------------------------------------------- settings fitted to thick sections
+def short_objects(nz: int = 7) -> np.ndarray:
+    """(nz, 64, 96) probabilities: two discs cut by only 2 sections (slices 2-3)."""
+    yy, xx = np.mgrid[:64, :96]
+    disc = ((yy - 32) ** 2 + (xx - 25) ** 2 < 144) | ((yy - 32) ** 2 + (xx - 70) ** 2 < 144)
+    prob = np.full((nz, 64, 96), 0.05, np.float32)
+    prob[2:4][:, disc] = 0.95
+    return prob
+
+
+def test_fit_to_sections_divides_the_z_settings_by_the_thickness():
+    s = pp.SegmentSettings()
+    fitted, note = pp.fit_to_sections(s, 12.5)
+    assert (fitted.zfilter, fitted.min_size) == (0, 160)
+    assert note == ("sections 12.5× thicker than the settings were tuned for: "
+                    "z-filter 5 → off, min size 2000 → 160 voxels")
+    assert pp.fit_to_sections(s, 1.9) == (s, "") and pp.fit_to_sections(s, None) == (s, "")
+    kept, note = pp.fit_to_sections(s, 12.5, keep=["zfilter"])
+    assert (kept.zfilter, kept.min_size) == (5, 160) and "z-filter" not in note
+    assert pp.fit_to_sections(s.updated(zfilter=15), 3.0)[0].zfilter == 5  # stays odd
+    assert pp.fit_to_sections(s.updated(zfilter=0, min_size=0), 12.5) == (
+        s.updated(zfilter=0, min_size=0), "")
+
+
+def test_thick_sections_keep_objects_the_defaults_erase():
+    prob = short_objects()
+    assert pp.segment(prob).labels.max() == 0  # z-median 5 and 2000 voxels: both gone
+    fitted, note = pp.fit_to_data(pp.SegmentSettings(), prob, voxel_size=(50.0, 4.0, 4.0))
+    assert "12.5×" in note
+    assert pp.segment(prob, fitted, spacing=(12.5, 1, 1)).labels.max() == 2
+    # settings tuned on such sections (the model's voxel size) are left as they are
+    meta = {"voxel_size_nm": [50.0, 4.0, 4.0]}
+    assert pp.fit_to_data(pp.SegmentSettings(), prob, (50.0, 4.0, 4.0), meta=meta)[1] == ""
+    assert pp.tuned_ratio({"voxel_size_nm": [5.0, 5.0]}) == 1.0  # a 2D model: isotropic
+
+
+def test_section_ratio_from_the_voxel_size_or_estimated(fixtures_dir):
+    import tifffile
+
+    mask = tifffile.imread(fixtures_dir / "lucchi_crop_mask.tif").astype(np.float32)
+    assert pp.section_ratio(mask, (50.0, 4.0, 4.0)) == 12.5
+    assert pp.section_ratio(mask[0]) is None
+    isotropic = pp.section_ratio(mask)  # FIB-SEM, 5 nm: smooth maps overstate it
+    assert isotropic < pp.ESTIMATED_THICK
+    assert pp.fit_to_data(pp.SegmentSettings(), mask)[1] == ""
+    every_sixth = pp.section_ratio(mask[::6])  # 30 nm sections
+    assert every_sixth > pp.ESTIMATED_THICK
+    assert "thicker" in pp.fit_to_data(pp.SegmentSettings(), mask[::6])[1]

@@ -242,3 +242,19 @@ def test_segment_takes_the_model_segment_settings_from_the_layer(make_napari_vie
     run(qtbot, sw, notes)
     np.testing.assert_array_equal(viewer.layers["em objects 3D"].data,
                                   segment(prob, segment_defaults(meta)).objects)
+
+
+def test_segment_fits_the_defaults_to_thick_sections(make_napari_viewer, qtbot, notes):
+    from test_postprocess import short_objects
+
+    viewer = make_napari_viewer()
+    viewer.add_image(short_objects(), name="em probabilities", scale=(50.0, 4.0, 4.0))
+    sw = open_widget(viewer, "Segment instances")
+    run(qtbot, sw, notes)
+    assert viewer.layers["em instances"].data.max() == 2
+    assert (sw.zfilter.value, sw.min_size.value) == (0, 160)  # shown as used
+    assert "z-filter 5 → off" in sw.status.value and "thicker" in notes.infos[-1]
+    sw.min_size.value = 5000  # typed: kept
+    run(qtbot, sw, notes)
+    assert viewer.layers["em instances"].data.max() == 0
+    assert "thicker" not in sw.status.value

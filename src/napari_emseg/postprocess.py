@@ -833,6 +833,110 @@ def segment_defaults(meta: Mapping | None = None) -> SegmentSettings:
     return SegmentSettings(**given)
 
 
+#: sections this many times thicker than where the settings were tuned get z-settings fitted
+THICK_SECTIONS = 2.0
+#: without a voxel size, a section ratio estimated from probabilities counts from this on:
+#: smooth maps overstate it (Lucchi++ FIB-SEM, truly 1: probabilities 1.5, mask 2.4;
+#: ISBI 2012, truly 12.5: 15.8)
+ESTIMATED_THICK = 4.0
+
+
+def section_ratio(prob, voxel_size: Sequence[float] | None = None) -> float | None:
+    """How many in-plane pixels thick a section of ``prob`` is (1 = isotropic).
+
+    From ``voxel_size`` (z, y, x) when known, else estimated from how alike
+    adjacent slices are (:func:`napari_emseg.adapt.z_step_pixels`, numpy only).
+
+    Parameters
+    ----------
+    prob : array-like (Z, Y, X); 2D input gives None
+    voxel_size : (z, y, x) in any unit, optional
+    """
+    if voxel_size is not None and len(tuple(voxel_size)) == 3:
+        z, y, x = (float(v) for v in voxel_size)
+        return z / ((y + x) / 2) if y > 0 and x > 0 else None
+    if np.ndim(prob) != 3 or np.shape(prob)[0] < 2:
+        return None
+    from .adapt import z_step_pixels
+
+    return z_step_pixels(prob)
+
+
+def tuned_ratio(meta: Mapping | None) -> float:
+    """The section ratio (z / in-plane voxel size) a model's segment settings were tuned at.
+
+    1.0 (isotropic, as the defaults) unless ``meta["voxel_size_nm"]`` is (z, y, x).
+    """
+    voxel = (meta or {}).get("voxel_size_nm")
+    if not voxel or len(voxel) != 3:
+        return 1.0
+    return float(voxel[0]) / ((float(voxel[1]) + float(voxel[2])) / 2)
+
+
+def fit_to_sections(settings: SegmentSettings, factor: float | None,
+                    keep: Sequence[str] = ()) -> tuple[SegmentSettings, str]:
+    """Settings tuned at one section thickness, fitted to sections ``factor`` times thicker.
+
+    The z-median window and the minimum object size count slices, so on
+    sections at least :data:`THICK_SECTIONS` times thicker (relative to their
+    pixels) both are divided by ``factor``: a z-median of 5 FIB-SEM slices
+    spans 25 nm, on 50 nm serial sections it would erase every object cut by
+    fewer than 3 sections. Fields named in ``keep`` (given by the user) stay.
+
+    Parameters
+    ----------
+    settings : SegmentSettings
+    factor : section ratio of the data / that of the settings' tuning, or None
+    keep : field names not to change
+
+    Returns
+    -------
+    (settings, note) : the note says what changed ("" when nothing did)
+    """
+    if not factor or factor < THICK_SECTIONS:
+        return settings, ""
+    changes = {}
+    if "zfilter" not in keep and settings.zfilter > 1:
+        window = int(settings.zfilter / factor)
+        window -= 1 - window % 2  # odd
+        changes["zfilter"] = window if window >= 3 else 0
+    if "min_size" not in keep and settings.min_size:
+        changes["min_size"] = max(1, round(settings.min_size / factor))
+    changes = {k: v for k, v in changes.items() if v != getattr(settings, k)}
+    if not changes:
+        return settings, ""
+    said = []
+    if "zfilter" in changes:
+        said.append(f"z-filter {settings.zfilter} → {changes['zfilter'] or 'off'}")
+    if "min_size" in changes:
+        said.append(f"min size {settings.min_size} → {changes['min_size']} voxels")
+    note = (f"sections {factor:.1f}× thicker than the settings were tuned for: "
+            f"{', '.join(said)}")
+    return settings.updated(**changes), note
+
+
+def fit_to_data(settings: SegmentSettings, prob, voxel_size: Sequence[float] | None = None,
+                keep: Sequence[str] = (), meta: Mapping | None = None
+                ) -> tuple[SegmentSettings, str]:
+    """:func:`fit_to_sections` for the sections of ``prob``.
+
+    Parameters
+    ----------
+    settings : SegmentSettings
+    prob : array-like (Z, Y, X), the probabilities to segment
+    voxel_size : (z, y, x), optional; else estimated from ``prob`` (counted only from
+        :data:`ESTIMATED_THICK` on)
+    keep : field names given by the user (not changed)
+    meta : the predicting model's metadata, for the thickness its settings
+        were tuned at (:func:`tuned_ratio`; the defaults: isotropic)
+    """
+    ratio = section_ratio(prob, voxel_size)
+    if voxel_size is None and ratio is not None and ratio < ESTIMATED_THICK:
+        ratio = None
+    factor = None if ratio is None else ratio / tuned_ratio(meta)
+    return fit_to_sections(settings, factor, keep)
+
+
 @dataclass(frozen=True)
 class Segmentation:
     """Result of :func:`segment`.

@@ -274,6 +274,11 @@ class SegmentWidget(ScrollingDock, CancellableJobOwner, Container):
             min_slices=int(self.min_slices.value),
         )
 
+    def _typed_section_settings(self) -> list[str]:
+        """The z-filter and minimum size when changed from the values the dock started with."""
+        return [name for name in ("zfilter", "min_size")
+                if getattr(self, name).value != getattr(self._base, name)]
+
     def neuron_parameters(self) -> dict:
         """Keyword arguments for :func:`napari_emseg.neurons.segment_neurons`."""
         return {"dims": self.method.value[1], "threshold": float(self.threshold.value),
@@ -318,20 +323,29 @@ class SegmentWidget(ScrollingDock, CancellableJobOwner, Container):
         spacing = _spacing(layer, prob) if settings.dims == 3 else None
         name = base_name(layer.name)
         viewer = self._viewer
+        voxel, keep = _anisotropic_scale(layer), self._typed_section_settings()
+        fitted = {"note": ""}
 
         def work(progress, cancel, _log):
             from .. import postprocess
 
-            return postprocess.segment(prob, settings, spacing=spacing, progress=progress,
+            used, fitted["note"] = postprocess.fit_to_data(settings, prob, voxel, keep)
+            fitted["settings"] = used
+            return postprocess.segment(prob, used, spacing=spacing, progress=progress,
                                        cancel=cancel)
 
         def show(result) -> None:
+            if fitted["note"]:
+                self.show_settings(fitted["settings"], {"zfilter", "min_size"})
+                jobs.info(f"Segment: {fitted['note']} (type other values to choose them)")
             layers.set_layer(viewer, f"{name} instances", result.instances, "labels",
                               source=layer)
             if result.objects is not None:
                 layers.set_layer(viewer, f"{name} objects 3D", result.objects, "labels",
                                   source=layer)
-            self.status.value = result.summary(settings.min_size)
+            self.status.value = result.summary(fitted["settings"].min_size)
+            if fitted["note"]:
+                self.status.value += f"; {fitted['note']}"
             if result.dropped and not result.labels.any():
                 jobs.warning(f"Segment: {self.status.value}: lower the minimum size to "
                              "keep them")
@@ -372,6 +386,7 @@ class SegmentWidget(ScrollingDock, CancellableJobOwner, Container):
                                                  min_volume=None)
         name = f"{base_name(layer.name)} preview"
         viewer = self._viewer
+        voxel, keep = _anisotropic_scale(layer), self._typed_section_settings()
 
         def work(progress, cancel, _log):
             from .. import postprocess
@@ -380,8 +395,9 @@ class SegmentWidget(ScrollingDock, CancellableJobOwner, Container):
             if membranes:
                 plane = np.asarray(prob[z] if z is not None else prob)
                 return segment_neurons(plane, **neuron_params, progress=progress, cancel=cancel)
-            slab, k = _slab(prob, z, settings.zfilter)
-            labels = postprocess.segment(slab, settings, progress=progress,
+            used, _note = postprocess.fit_to_data(settings, prob, voxel, keep)
+            slab, k = _slab(prob, z, used.zfilter)
+            labels = postprocess.segment(slab, used, progress=progress,
                                          cancel=cancel).instances
             return labels if k is None else postprocess.relabel_sequential(labels[k])
 
@@ -407,6 +423,15 @@ class SegmentWidget(ScrollingDock, CancellableJobOwner, Container):
 
         where = f" slice {z}" if z is not None else ""
         return self._start(work, show, f"Preview {layer.name!r}{where}")
+
+
+def _anisotropic_scale(layer: Image) -> tuple[float, ...] | None:
+    """The layer's (z, y, x) scale when it says the sections are thicker or thinner, else None.
+
+    None (unknown) also for a scale of all ones: napari's default, not a measurement.
+    """
+    scale = tuple(float(v) for v in layer.scale[-3:])
+    return scale if layer.ndim >= 3 and len(set(scale)) > 1 else None
 
 
 def _spacing(layer: Image, prob) -> tuple[float, ...] | None:

@@ -27,7 +27,7 @@ from . import common
 from .blockwise import add_blockwise_arguments, run_blockwise_segment
 from .common import check_output, memory_guard, model_help, resolve_threshold
 
-__all__ = ["register", "run", "segment_settings"]
+__all__ = ["fitted_settings", "register", "run", "segment_settings"]
 
 #: SegmentSettings field -> ``emseg segment`` option (dest)
 SETTING_OPTIONS = {
@@ -168,6 +168,21 @@ def segment_settings(args: argparse.Namespace, meta: dict | None = None):
         raise ValueError("--track links 2D instances across slices: use it with --dims 2")
     settings = postprocess.segment_defaults(meta).updated(**given)
     return settings.updated(threshold=resolve_threshold(args, meta or {}))
+
+
+def fitted_settings(args: argparse.Namespace, settings, prob: np.ndarray,
+                    voxel: tuple[float, ...] | None, meta: dict | None):
+    """``settings`` fitted to thick sections (z-filter, min size) unless given as flags.
+
+    The section thickness comes from ``--spacing``, the voxel size, or the
+    probabilities themselves (:func:`napari_emseg.postprocess.section_ratio`).
+    """
+    keep = [field for field, dest in SETTING_OPTIONS.items()
+            if getattr(args, dest, None) is not None]
+    settings, note = postprocess.fit_to_data(settings, prob, args.spacing or voxel, keep, meta)
+    if note and not args.quiet:
+        print(f"{note} (give --zfilter / --min-size to choose them)", file=sys.stderr)
+    return settings
 
 
 def _model_meta(args: argparse.Namespace, model) -> dict | None:
@@ -341,6 +356,8 @@ def run(args: argparse.Namespace) -> int:
         voxel = common.voxel_size_of(args, args.input, volume.ndim)
         prob = _probabilities(args, volume, model, voxel)
         voxel = voxel if prob.ndim == volume.ndim else None  # a 2D image got a z axis
+        if settings is not None:
+            settings = fitted_settings(args, settings, prob, voxel, _model_meta(args, model))
         labels, found = _labels(args, prob, settings, voxel)
     path = write_labels(out, labels, voxel_size=voxel)
     print(f"{found}, shape {tuple(np.shape(labels))}, written to {path} "
