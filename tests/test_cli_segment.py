@@ -405,9 +405,8 @@ def test_segment_says_what_the_size_filter_removed(tmp_path, capsys):
 
 
 def test_segment_fits_the_defaults_to_thick_sections_unless_given(tmp_path, capsys):
-    from test_postprocess import short_objects
-
     from napari_emseg.io import write_volume
+    from test_postprocess import short_objects
 
     src = tmp_path / "p.tif"
     write_volume(src, short_objects(), voxel_size=(50.0, 4.0, 4.0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import tifffile
@@ -97,6 +99,21 @@ def test_fine_tune_writes_loadable_checkpoint_with_history(crop, tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(x), res.model.eval()(x), atol=1e-5)
     assert not (tmp_path / "ft.resume.pt").exists()
+
+
+def test_fine_tune_leaves_the_given_model_as_it_was(crop):
+    img, mask = crop
+    model = build_model(dict(dims=2, depth=3, width=8), {"context": 0, "name": "given"})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    meta = copy.deepcopy(model.meta)
+    painted = np.zeros(img.shape, np.uint8)
+    painted[4, ::8, :] = 1 + (mask[4, ::8, :] > 0)
+    cfg = TrainConfig(steps=4, batch_size=2, patch=(64, 64), val_every=2, threads=2)
+    res = fine_tune(model, img, painted, cfg, recipe="far", voxel_size=(5.0, 5.0, 5.0))
+    assert res.model is not model and model.meta == meta
+    for key, value in model.state_dict().items():  # weights and BatchNorm statistics
+        torch.testing.assert_close(value, before[key])
+    assert any(not torch.equal(v, before[k]) for k, v in res.model.state_dict().items())
 
 
 @pytest.mark.parametrize(

@@ -254,3 +254,32 @@ def test_save_labels_and_model(make_napari_viewer, qtbot, tmp_path, tiny, notes)
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), original(x))
+
+
+def test_save_suggests_a_free_name_and_never_replaces_a_layer_file(make_napari_viewer, qtbot,
+                                                                   tmp_path, notes):
+    from napari_emseg.io import read_volume, write_volume
+
+    em = tmp_path / "em.tif"
+    write_volume(em, np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8))
+    viewer = make_napari_viewer()
+    viewer.open(str(em), plugin="napari")
+    (tmp_path / "em_instances.tif").write_bytes(b"older work")
+    viewer.add_labels(np.ones((2, 8, 8), np.uint32), name="em instances")
+    vw = open_widget(viewer, "Save labels and model")
+    assert vw.labels_path.value == tmp_path / "em_instances_2.tif"  # beside the image, free
+    wait_job(qtbot, vw.save_labels())
+    assert (tmp_path / "em_instances.tif").read_bytes() == b"older work"
+    np.testing.assert_array_equal(np.asarray(read_volume(tmp_path / "em_instances_2.tif")), 1)
+
+    before = em.read_bytes()
+    vw.labels_path.value = str(em)  # the image's own file: refused, even with replace ticked
+    vw.replace.value = True
+    assert vw.save_labels() is None and "read from" in notes.errors[-1]
+    vw.replace.value = False
+    vw.labels_path.value = str(tmp_path / "em_instances.tif")
+    assert vw.save_labels() is None and "tick 'replace" in notes.errors[-1]
+    vw.replace.value = True
+    wait_job(qtbot, vw.save_labels())
+    assert em.read_bytes() == before
+    np.testing.assert_array_equal(np.asarray(read_volume(tmp_path / "em_instances.tif")), 1)

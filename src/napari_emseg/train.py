@@ -1047,9 +1047,10 @@ def fine_tune(
         which and why.
 
     Validation IoU is measured on the painted voxels (there is no held-out data).
-    ``result.model.meta["training"]`` records the recipe and the IoU before.
+    ``result.model.meta["training"]`` records the recipe and the IoU before. A
+    UNet given is copied first: it stays as it was, ``result.model`` is trained.
     """
-    model = _as_model(model_or_checkpoint)
+    model = _own_copy(model_or_checkpoint)
     image, painted = np.asarray(image), np.asarray(painted)
     n_classes = _check_painted(model, image, painted)
     original = painted
@@ -1202,6 +1203,15 @@ def _fine_tune_config(model, recipe: str, config: TrainConfig | None, n_classes:
     return _fit_patch(cfg, shape)
 
 
+def _own_copy(model_or_checkpoint):
+    """A model to train: a copy of a given UNet (the caller's stays as it was), else loaded."""
+    if hasattr(model_or_checkpoint, "config"):
+        import copy
+
+        return copy.deepcopy(model_or_checkpoint)
+    return _as_model(model_or_checkpoint)
+
+
 def _as_model(model_or_checkpoint):
     from .models.zoo import load_model
 
@@ -1272,7 +1282,7 @@ def choose_start(model, alternatives: Sequence[Any], image: np.ndarray, painted:
     The start, and ``{name: score}`` of the models measured (empty when none was).
     """
     flat = [] if sections_fit(model, section_voxel(model, image, voxel_size)[0]) else [
-        a for a in map(_as_model, alternatives)
+        a for a in map(_own_copy, alternatives)
         if a.config["dims"] == 2 and _same_classes(a, model)]
     if flat:
         starts = [measure_start(a, image, painted, voxel_size=voxel_size, **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -113,6 +114,14 @@ def base_name(layer_name: str) -> str:
         if layer_name.endswith(suffix):
             return layer_name[: -len(suffix)]
     return layer_name
+
+
+def source_path(layer: Layer) -> Path | None:
+    """The local file or folder ``layer`` was read from, or None."""
+    path = getattr(getattr(layer, "source", None), "path", None)
+    if not path or "://" in str(path):
+        return None
+    return Path(str(path)).expanduser()
 
 
 def layer_array(layer: Layer) -> Any:

@@ -155,14 +155,6 @@ def is_lazy(data: Any) -> bool:
     return not isinstance(data, np.ndarray)
 
 
-def _source_path(layer: Image) -> Path | None:
-    """The local file or folder ``layer`` was read from, or None."""
-    path = getattr(getattr(layer, "source", None), "path", None)
-    if not path or "://" in str(path):
-        return None
-    return Path(str(path)).expanduser()
-
-
 def default_target(layer: Image) -> Path:
     """Where a blockwise prediction of ``layer`` is written by default.
 
@@ -172,7 +164,7 @@ def default_target(layer: Image) -> Path:
     """
     from .. import io
 
-    source = _source_path(layer)
+    source = layers.source_path(layer)
     if source is not None and os.access(source.parent, os.W_OK):
         name = source.name.rstrip("/")
         stem = name
@@ -402,7 +394,7 @@ def predict_blockwise_job(
     target = default_target(layer) if target in (None, "") else Path(target).expanduser()
     if target.suffix.lower() != ".zarr":
         target = target.with_name(target.name + ".zarr")
-    source = _source_path(layer)
+    source = layers.source_path(layer)
     if source is not None and source.resolve() == target.resolve():
         jobs.error(f"Predict: the output {target} is the image's own file; "
                       "choose another output path")

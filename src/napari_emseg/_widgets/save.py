@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
 from napari.layers import Labels
 
 from .._writer import layer_voxel_size
 from . import jobs, layers, registry
 from .dock import ScrollingDock
 from .jobs import Job, JobOwner
-from .layers import layer_array, layer_picker
+from .layers import base_name, layer_array, layer_picker, source_path
 from .registry import ModelChoices, model_registry
 
 if TYPE_CHECKING:
@@ -29,6 +30,37 @@ def _chosen(value) -> Path | None:
     return Path(text).expanduser()
 
 
+def suggested_labels_path(viewer, layer: Labels) -> Path:
+    """``<folder>/<layer name>.tif`` that does not exist yet (``_2``, ``_3`` … added).
+
+    The folder is that of the file the layer's image was read from (the layer
+    named like it without " instances" etc., else any layer read from a file),
+    else the current folder.
+    """
+    sources = [source_path(lay) for lay in viewer.layers
+               if lay.name == base_name(layer.name)] + [source_path(lay) for lay in viewer.layers]
+    folder = next((p.parent for p in sources if p is not None), Path.cwd())
+    stem = re.sub(r"[^\w.-]+", "_", layer.name).strip("_") or "labels"
+    path, n = folder / f"{stem}.tif", 2
+    while path.exists():
+        path, n = folder / f"{stem}_{n}.tif", n + 1
+    return path
+
+
+def _replace_problem(viewer, path: Path, replace: bool) -> str | None:
+    """Why writing ``path`` would lose data (a layer's own file, or an unticked replace)."""
+    target = path.resolve()
+    for lay in viewer.layers:
+        source = source_path(lay)
+        if source is not None and source.resolve() == target:
+            return (f"{path.name} is the file layer {lay.name!r} was read from: saving "
+                    "would replace it; choose another name")
+    if path.exists() and not replace:
+        return (f"{path.name} exists: tick 'replace an existing file' to write over it, "
+                "or choose another name")
+    return None
+
+
 class SaveWidget(ScrollingDock, ModelChoices, JobOwner, Container):
     """Dock widget: write labels atomically (TIFF or zarr) and export models."""
 
@@ -43,6 +75,7 @@ class SaveWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         self.labels_path = FileEdit(label="labels file", mode="w",
                                     filter="*.tif *.tiff *.zarr",
                                     tooltip=".tif / .tiff (multi-page) or .zarr")
+        self.replace = CheckBox(text="replace an existing file", value=False)
         self.save_labels_button = PushButton(text="Save labels")
         self.model_reason = layers.reason_label()
         self.model = ComboBox(label="model", choices=self._model_choices, nullable=True)
@@ -52,7 +85,7 @@ class SaveWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         self.export_button = PushButton(text="Export TorchScript")
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
-        self.extend([self.labels_reason, self.labels_layer, self.labels_path,
+        self.extend([self.labels_reason, self.labels_layer, self.labels_path, self.replace,
                      self.save_labels_button, self.model_reason, self.model,
                      self.checkpoint_path, self.save_checkpoint_button,
                      self.torchscript_path, self.export_button, self.status])
@@ -61,8 +94,11 @@ class SaveWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         self.save_checkpoint_button.clicked.connect(self.save_checkpoint)
         self.export_button.clicked.connect(self.export_torchscript)
         self.labels_layer.changed.connect(self._update_state)
+        self.labels_layer.changed.connect(self._suggest_name)
+        self._suggested: Path | None = None
         self._follow_registry(napari_viewer)
         self._layers_changed()
+        self._suggest_name()
         self.fit_narrow()
 
     # -- state
@@ -80,6 +116,15 @@ class SaveWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         self.save_labels_button.enabled = no_labels is None and not self._busy()
         self.save_checkpoint_button.enabled = no_model is None and not self._busy()
         self.export_button.enabled = no_model is None and not self._busy()
+
+    def _suggest_name(self, _value=None) -> None:
+        """Fill the labels file with a free name for the chosen layer, unless one was typed."""
+        layer = self.labels_layer.value
+        typed = _chosen(self.labels_path.value)
+        if layer is None or (typed is not None and typed != self._suggested):
+            return
+        self._suggested = suggested_labels_path(self._viewer, layer)
+        self.labels_path.value = str(self._suggested)
 
     def _start(self, work, description: str, done_text,
                preload: tuple[str, ...] = ()) -> Job | None:
@@ -113,6 +158,10 @@ class SaveWidget(ScrollingDock, ModelChoices, JobOwner, Container):
             return None
         if path.suffix.lower() not in LABEL_SUFFIXES:
             jobs.error(f"Save: {path.name!r} must end in .tif, .tiff or .zarr")
+            return None
+        problem = _replace_problem(self._viewer, path, bool(self.replace.value))
+        if problem:
+            jobs.error(f"Save: {problem}")
             return None
         data = layer_array(layer)
         sizes = layer_voxel_size(layer.scale, getattr(layer, "units", None), data.ndim)
