@@ -180,6 +180,21 @@ def test_missing_empty_or_wrong_sized_annotations_notify(make_napari_viewer, cro
     assert tw.train() is None and "non-negative" in notes.errors[-1]
 
 
+def test_rgb_images_are_refused_with_what_to_do(make_napari_viewer, crop, tiny, notes):
+    viewer = make_napari_viewer()
+    pw, _sw, tw, _vw = _docks(viewer, tiny)
+    grey = np.repeat(crop[0][..., None], 3, axis=-1)
+    viewer.add_image(grey, name="png", rgb=True)
+    pw.image.value = tw.image.value = viewer.layers["png"]
+    assert pw.run() is None and "Split RGB" in notes.errors[-1]
+    assert "Split RGB" in tw.reason.value
+    colour = grey.copy()
+    colour[..., 0] = 255 - colour[..., 0]
+    viewer.add_image(colour, name="photo", rgb=True)
+    pw.image.value = viewer.layers["photo"]
+    assert pw.run() is None and "colour; convert it to greyscale" in notes.errors[-1]
+
+
 @pytest.mark.child_process
 def test_3d_model_on_a_2d_image_notifies_and_adds_no_layer(make_napari_viewer, qtbot,
                                                            tmp_path, crop, tiny, notes):

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -122,6 +123,24 @@ def source_path(layer: Layer) -> Path | None:
     if not path or "://" in str(path):
         return None
     return Path(str(path)).expanduser()
+
+
+def safe_name(name: str) -> str:
+    """``name`` usable as a file name ("em 1/2" → "em_1_2")."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "image"
+
+
+def rgb_problem(layer: Image) -> str:
+    """What to do with an RGB image layer: EM is grey (one channel).
+
+    Grey saved as RGB (equal channels, checked on a sample) gets the way to split
+    it off in napari; colour data gets "convert it to greyscale".
+    """
+    data = np.asarray(layer_array(layer)[..., ::7, ::7, :3])
+    if data.shape[-1] == 3 and (data == data[..., :1]).all():
+        return (f"image layer {layer.name!r} is grey saved as RGB (3 equal channels): "
+                "right-click it → Split RGB, and use one of the three layers")
+    return f"image layer {layer.name!r} is RGB colour; convert it to greyscale first"
 
 
 def layer_array(layer: Layer) -> Any:

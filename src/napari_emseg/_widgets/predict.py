@@ -9,7 +9,6 @@ volume ("adapt to this volume", AdaBN).
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -173,13 +172,9 @@ def default_target(layer: Image) -> Path:
                 stem = name[: -len(suffix)]
                 break
         if layer.name.startswith(f"{stem}/"):  # one array of an HDF5 file / zarr group
-            stem = f"{stem}_{_safe_name(layer.name[len(stem) + 1:])}"
+            stem = f"{stem}_{layers.safe_name(layer.name[len(stem) + 1:])}"
         return source.parent / f"{stem}_probabilities.zarr"
-    return Path(DEFAULT_PREDICTION_DIR).expanduser() / f"{_safe_name(layer.name)}.zarr"
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "image"
+    return Path(DEFAULT_PREDICTION_DIR).expanduser() / f"{layers.safe_name(layer.name)}.zarr"
 
 
 def _check_image(layer: Image | None) -> str | None:
@@ -187,7 +182,7 @@ def _check_image(layer: Image | None) -> str | None:
     if layer is None:
         return "no image layer: open an EM stack or add an Image layer first"
     if layer.rgb:
-        return f"image layer {layer.name!r} is RGB; convert it to greyscale first"
+        return layers.rgb_problem(layer)
     ndim = layer_array(layer).ndim
     if ndim not in (2, 3):
         return (f"image layer {layer.name!r} has {ndim} dimensions; "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +39,7 @@ def suggested_labels_path(viewer, layer: Labels) -> Path:
     sources = [source_path(lay) for lay in viewer.layers
                if lay.name == base_name(layer.name)] + [source_path(lay) for lay in viewer.layers]
     folder = next((p.parent for p in sources if p is not None), Path.cwd())
-    stem = re.sub(r"[^\w.-]+", "_", layer.name).strip("_") or "labels"
+    stem = layers.safe_name(layer.name)
     path, n = folder / f"{stem}.tif", 2
     while path.exists():
         path, n = folder / f"{stem}_{n}.tif", n + 1

@@ -326,7 +326,9 @@ class TrainWidget(ScrollingDock, ModelChoices, JobOwner, Container):
         image, painted = self.image.value, self.annotations.value
         if image is None:
             return "no image layer: open an EM stack first"
-        if image.rgb or layer_array(image).ndim not in (2, 3):
+        if image.rgb:
+            return layers.rgb_problem(image)
+        if layer_array(image).ndim not in (2, 3):
             return f"image layer {image.name!r} must be 2D (Y, X) or 3D (Z, Y, X) grey values"
         if painted is None:
             return ("no annotation layer: click 'New annotation layer' and paint strokes "
