@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_finetune
 DATA = REPO.parent / "shared" / "data"
 OUT = REPO / "benchmarks" / "results"
 TIMES = (15, 30, 60, 120, 180)
+LONG_TIMES = (300, 600, 1200)  # also snapshotted when the budget reaches them
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)  # the end result scored at each (is the chosen one better?)
 # "new-live" / "rf-live": the user paints LIVE_FIRST of the 3 slices' pixels, then looks
 # at the prediction of those slices at each of LIVE_LOOKS (s) and corrects its largest
@@ -218,7 +219,8 @@ def run_unet(model_name: str, img, mask, painted, scored, config, recipe: str,
 
     model = load_model(model_name)
     snaps: list[tuple[float, dict]] = []
-    targets = [0, *TIMES]
+    budget = (config.minutes or 0) * 60
+    targets = [0, *TIMES, *(t for t in LONG_TIMES if t <= budget)]
     t_call = time.perf_counter()
 
     def keep(m, _elapsed):

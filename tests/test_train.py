@@ -896,3 +896,24 @@ def test_a_fine_tune_learns_slightly_finer_pixels_as_they_are_and_records_them(c
     res = fine_tune(model(), img, painted, cfg, recipe="near", voxel_size=(5.0, 2.0, 2.0))
     assert res.model.meta["training"]["resampled"] == [1.0, 0.4, 0.4]
     assert res.model.meta["voxel_size_nm"] == [5, 5, 5]  # learnt at the model's
+
+
+def test_rescale_zooms_image_and_targets_together_and_keeps_the_size():
+    from napari_emseg._augment import randomize, rescale
+
+    yy, xx = np.mgrid[:64, :64]
+    disc = ((yy - 32) ** 2 + (xx - 32) ** 2 < 100)  # radius 10
+    x = np.where(disc, 0.2, 0.8).astype(np.float32)[None]
+    t = disc.astype(np.int64)
+    t[0, :] = -1  # ignored pixels stay ignored, never become a class value
+    for factor, area in ((1.4, 1.4**2), (0.7, 0.7**2)):
+        zx, zt = rescale(x, t, factor)
+        assert zx.shape == x.shape and zt.shape == t.shape
+        assert set(np.unique(zt)) <= {-1, 0, 1}
+        assert abs((zt == 1).sum() / disc.sum() - area) < 0.12 * area
+        assert ((zx[0] < 0.5) != (zt == 1)).mean() < 0.005  # aligned (edges may differ)
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # the whole randomization keeps shapes, dtypes and labels
+        rx, rt = randomize(x, t, rng)
+        assert rx.shape == x.shape and rx.dtype == np.float32 and rt.shape == t.shape
+        assert set(np.unique(rt)) <= {-1, 0, 1}

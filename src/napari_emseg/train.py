@@ -149,6 +149,7 @@ class TrainConfig:
     own_neighbours: tuple[int, ...] = ()  # 2.5D: volumes (by index) whose sections are too
     # thick for the context: each slice is fed as its own neighbours (adapt.context_fits)
     elastic_p: float = 0.25
+    strong_augment: bool = False  # also randomize pixel size, blur and contrast (_augment)
     val_every: int = 100
     val_slices: int = 8
     seed: int = 0
@@ -285,7 +286,8 @@ class PatchSampler:
             x, t = sample_patch(self.images[k], self.targets[k], c, self.patch,
                                 self.cfg.dims, self.cfg.context,
                                 k in self.cfg.own_neighbours)
-            x, t = augment(x, t, self.rng, self.cfg.dims, self.cfg.elastic_p)
+            x, t = augment(x, t, self.rng, self.cfg.dims, self.cfg.elastic_p,
+                           self.cfg.strong_augment)
             xs.append(x)
             ts.append(t)
         return np.stack(xs), np.stack(ts)
