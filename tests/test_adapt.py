@@ -162,9 +162,9 @@ def test_thick_sections_name_the_bundled_one_slice_models():
     image = _volume()[:3, :48, :48]
     for name in ("mito-2d", "mito-3d"):
         _, info = predict_adapted(image, load_model(name), voxel_size=(50.0, 5.0, 5.0))
-        assert info["serial_models"] == ["mito-2d-mix"]
-        assert describe(info).endswith("for serial sections try mito-2d-mix (it reads one "
-                                       "slice at a time)")
+        assert info["serial_models"] == ["mito-2d-mix", "mito-2d-dr"]
+        assert describe(info).endswith("for serial sections try mito-2d-mix or mito-2d-dr "
+                                       "(they read one slice at a time)")
     _, info = predict_adapted(image, load_model("mito-2d"), voxel_size=(5.0, 5.0, 5.0))
     assert "serial_models" not in info
 

@@ -26,6 +26,7 @@ FIXTURES = {  # model -> (image, mask, bar on foreground F1)
     "mito-2d": ("lucchi_crop_image.tif", "lucchi_crop_mask.tif", 0.93),
     "mito-3d": ("lucchi_crop_image.tif", "lucchi_crop_mask.tif", 0.93),
     "mito-2d-mix": ("lucchi_crop_image.tif", "lucchi_crop_mask.tif", 0.93),
+    "mito-2d-dr": ("lucchi_crop_image.tif", "lucchi_crop_mask.tif", 0.93),
     "membrane-2d": ("isbi_crop_image.tif", "isbi_crop_membrane.tif", 0.78),
     "neuron-boundary": ("isbi_crop_image.tif", "isbi_crop_membrane.tif", 0.75),
 }

@@ -125,7 +125,7 @@ def test_from_a_bundled_model_offers_its_relatives_unless_keep_start(crop_files,
         with pytest.raises(SystemExit):
             main(["train", str(image), str(mask), str(tmp_path / "x.pt"), "--from",
                   "mito-2d", *extra])
-    assert seen == [("mito-2d", ["mito-3d", "mito-2d-mix"]), ("mito-2d", [])]
+    assert seen == [("mito-2d", ["mito-3d", "mito-2d-mix", "mito-2d-dr"]), ("mito-2d", [])]
 
 
 def test_labels_that_do_not_fit_are_named_before_training(crop_files, tmp_path, capsys):

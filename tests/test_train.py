@@ -497,8 +497,8 @@ def test_related_models_are_bundled_ones_of_the_same_task(tmp_path):
 
     if "mito-2d" not in list_models():
         pytest.skip("bundled weights not installed")
-    assert related_models("mito-2d") == ["mito-3d", "mito-2d-mix"]
-    assert related_models("mito-3d") == ["mito-2d", "mito-2d-mix"]
+    assert related_models("mito-2d") == ["mito-3d", "mito-2d-mix", "mito-2d-dr"]
+    assert related_models("mito-3d") == ["mito-2d", "mito-2d-mix", "mito-2d-dr"]
     assert related_models("membrane-2d") == []  # no other membrane model
     assert related_models(str(tmp_path / "mine.pt")) == []  # a user's own: never swapped
 

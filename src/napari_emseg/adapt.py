@@ -524,6 +524,8 @@ def describe(info: dict) -> str:
     if info.get("adapted"):
         parts.append("BatchNorm statistics re-estimated on this volume")
     if info.get("serial_models"):
-        parts.append("for serial sections try " + " or ".join(info["serial_models"])
-                     + " (it reads one slice at a time)")
+        serial = info["serial_models"]
+        parts.append("for serial sections try " + " or ".join(serial)
+                     + (" (it reads" if len(serial) == 1 else " (they read")
+                     + " one slice at a time)")
     return "; ".join(parts)

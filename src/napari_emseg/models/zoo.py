@@ -51,8 +51,8 @@ def _weights_root() -> Path:
 
 
 #: Bundled models listed first, in this order (the first is the default choice).
-PREFERRED_ORDER = ("mito-2d", "mito-3d", "mito-2d-mix", "membrane-2d", "neuron-boundary",
-                   "synapse-2d")
+PREFERRED_ORDER = ("mito-2d", "mito-3d", "mito-2d-mix", "mito-2d-dr", "membrane-2d",
+                   "neuron-boundary", "synapse-2d")
 
 
 def list_models() -> list[str]:
