@@ -853,8 +853,7 @@ def section_ratio(prob, voxel_size: Sequence[float] | None = None) -> float | No
     voxel_size : (z, y, x) in any unit, optional
     """
     if voxel_size is not None and len(tuple(voxel_size)) == 3:
-        z, y, x = (float(v) for v in voxel_size)
-        return z / ((y + x) / 2) if y > 0 and x > 0 else None
+        return _z_over_xy(voxel_size)
     if np.ndim(prob) != 3 or np.shape(prob)[0] < 2:
         return None
     from .adapt import z_step_pixels
@@ -868,9 +867,14 @@ def tuned_ratio(meta: Mapping | None) -> float:
     1.0 (isotropic, as the defaults) unless ``meta["voxel_size_nm"]`` is (z, y, x).
     """
     voxel = (meta or {}).get("voxel_size_nm")
-    if not voxel or len(voxel) != 3:
-        return 1.0
-    return float(voxel[0]) / ((float(voxel[1]) + float(voxel[2])) / 2)
+    ratio = _z_over_xy(voxel) if voxel and len(voxel) == 3 else None
+    return 1.0 if ratio is None else ratio
+
+
+def _z_over_xy(voxel: Sequence[float]) -> float | None:
+    """z size over the mean y/x size of a (z, y, x) voxel; None for a zero in-plane size."""
+    z, y, x = (float(v) for v in voxel)
+    return z / ((y + x) / 2) if y > 0 and x > 0 else None
 
 
 def fit_to_sections(settings: SegmentSettings, factor: float | None,

@@ -1052,7 +1052,8 @@ def fine_tune(
     ``result.model.meta["training"]`` records the recipe and the IoU before. A
     UNet given is copied first: it stays as it was, ``result.model`` is trained.
     """
-    model = _own_copy(model_or_checkpoint)
+    model = _as_model(_detached(model_or_checkpoint))
+    alternatives = [_detached(a) for a in alternatives]
     image, painted = np.asarray(image), np.asarray(painted)
     n_classes = _check_painted(model, image, painted)
     original = painted
@@ -1205,13 +1206,13 @@ def _fine_tune_config(model, recipe: str, config: TrainConfig | None, n_classes:
     return _fit_patch(cfg, shape)
 
 
-def _own_copy(model_or_checkpoint):
-    """A model to train: a copy of a given UNet (the caller's stays as it was), else loaded."""
+def _detached(model_or_checkpoint):
+    """A copy of a UNet (the caller's stays as it was); a name or path as it is."""
     if hasattr(model_or_checkpoint, "config"):
         import copy
 
         return copy.deepcopy(model_or_checkpoint)
-    return _as_model(model_or_checkpoint)
+    return model_or_checkpoint
 
 
 def _as_model(model_or_checkpoint):
@@ -1284,7 +1285,7 @@ def choose_start(model, alternatives: Sequence[Any], image: np.ndarray, painted:
     The start, and ``{name: score}`` of the models measured (empty when none was).
     """
     flat = [] if sections_fit(model, section_voxel(model, image, voxel_size)[0]) else [
-        a for a in map(_own_copy, alternatives)
+        a for a in map(_as_model, alternatives)
         if a.config["dims"] == 2 and _same_classes(a, model)]
     if flat:
         starts = [measure_start(a, image, painted, voxel_size=voxel_size, **kwargs)

@@ -103,8 +103,8 @@ def _known_voxel_size(layer: Image) -> tuple[float, ...] | None:
 
 def _file_voxel_size(layer: Image, ndim: int) -> tuple[float, ...] | None:
     """The voxel size in the metadata of the file the layer was opened from."""
-    path = getattr(getattr(layer, "source", None), "path", None)
-    if not path:
+    path = layers.source_path(layer)
+    if path is None:
         return None
     from ..io import read_voxel_size
 

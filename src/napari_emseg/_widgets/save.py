@@ -36,9 +36,9 @@ def suggested_labels_path(viewer, layer: Labels) -> Path:
     named like it without " instances" etc., else any layer read from a file),
     else the current folder.
     """
-    sources = [source_path(lay) for lay in viewer.layers
-               if lay.name == base_name(layer.name)] + [source_path(lay) for lay in viewer.layers]
-    folder = next((p.parent for p in sources if p is not None), Path.cwd())
+    own = base_name(layer.name)
+    ordered = sorted(viewer.layers, key=lambda lay: lay.name != own)  # the image's layer first
+    folder = next((p.parent for p in map(source_path, ordered) if p is not None), Path.cwd())
     stem = layers.safe_name(layer.name)
     path, n = folder / f"{stem}.tif", 2
     while path.exists():

@@ -438,10 +438,8 @@ def _spacing(layer: Image, prob) -> tuple[float, ...] | None:
     """The layer's voxel size relative to its finest axis, when anisotropic (else None)."""
     from ..io.voxel import relative_spacing
 
-    scale = tuple(layer.scale[-3:])
-    if prob.ndim != 3 or len(set(scale)) == 1:
-        return None
-    return relative_spacing(scale)
+    scale = _anisotropic_scale(layer)
+    return None if scale is None or prob.ndim != 3 else relative_spacing(scale)
 
 
 def _slab(prob, z: int | None, zfilter: int) -> tuple[np.ndarray, int | None]:

@@ -344,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no such file or folder: {args.input}")
     # read the model once: settings and prediction (blockwise predicts from the file)
     model = load_model(args.model) if args.model and not args.blockwise else None
-    settings = None if args.from_membranes else segment_settings(args, _model_meta(args, model))
+    meta = _model_meta(args, model)
+    settings = None if args.from_membranes else segment_settings(args, meta)
     if args.blockwise:
         if args.voxel_size:
             raise ValueError("--voxel-size is not available with --blockwise")
@@ -357,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
         prob = _probabilities(args, volume, model, voxel)
         voxel = voxel if prob.ndim == volume.ndim else None  # a 2D image got a z axis
         if settings is not None:
-            settings = fitted_settings(args, settings, prob, voxel, _model_meta(args, model))
+            settings = fitted_settings(args, settings, prob, voxel, meta)
         labels, found = _labels(args, prob, settings, voxel)
     path = write_labels(out, labels, voxel_size=voxel)
     print(f"{found}, shape {tuple(np.shape(labels))}, written to {path} "
