@@ -223,12 +223,17 @@ def test_strokes_painted_while_training_join_the_run(make_napari_viewer, qtbot, 
         layer.paint((3, int(y), int(x)), 2, refresh=False)  # the user goes on painting
     layer.refresh()
     added = int((np.asarray(layer.data) > 0).sum()) - before
-    qtbot.waitUntil(lambda: any("strokes" in r for r in records), timeout=60_000)
+    # the feed may read the slice while the loop above still paints (a loaded machine):
+    # the rest then joins in a later update; wait for the one that has every stroke
+    qtbot.waitUntil(lambda: any(r.get("strokes") == before + added for r in records),
+                    timeout=60_000)
     assert "slice 3" in tw.status.value
     tw.cancel()
     wait_job(qtbot, job, timeout=120_000)
     assert job.exception is None, notes.errors
-    update = next(r for r in records if "strokes" in r)
+    updates = [r for r in records if "strokes" in r]
+    assert all(r["slices"] == [3] for r in updates)
+    update = updates[-1]
     assert update["slices"] == [3] and update["strokes"] == before + added
     assert update["dropped"] == 0 and not notes.warnings
     assert tw.result.model_meta()["training"]["painted_while_training"] == added
