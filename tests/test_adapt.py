@@ -239,3 +239,38 @@ def test_one_slice_preview_reads_serial_sections_as_the_whole_volume_does(fixtur
     np.testing.assert_allclose(shown, volume[2], atol=1e-5)
     stated = predict_slice_adapted(sstem, model, 2, voxel_size=(5.0, 5.0, 5.0))
     assert np.abs(stated - volume[2]).max() > 1e-4  # neighbours used when told FIB-SEM
+
+
+def test_live_preview_works_out_the_sections_once(fixtures_dir, tmp_path, monkeypatch):
+    """A fine-tune's previews of a 2.5D model without a voxel size estimate the z step
+    once, not at every refresh; each still shows the slice as predicted alone."""
+    import tifffile
+
+    from napari_emseg import adapt
+    from napari_emseg.models.zoo import save_checkpoint
+    from napari_emseg.workflows import train_from_strokes
+
+    fib = tifffile.imread(fixtures_dir / "lucchi_crop_image.tif")[:6, :64, :64]
+    mask = tifffile.imread(fixtures_dir / "lucchi_crop_mask.tif")[:6, :64, :64] > 0
+    painted = np.zeros(fib.shape, np.uint8)
+    painted[2, ::4] = np.where(mask[2, ::4], 2, 1)
+    source = save_checkpoint(_model(context=1, voxel_size_nm=[5.0, 5.0, 5.0]),
+                             tmp_path / "start.pt")
+    calls = []
+    real = adapt.z_step_pixels
+    monkeypatch.setattr(adapt, "z_step_pixels", lambda v, **kw: calls.append(1) or real(v, **kw))
+
+    def run(preview: bool) -> list[dict]:
+        shown: list[dict] = []
+        calls.clear()
+        train_from_strokes(fib, painted, source=str(source), checkpoint=tmp_path / "out.pt",
+                           config={"steps": 6, "preview_every": 0.0}, patch=(64,),
+                           preview=preview, focus=lambda: 2, switch_start=False,
+                           log=lambda rec: shown.append(rec) if "preview" in rec else None)
+        return shown
+
+    run(preview=False)
+    without = len(calls)
+    shown = run(preview=True)
+    assert len(shown) >= 6 and all(rec["preview"].shape == (64, 64) for rec in shown)
+    assert len(calls) == without + 1

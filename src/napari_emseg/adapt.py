@@ -293,6 +293,9 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).mean() / (a.std() * b.std() + 1e-12))
 
 
+ESTIMATE = "estimate"  # predict_slice_adapted(sections=...): work it out from the image
+
+
 def section_voxel(model, image, voxel_size: tuple[float, ...] | None
                   ) -> tuple[tuple[float, ...] | None, float | None]:
     """The voxel size the section checks use, and the z step estimated for it.
@@ -451,6 +454,7 @@ def serial_section_models(model) -> list[str]:
 
 def predict_slice_adapted(image: np.ndarray, model, z: int, *,
                           voxel_size: tuple[float, ...] | None = None,
+                          sections: tuple[float, ...] | None | str = ESTIMATE,
                           **predict_kwargs) -> np.ndarray:
     """Probabilities of slice ``z``, predicted at the model's voxel size.
 
@@ -466,6 +470,10 @@ def predict_slice_adapted(image: np.ndarray, model, z: int, *,
     model : UNet with ``.meta``
     z : slice index
     voxel_size : the image's voxel size in nm (ZYX), optional
+    sections : the voxel size that decides whether the sections fit the model's
+        context, ``section_voxel(model, image, voxel_size)[0]``, when the caller
+        already has it (a live preview asks again and again); by default worked
+        out here
 
     Returns
     -------
@@ -475,7 +483,7 @@ def predict_slice_adapted(image: np.ndarray, model, z: int, *,
     from .predict import predict_slice
 
     image = np.asarray(image)
-    model = _fitting_context(model, image, voxel_size)
+    model = _fitting_context(model, image, voxel_size, sections)
     factors = voxel_scale(voxel_size, model.meta.get("voxel_size_nm"), model.config["dims"])
     if not factors:
         return predict_slice(image, model, z, **predict_kwargs)
@@ -493,13 +501,15 @@ def predict_slice_adapted(image: np.ndarray, model, z: int, *,
     return np.stack([resample(p[None], shape=shape)[0] for p in prob])
 
 
-def _fitting_context(model, image: np.ndarray, voxel_size: tuple[float, ...] | None):
+def _fitting_context(model, image: np.ndarray, voxel_size: tuple[float, ...] | None,
+                     sections: tuple[float, ...] | None | str = ESTIMATE):
     """``model``, with its 2.5D context collapsed when the sections are too thick for it."""
     if model.config["dims"] != 2 or not int(model.meta.get("context", 0) or 0):
         return model
     from .models.unet import collapse_context
 
-    sections, _ = section_voxel(model, image, voxel_size)
+    if sections == ESTIMATE:
+        sections, _ = section_voxel(model, image, voxel_size)
     return model if context_fits(model, sections) else collapse_context(model)
 
 
