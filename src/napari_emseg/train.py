@@ -112,9 +112,6 @@ THRESHOLD_MARGIN = 0.01
 PSEUDO_CONFIDENCE = 0.9
 PSEUDO_WEIGHT = 0.5
 PSEUDO_BG, PSEUDO_FG = -2, -3  # target codes (-1 = ignored)
-# ... except where a stroke says the model is wrong (uncontested): no sure background this
-# close (px, at the scale trained) to a foreground stroke on what the model called background
-PSEUDO_CLEAR = 32
 HALF_TILE = 48  # px: the squares that split painted voxels into two halves
 # best_start: an alternative start replaces the chosen model when it scores this much
 # more foreground IoU on the painted voxels (both measured as they would train).
@@ -1439,49 +1436,17 @@ def with_pseudo_labels(targets: np.ndarray, painted: np.ndarray, regions) -> np.
     Returns
     -------
     A new array: :data:`PSEUDO_FG` / :data:`PSEUDO_BG` where the model said
-    foreground / background with at least :data:`PSEUDO_CONFIDENCE`, nothing
-    was painted and no stroke says otherwise (:func:`uncontested`).
+    foreground / background with at least :data:`PSEUDO_CONFIDENCE` and nothing
+    was painted.
     """
     out = targets.copy()
     view, flat = (out, painted) if out.ndim == 3 else (out[None], painted[None])
     for box, prob in regions:
         free = flat[box] == 0
-        fg, bg = uncontested(prob, flat[box])
         part = view[box]
-        part[free & fg] = PSEUDO_FG
-        part[free & bg] = PSEUDO_BG
+        part[free & (prob >= PSEUDO_CONFIDENCE)] = PSEUDO_FG
+        part[free & (prob <= 1 - PSEUDO_CONFIDENCE)] = PSEUDO_BG
     return out
-
-
-def uncontested(prob: np.ndarray, painted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The starting model's sure foreground and background that no stroke contradicts.
-
-    A user's correction covers a few pixels of a wrong answer; the rest of it must
-    not keep pulling the other way. An object of the model (connected
-    probabilities ≥ 0.5) that a background stroke touches gives up its sure
-    foreground; sure background within :data:`PSEUDO_CLEAR` px of a foreground
-    stroke on what the model called background is dropped.
-
-    Parameters
-    ----------
-    prob : float ndarray (Z, Y, X), the starting model's foreground probabilities
-    painted : integer ndarray, same shape (0 unlabeled, 1 background, 2 foreground)
-
-    Returns
-    -------
-    (foreground, background) : bool ndarrays, same shape
-    """
-    from scipy import ndimage as ndi
-
-    fg, bg = prob >= PSEUDO_CONFIDENCE, prob <= 1 - PSEUDO_CONFIDENCE
-    objects, _ = ndi.label(prob >= 0.5)
-    wrong = np.unique(objects[(painted == 1) & (objects > 0)])
-    if wrong.size:
-        fg &= ~np.isin(objects, wrong)
-    missed = (painted >= 2) & (prob < 0.5)
-    if missed.any():
-        bg &= ndi.distance_transform_edt(~missed) > PSEUDO_CLEAR
-    return fg, bg
 
 
 def _painted_regions(model, image: np.ndarray, painted: np.ndarray, *, cancel=None,
