@@ -1,0 +1,121 @@
+"""The far painting-while-it-trains loop, counted in steps, over several seeds.
+
+``bench_adapt.py`` times everything on the wall clock, as a user lives it, so two
+runs of the same code differ by what else the machine does. To compare two
+versions of the recipe, this runs the same loop with a fixed number of steps
+(``--steps``, about what 180 s give on 2 cores) and a simulated user who looks at
+the painted slices after fixed steps (``--looks``) and paints corrections of the
+largest errors (``bench_adapt.paint_corrections_of``), up to 1 % in all. Each seed
+changes the first strokes and the training batches. IoU on the unpainted slices
+at 0.3-0.7; mean and spread over seeds.
+
+    python benchmarks/bench_loop_seeds.py [--model mito-2d-dr] [--seeds 0 1 2]
+
+Writes ``benchmarks/results/loop_seeds_<model>.json``. Far case only (ISBI 2012
+mitochondria, voxel size 50×4×4 nm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_adapt as B  # noqa: E402
+
+VOXEL = (50.0, 4.0, 4.0)
+SLICES = [4, 14, 24]
+
+
+class _StepUser:
+    """Looks at the painted slices after each of ``looks`` steps and paints corrections."""
+
+    def __init__(self, mask, painted, looks: list[int]):
+        self.mask, self.painted, self.looks = mask, painted, list(looks)
+        self.fractions = B.live_fractions(len(looks))
+        self.step, self.pending = 0, None
+
+    def preview(self, model, img) -> None:
+        from napari_emseg.adapt import predict_slice_adapted
+
+        if not self.looks or self.step < self.looks[0]:
+            return
+        self.looks.pop(0)
+        pred = np.zeros(self.mask.shape, bool)
+        for z in SLICES:
+            pred[z] = predict_slice_adapted(img, model, z, voxel_size=VOXEL) > 0.5
+        self.painted = B.paint_corrections_of(self.mask, pred, self.painted, SLICES,
+                                              self.fractions.pop(0))
+        self.pending = {z: self.painted[z] for z in SLICES}
+
+    def strokes(self):
+        out, self.pending = self.pending, None
+        return out
+
+
+def run_seed(model_name: str, img, mask, seed: int, steps: int, looks: list[int]) -> dict:
+    """One loop run; IoU on the unpainted slices at each threshold."""
+    from napari_emseg import train
+    from napari_emseg.models.zoo import load_model
+    from napari_emseg.predict import predict_volume
+
+    model = load_model(model_name)
+    cfg = replace(train.fine_tune_defaults(model, "far"), minutes=None, steps=steps,
+                  early_stop=0, lr=None, batch_size=None, patch=None, preview_every=0.0,
+                  seed=seed)
+    user = _StepUser(mask, B.paint(mask, SLICES, fraction=B.LIVE_FIRST, seed=seed), looks)
+
+    def counting(m, _seconds) -> None:  # called before every step (preview_every 0)
+        user.preview(m, img)
+        user.step += 1
+
+    t0 = time.perf_counter()
+    res = train.fine_tune(model, img, user.painted, cfg, preview=counting, voxel_size=VOXEL,
+                          strokes=user.strokes)
+    scored = np.ones(img.shape[0], bool)
+    scored[SLICES] = False
+    prob = predict_volume(img, res.model)
+    row = {"seed": seed, "steps": res.steps, "seconds": round(time.perf_counter() - t0, 1),
+           "recipe": res.model.meta["training"]["recipe"],
+           "threshold": res.model.meta.get("threshold"),
+           "iou_by_threshold": {f"{t:.1f}": round(B.iou_rest(prob > t, mask, scored), 4)
+                                for t in B.THRESHOLDS}}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="mito-2d-dr")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=550)
+    ap.add_argument("--looks", type=int, nargs="+", default=[140, 275, 410])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    img, mask = B.load_isbi_mito()
+    runs = [run_seed(args.model, img, mask, s, args.steps, args.looks) for s in args.seeds]
+    at_half = np.array([r["iou_by_threshold"]["0.5"] for r in runs])
+    res = {"device": f"cpu: {platform.processor() or 'cpu'}", "threads": args.threads,
+           "model": args.model, "steps": args.steps, "looks": args.looks, "runs": runs,
+           "iou_at_0.5": {"mean": round(float(at_half.mean()), 4),
+                          "sd": round(float(at_half.std(ddof=1)), 4) if len(runs) > 1 else None}}
+    name = Path(args.model).stem
+    out = args.out or B.OUT / f"loop_seeds_{name}.json"
+    out.write_text(json.dumps(res, indent=2))
+    print(f"{res['iou_at_0.5']}; written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
