@@ -6,8 +6,10 @@ versions of the recipe, this runs the same loop with a fixed number of steps
 (``--steps``, about what 180 s give on 2 cores) and a simulated user who looks at
 the painted slices after fixed steps (``--looks``) and paints corrections of the
 largest errors (``bench_adapt.paint_corrections_of``), up to 1 % in all. Each seed
-changes the first strokes and the training batches. IoU on the unpainted slices
-at 0.3-0.7; mean and spread over seeds.
+changes the first strokes and the training batches. The strokes still join at the
+run's polls of the wall clock (every 2 s), so two runs of one seed differ too: the
+high-rate loop is chaotic, and only means over seeds say much. IoU on the unpainted
+slices at 0.3-0.7; mean and spread over seeds.
 
     python benchmarks/bench_loop_seeds.py [--model mito-2d-dr] [--seeds 0 1 2]
 
@@ -60,15 +62,16 @@ class _StepUser:
         return out
 
 
-def run_seed(model_name: str, img, mask, seed: int, steps: int, looks: list[int]) -> dict:
-    """One loop run; IoU on the unpainted slices at each threshold."""
+def run_seed(model_name: str, img, mask, seed: int, steps: int, looks: list[int],
+             lr: float | None = None) -> dict:
+    """One loop run; IoU on the unpainted slices at each threshold (``lr``: the recipe's)."""
     from napari_emseg import train
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
 
     model = load_model(model_name)
     cfg = replace(train.fine_tune_defaults(model, "far"), minutes=None, steps=steps,
-                  early_stop=0, lr=None, batch_size=None, patch=None, preview_every=0.0,
+                  early_stop=0, lr=lr, batch_size=None, patch=None, preview_every=0.0,
                   seed=seed)
     user = _StepUser(mask, B.paint(mask, SLICES, fraction=B.LIVE_FIRST, seed=seed), looks)
 
@@ -97,6 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=550)
     ap.add_argument("--looks", type=int, nargs="+", default=[140, 275, 410])
+    ap.add_argument("--lr", type=float, default=None, help="default: the far recipe's")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -104,10 +108,12 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     img, mask = B.load_isbi_mito()
-    runs = [run_seed(args.model, img, mask, s, args.steps, args.looks) for s in args.seeds]
+    runs = [run_seed(args.model, img, mask, s, args.steps, args.looks, args.lr)
+            for s in args.seeds]
     at_half = np.array([r["iou_by_threshold"]["0.5"] for r in runs])
     res = {"device": f"cpu: {platform.processor() or 'cpu'}", "threads": args.threads,
-           "model": args.model, "steps": args.steps, "looks": args.looks, "runs": runs,
+           "model": args.model, "lr": args.lr, "steps": args.steps, "looks": args.looks,
+           "runs": runs,
            "iou_at_0.5": {"mean": round(float(at_half.mean()), 4),
                           "sd": round(float(at_half.std(ddof=1)), 4) if len(runs) > 1 else None}}
     name = Path(args.model).stem
