@@ -63,8 +63,9 @@ class _StepUser:
 
 
 def run_seed(model_name: str, img, mask, seed: int, steps: int, looks: list[int],
-             lr: float | None = None) -> dict:
-    """One loop run; IoU on the unpainted slices at each threshold (``lr``: the recipe's)."""
+             lr: float | None = None, tta: int = 0) -> dict:
+    """One loop run; IoU on the unpainted slices at each threshold (``lr``: the recipe's;
+    ``tta``: also with that many test-time variants)."""
     from napari_emseg import train
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
@@ -90,6 +91,10 @@ def run_seed(model_name: str, img, mask, seed: int, steps: int, looks: list[int]
            "threshold": res.model.meta.get("threshold"),
            "iou_by_threshold": {f"{t:.1f}": round(B.iou_rest(prob > t, mask, scored), 4)
                                 for t in B.THRESHOLDS}}
+    if tta:
+        prob = predict_volume(img, res.model, tta=tta)
+        row[f"iou_by_threshold_tta{tta}"] = {f"{t:.1f}": round(B.iou_rest(prob > t, mask, scored), 4)
+                                            for t in B.THRESHOLDS}
     print(json.dumps(row), flush=True)
     return row
 
@@ -101,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=550)
     ap.add_argument("--looks", type=int, nargs="+", default=[140, 275, 410])
     ap.add_argument("--lr", type=float, default=None, help="default: the far recipe's")
+    ap.add_argument("--tta", type=int, default=0, help="also score with N test-time variants")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -108,7 +114,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     img, mask = B.load_isbi_mito()
-    runs = [run_seed(args.model, img, mask, s, args.steps, args.looks, args.lr)
+    runs = [run_seed(args.model, img, mask, s, args.steps, args.looks, args.lr, args.tta)
             for s in args.seeds]
     at_half = np.array([r["iou_by_threshold"]["0.5"] for r in runs])
     res = {"device": f"cpu: {platform.processor() or 'cpu'}", "threads": args.threads,

@@ -109,7 +109,7 @@ THRESHOLD_MARGIN = 0.01
 # way in both halves: foreground strokes sit on objects' centres, where any threshold keeps
 # them, while background lines hug the objects, so high thresholds always look better on
 # them. On the far loop (ISBI 2012) the confirmed choice lost 0.003-0.036 IoU on the
-# unpainted slices in 10 of 12 runs (held-out gains of up to +0.07 did not predict it) and
+# unpainted slices in 11 of 13 runs (held-out gains of up to +0.07 did not predict it) and
 # won +0.02 / +0.04 on the reverse case; halfway, the losses were 0.006-0.011 and the wins
 # +0.017 / +0.028 (docs/adaptation.md).
 THRESHOLD_SHRINK = 0.5
