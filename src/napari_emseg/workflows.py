@@ -87,7 +87,7 @@ def train_from_strokes(image: np.ndarray, painted: np.ndarray, *, source: str,
     TrainResult without the model (``meta`` holds its metadata): it is
     picklable; load ``result.checkpoint`` to use the model.
     """
-    from .adapt import predict_slice_adapted, section_voxel
+    from .adapt import ESTIMATE, predict_slice_adapted, section_voxel
     from .models import zoo
     from .predict import predict_volume
     from .train import TrainConfig, fine_tune
@@ -102,19 +102,24 @@ def train_from_strokes(image: np.ndarray, painted: np.ndarray, *, source: str,
     cfg = TrainConfig(**config, patch=expand_patch(patch, dims))
     device = cfg.device
 
-    sections: dict[str, tuple | None] = {}  # per trained voxel size: estimated once
+    sections: dict[str, Any] = {}
+
+    def fitting(net):
+        """What decides whether the sections fit a 2.5D ``net``: once per trained voxel size."""
+        if net.config["dims"] != 2 or not int(net.meta.get("context", 0) or 0):
+            return ESTIMATE  # only 2.5D models ask
+        key = str(net.meta.get("voxel_size_nm"))
+        if key not in sections:
+            sections[key] = section_voxel(net, img, voxel_size)[0]
+        return sections[key]
 
     def show(net, seconds: float) -> None:
         z = focus() if focus else None
         if img.ndim == 2:
             prob = predict_volume(img, net, device=device, cancel=cancel)
         else:  # at the scale the model trains at (fine_tune resamples too)
-            key = str(net.meta.get("voxel_size_nm"))
-            if key not in sections:
-                sections[key] = section_voxel(net, img, voxel_size)[0]
             prob = predict_slice_adapted(img, net, z or 0, voxel_size=voxel_size,
-                                         sections=sections[key], device=device,
-                                         cancel=cancel)
+                                         sections=fitting(net), device=device, cancel=cancel)
         if log:
             log({"preview": prob, "z": z, "seconds": seconds})
 
