@@ -176,18 +176,23 @@ def live_fractions(n: int) -> list[float]:
 
 class _User:
     """A simulated user who looks at the live preview of the painted slices at each
-    of ``looks`` (s) and paints corrections of what it shows (fed to the run)."""
+    of ``looks`` and paints corrections of what it shows (fed to the run).
 
-    def __init__(self, mask, painted, slices, looks: tuple[float, ...], voxel_size):
+    ``looks`` are on the clock the caller passes to :meth:`preview`: seconds here,
+    steps in ``bench_loop_seeds.py`` (``unit``).
+    """
+
+    def __init__(self, mask, painted, slices, looks: tuple[float, ...], voxel_size,
+                 unit: str = "s"):
         self.mask, self.painted, self.slices = mask, painted, slices
-        self.looks, self.voxel_size = list(looks), voxel_size
+        self.looks, self.voxel_size, self.unit = list(looks), voxel_size, unit
         self.fractions = live_fractions(len(looks))
         self.pending: dict | None = None
 
-    def preview(self, model, img, wall: float) -> None:
+    def preview(self, model, img, now: float) -> None:
         from napari_emseg.adapt import predict_slice_adapted
 
-        if not self.looks or wall < self.looks[0]:
+        if not self.looks or now < self.looks[0]:
             return
         self.looks.pop(0)
         pred = np.zeros(self.mask.shape, bool)
@@ -195,8 +200,8 @@ class _User:
             pred[z] = predict_slice_adapted(img, model, z, voxel_size=self.voxel_size) > 0.5
         more = paint_corrections_of(self.mask, pred, self.painted, self.slices,
                                     self.fractions.pop(0))
-        print(f"  user at {wall:.0f} s: {int((more > 0).sum() - (self.painted > 0).sum())} "
-              "px of corrections", flush=True)
+        print(f"  user at {now:.0f} {self.unit}: "
+              f"{int((more > 0).sum() - (self.painted > 0).sum())} px of corrections", flush=True)
         self.painted = more
         self.pending = {z: more[z] for z in self.slices}
 

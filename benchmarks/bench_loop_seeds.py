@@ -36,32 +36,6 @@ VOXEL = (50.0, 4.0, 4.0)
 SLICES = [4, 14, 24]
 
 
-class _StepUser:
-    """Looks at the painted slices after each of ``looks`` steps and paints corrections."""
-
-    def __init__(self, mask, painted, looks: list[int]):
-        self.mask, self.painted, self.looks = mask, painted, list(looks)
-        self.fractions = B.live_fractions(len(looks))
-        self.step, self.pending = 0, None
-
-    def preview(self, model, img) -> None:
-        from napari_emseg.adapt import predict_slice_adapted
-
-        if not self.looks or self.step < self.looks[0]:
-            return
-        self.looks.pop(0)
-        pred = np.zeros(self.mask.shape, bool)
-        for z in SLICES:
-            pred[z] = predict_slice_adapted(img, model, z, voxel_size=VOXEL) > 0.5
-        self.painted = B.paint_corrections_of(self.mask, pred, self.painted, SLICES,
-                                              self.fractions.pop(0))
-        self.pending = {z: self.painted[z] for z in SLICES}
-
-    def strokes(self):
-        out, self.pending = self.pending, None
-        return out
-
-
 def run_seed(model_name: str, img, mask, seed: int, steps: int, looks: list[int],
              lr: float | None = None, tta: int = 0) -> dict:
     """One loop run; IoU on the unpainted slices at each threshold (``lr``: the recipe's;
@@ -74,14 +48,16 @@ def run_seed(model_name: str, img, mask, seed: int, steps: int, looks: list[int]
     cfg = replace(train.fine_tune_defaults(model, "far"), minutes=None, steps=steps,
                   early_stop=0, lr=lr, batch_size=None, patch=None, preview_every=0.0,
                   seed=seed)
-    user = _StepUser(mask, B.paint(mask, SLICES, fraction=B.LIVE_FIRST, seed=seed), looks)
+    first = B.paint(mask, SLICES, fraction=B.LIVE_FIRST, seed=seed)
+    user = B._User(mask, first, SLICES, tuple(looks), VOXEL, unit="steps")
+    steps_done = [0]
 
     def counting(m, _seconds) -> None:  # called before every step (preview_every 0)
-        user.preview(m, img)
-        user.step += 1
+        user.preview(m, img, steps_done[0])
+        steps_done[0] += 1
 
     t0 = time.perf_counter()
-    res = train.fine_tune(model, img, user.painted, cfg, preview=counting, voxel_size=VOXEL,
+    res = train.fine_tune(model, img, first, cfg, preview=counting, voxel_size=VOXEL,
                           strokes=user.strokes)
     scored = np.ones(img.shape[0], bool)
     scored[SLICES] = False

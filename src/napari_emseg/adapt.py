@@ -501,10 +501,15 @@ def predict_slice_adapted(image: np.ndarray, model, z: int, *,
     return np.stack([resample(p[None], shape=shape)[0] for p in prob])
 
 
+def reads_neighbours(model) -> bool:
+    """True for a 2.5D model: a 2D U-Net fed the neighbouring slices as channels."""
+    return model.config["dims"] == 2 and int(model.meta.get("context", 0) or 0) > 0
+
+
 def _fitting_context(model, image: np.ndarray, voxel_size: tuple[float, ...] | None,
                      sections: tuple[float, ...] | None | str = ESTIMATE):
     """``model``, with its 2.5D context collapsed when the sections are too thick for it."""
-    if model.config["dims"] != 2 or not int(model.meta.get("context", 0) or 0):
+    if not reads_neighbours(model):
         return model
     from .models.unet import collapse_context
 

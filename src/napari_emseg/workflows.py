@@ -87,7 +87,7 @@ def train_from_strokes(image: np.ndarray, painted: np.ndarray, *, source: str,
     TrainResult without the model (``meta`` holds its metadata): it is
     picklable; load ``result.checkpoint`` to use the model.
     """
-    from .adapt import ESTIMATE, predict_slice_adapted, section_voxel
+    from .adapt import ESTIMATE, predict_slice_adapted, reads_neighbours, section_voxel
     from .models import zoo
     from .predict import predict_volume
     from .train import TrainConfig, fine_tune
@@ -106,7 +106,7 @@ def train_from_strokes(image: np.ndarray, painted: np.ndarray, *, source: str,
 
     def fitting(net):
         """What decides whether the sections fit a 2.5D ``net``: once per trained voxel size."""
-        if net.config["dims"] != 2 or not int(net.meta.get("context", 0) or 0):
+        if not reads_neighbours(net):
             return ESTIMATE  # only 2.5D models ask
         key = str(net.meta.get("voxel_size_nm"))
         if key not in sections:
