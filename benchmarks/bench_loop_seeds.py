@@ -6,10 +6,11 @@ versions of the recipe, this runs the same loop with a fixed number of steps
 (``--steps``, about what 180 s give on 2 cores) and a simulated user who looks at
 the painted slices after fixed steps (``--looks``) and paints corrections of the
 largest errors (``bench_adapt.paint_corrections_of``), up to 1 % in all. Each seed
-changes the first strokes and the training batches. The strokes still join at the
-run's polls of the wall clock (every 2 s), so two runs of one seed differ too: the
-high-rate loop is chaotic, and only means over seeds say much. IoU on the unpainted
-slices at 0.3-0.7; mean and spread over seeds.
+changes the first strokes and the training batches. The corrections join the run at
+the step right after each look (``train.STROKES_EVERY`` is set to 0 here; the Train
+dock polls every 2 s), so a seed gives the same run again and two versions of the
+recipe can be compared seed by seed. IoU on the unpainted slices at 0.3-0.7; mean
+and spread over seeds.
 
     python benchmarks/bench_loop_seeds.py [--model mito-2d-dr] [--seeds 0 1 2]
 
@@ -44,6 +45,7 @@ def run_seed(model_name: str, img, mask, seed: int, steps: int, looks: list[int]
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
 
+    train.STROKES_EVERY = 0.0  # corrections join at the next step, not the next 2-s poll
     model = load_model(model_name)
     cfg = replace(train.fine_tune_defaults(model, "far"), minutes=None, steps=steps,
                   early_stop=0, lr=lr, batch_size=None, patch=None, preview_every=0.0,

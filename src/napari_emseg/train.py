@@ -1126,11 +1126,12 @@ class LiveStrokes:
 
     def __init__(self, source: StrokesCallback, painted: np.ndarray,
                  factors, n_classes: int, image: np.ndarray, regions, on_log=None,
-                 every: float = STROKES_EVERY):
+                 every: float | None = None):
         self.source, self.factors, self.n_classes = source, factors, n_classes
         self.user = np.array(painted if painted.ndim == 3 else painted[None], copy=True)
         self.flat = painted.ndim == 2
-        self.image, self.regions, self.on_log, self.every = image, regions, on_log, every
+        self.image, self.regions, self.on_log = image, regions, on_log
+        self.every = STROKES_EVERY if every is None else every  # read now: benchmarks set 0
         self.next, self.added = 0.0, 0
         self.painted: np.ndarray | None = None  # the model-scale labels, once changed
 
