@@ -793,6 +793,29 @@ def test_live_strokes_merge_new_slices_into_the_targets():
     assert painted[1].max() == 0  # the caller's array is not changed
 
 
+def test_live_strokes_poll_as_often_as_strokes_every_says_at_construction(monkeypatch):
+    from napari_emseg import train
+
+    calls = []
+    painted = np.zeros((2, 8, 8), np.uint8)
+
+    def source():
+        calls.append(1)
+        return {}
+
+    monkeypatch.setattr(train, "STROKES_EVERY", 0.0)  # what bench_loop_seeds does
+    live = train.LiveStrokes(source, painted, None, 2, np.zeros((2, 8, 8), np.uint8), None)
+    for seconds in (0.0, 0.01, 0.02):
+        live(seconds)
+    assert len(calls) == 3  # every step
+    monkeypatch.setattr(train, "STROKES_EVERY", 2.0)
+    calls.clear()
+    live = train.LiveStrokes(source, painted, None, 2, np.zeros((2, 8, 8), np.uint8), None)
+    for seconds in (0.0, 0.01, 1.9, 2.0):
+        live(seconds)
+    assert len(calls) == 2  # at 0 s and 2 s
+
+
 def test_live_strokes_follow_the_resampling_and_keep_2d():
     from napari_emseg.train import LiveStrokes
 
