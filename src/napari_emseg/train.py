@@ -120,8 +120,6 @@ THRESHOLD_SHRINK = 0.5
 PSEUDO_CONFIDENCE = 0.9
 PSEUDO_WEIGHT = 0.5
 PSEUDO_BG, PSEUDO_FG = -2, -3  # target codes (-1 = ignored)
-SELF_TRAIN = -4  # target code: the model's own sure answer here, worked out at each step
-SELF_SHARE = 0.25  # of a batch: patches from anywhere in the volume, for self-training
 HALF_TILE = 48  # px: the squares that split painted voxels into two halves
 # best_start: an alternative start replaces the chosen model when it scores this much
 # more foreground IoU on the painted voxels (both measured as they would train).
@@ -160,8 +158,6 @@ class TrainConfig:
     # thick for the context: each slice is fed as its own neighbours (adapt.context_fits)
     elastic_p: float = 0.25
     strong_augment: bool = False  # also randomize pixel size, blur and contrast (_augment)
-    self_train: bool = False  # sparse labels: a quarter of each batch from anywhere in the
-    # volume, learning the model's own sure answers under stronger intensity changes
     val_every: int = 100
     val_slices: int = 8
     seed: int = 0
@@ -265,11 +261,6 @@ class PatchSampler:
         self.weights = sizes / sizes.sum()
         self.label_bias = 1.0 if sparse else config.label_bias
 
-    def anywhere(self) -> tuple[int, tuple[int, ...]]:
-        """A uniformly random centre in a random volume."""
-        k = int(self.rng.choice(len(self.images), p=self.weights))
-        return k, tuple(int(self.rng.integers(s)) for s in self.targets[k].shape)
-
     def set_targets(self, targets) -> None:
         """Use new targets (same shapes), e.g. with strokes painted while training."""
         hot_lists = []  # voxels to centre on: labelled ones (sparse) or foreground ones
@@ -298,15 +289,11 @@ class PatchSampler:
 
     def batch(self) -> tuple[np.ndarray, np.ndarray]:
         xs, ts = [], []
-        n = self.cfg.batch_size
-        n_self = max(1, round(n * SELF_SHARE)) if self.cfg.self_train and self.sparse else 0
-        for i in range(n):
-            k, c = self.centre() if i < n - n_self else self.anywhere()
+        for _ in range(self.cfg.batch_size):
+            k, c = self.centre()
             x, t = sample_patch(self.images[k], self.targets[k], c, self.patch,
                                 self.cfg.dims, self.cfg.context,
                                 k in self.cfg.own_neighbours)
-            if i >= n - n_self:
-                t = np.where(t == -1, SELF_TRAIN, t)
             x, t = augment(x, t, self.rng, self.cfg.dims, self.cfg.elastic_p,
                            self.cfg.strong_augment)
             xs.append(x)
@@ -376,8 +363,6 @@ def _labelled_loss(logits, target, valid, n_valid, kind: str):
             p_t = torch.exp(-bce)
             return (((1 - p_t) ** 2) * bce * m).sum() / n_valid
         bce = (F.binary_cross_entropy_with_logits(logit, t, reduction="none") * m).sum() / n_valid
-        if kind == "bce":
-            return bce
         p = torch.sigmoid(logit) * m
         dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + (t * m).sum() + 1)
         return bce + dice
@@ -769,8 +754,6 @@ class _Run:
         if self.layout is not None:
             xb = xb.contiguous(memory_format=self.layout)
         tb = torch.from_numpy(item[1]).to(self.device, non_blocking=True)
-        if cfg.self_train:
-            xb, tb = self._self_targets(xb, tb)
         with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
                             enabled=self.use_amp):
             loss = masked_loss(self.model(xb), tb, cfg.loss)
@@ -780,32 +763,6 @@ class _Run:
         self.losses.append(float(loss.detach()))
         self.step += 1
         return self.losses[-1]
-
-    def _self_targets(self, xb, tb):
-        """Fill :data:`SELF_TRAIN` voxels with the model's sure answers (eval mode, as
-        they are); those patches are then learnt with changed contrast and noise."""
-        import torch
-
-        rows = (tb == SELF_TRAIN).flatten(1).any(1)
-        if not bool(rows.any()):
-            return xb, tb
-        self.model.eval()
-        with torch.no_grad():
-            prob = torch.sigmoid(self.model(xb[rows])[:, 0].float())
-        set_train_mode(self.model, self.config.freeze_norm)
-        sure = torch.where(prob >= PSEUDO_CONFIDENCE, PSEUDO_FG,
-                           torch.where(prob <= 1 - PSEUDO_CONFIDENCE, PSEUDO_BG, -1))
-        t = tb[rows]
-        tb = tb.clone()
-        tb[rows] = torch.where(t == SELF_TRAIN, sure.to(t.dtype), t)
-        x = xb[rows]
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        gain = 1 + (torch.rand(shape, device=x.device) - 0.5) * 0.6  # contrast ×0.7-1.3
-        shift = (torch.rand(shape, device=x.device) - 0.5) * 0.3
-        x = (x - 0.5) * gain + 0.5 + shift + 0.05 * torch.randn_like(x)
-        xb = xb.clone()
-        xb[rows] = x.to(xb.dtype)
-        return xb, tb
 
     def check(self) -> None:
         """Validate, log, keep the best model and write the run's files."""
