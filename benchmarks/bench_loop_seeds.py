@@ -62,10 +62,11 @@ def _number_or_text(text: str):
 
 def run_seed(model_name: str, img, mask, seed: int, steps: int, looks: list[int],
              lr: float | None = None, tta: int = 0, settings: dict | None = None,
-             case: str = "far") -> dict:
+             case: str = "far", dense: bool = False) -> dict:
     """One loop run; IoU on the unpainted slices at each threshold (``lr``: the recipe's;
     ``tta``: also with that many test-time variants; ``settings``: TrainConfig fields
-    that replace the recipe's)."""
+    that replace the recipe's; ``dense``: every pixel of the slices labelled at once,
+    no looks: the ceiling of the strokes)."""
     from napari_emseg import train
     from napari_emseg.models.zoo import load_model
     from napari_emseg.predict import predict_volume
@@ -76,7 +77,11 @@ def run_seed(model_name: str, img, mask, seed: int, steps: int, looks: list[int]
               "patch": None, "preview_every": 0.0, "seed": seed, **(settings or {})}
     cfg = replace(train.fine_tune_defaults(model, "far"), **fields)
     _, slices, voxel = CASES[case]
-    first = B.paint(mask, slices, fraction=B.LIVE_FIRST, seed=seed)
+    if dense:
+        first, looks = np.zeros(mask.shape, np.uint8), []
+        first[slices] = np.where(mask[slices] > 0, 2, 1)
+    else:
+        first = B.paint(mask, slices, fraction=B.LIVE_FIRST, seed=seed)
     user = B._User(mask, first, slices, tuple(looks), voxel, unit="steps")
     steps_done = [0]
 
@@ -112,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--looks", type=int, nargs="+", default=[140, 275, 410])
     ap.add_argument("--lr", type=float, default=None, help="default: the far recipe's")
     ap.add_argument("--tta", type=int, default=0, help="also score with N test-time variants")
+    ap.add_argument("--dense", action="store_true",
+                    help="dense labels of the painted slices instead of strokes (the ceiling)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="TrainConfig fields that replace the recipe's, e.g. patch=192,192")
     ap.add_argument("--threads", type=int, default=2)
@@ -123,10 +130,10 @@ def main(argv=None) -> int:
     img, mask = CASES[args.case][0]()
     settings = parse_settings(args.set)
     runs = [run_seed(args.model, img, mask, s, args.steps, args.looks, args.lr, args.tta,
-                     settings, args.case) for s in args.seeds]
+                     settings, args.case, args.dense) for s in args.seeds]
     at_half = np.array([r["iou_by_threshold"]["0.5"] for r in runs])
     res = {"device": f"cpu: {platform.processor() or 'cpu'}", "threads": args.threads,
-           "case": args.case, "model": args.model, "lr": args.lr, "settings": settings, "steps": args.steps,
+           "case": args.case, "dense": args.dense, "model": args.model, "lr": args.lr, "settings": settings, "steps": args.steps,
            "looks": args.looks,
            "runs": runs,
            "iou_at_0.5": {"mean": round(float(at_half.mean()), 4),
