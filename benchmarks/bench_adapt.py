@@ -108,6 +108,13 @@ def _strokes_of_slice(fg: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return out
 
 
+def dense_labels(mask: np.ndarray, slices: list[int]) -> np.ndarray:
+    """Every pixel of ``slices`` labelled (1 background, 2 mitochondria), 0 elsewhere."""
+    dense = np.zeros(mask.shape, np.uint8)
+    dense[slices] = np.where(mask[slices] > 0, 2, 1)
+    return dense
+
+
 def paint(mask: np.ndarray, slices: list[int], fraction: float = 0.01,
           seed: int = 0) -> np.ndarray:
     """Painted labels (0 unlabeled, 1 background, 2 mitochondria) on ``slices``.
@@ -395,9 +402,7 @@ def run_case(name: str, model_name: str, img, mask, slices: list[int], budget: f
     if "rf-live" in methods:
         out["rf-live"] = run_rf(img, mask, first, scored, threads, slices=slices)
     if "dense" in methods:
-        dense = np.zeros_like(painted)
-        dense[slices] = np.where(mask[slices] > 0, 2, 1)
-        out["dense"] = run_unet(model_name, img, mask, dense, scored, new_cfg, "auto", "dense",
+        out["dense"] = run_unet(model_name, img, mask, dense_labels(mask, slices), scored, new_cfg, "auto", "dense",
                                 voxel_size)
     return out
 

@@ -47,17 +47,19 @@ def parse_settings(pairs: list[str]) -> dict:
         key, _, text = pair.partition("=")
         if not key or not text:
             raise SystemExit(f"--set wants key=value, got {pair!r}")
-        parts = [p.strip() for p in text.split(",")]
-        vals = [int(p) if p.lstrip("-").isdigit() else _number_or_text(p) for p in parts]
+        vals = [_value(p.strip()) for p in text.split(",")]
         out[key] = tuple(vals) if len(vals) > 1 else vals[0]
     return out
 
 
-def _number_or_text(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return {"true": True, "false": False}.get(text.lower(), text)
+def _value(text: str):
+    """``"4"`` → 4, ``"1e-3"`` → 0.001, ``"true"`` → True, anything else as it is."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def run_seed(model_name: str, img, mask, seed: int, steps: int, looks: list[int],
@@ -78,8 +80,7 @@ def run_seed(model_name: str, img, mask, seed: int, steps: int, looks: list[int]
     cfg = replace(train.fine_tune_defaults(model, "far"), **fields)
     _, slices, voxel = CASES[case]
     if dense:
-        first, looks = np.zeros(mask.shape, np.uint8), []
-        first[slices] = np.where(mask[slices] > 0, 2, 1)
+        first, looks = B.dense_labels(mask, slices), []
     else:
         first = B.paint(mask, slices, fraction=B.LIVE_FIRST, seed=seed)
     user = B._User(mask, first, slices, tuple(looks), voxel, unit="steps")
@@ -133,9 +134,8 @@ def main(argv=None) -> int:
                      settings, args.case, args.dense) for s in args.seeds]
     at_half = np.array([r["iou_by_threshold"]["0.5"] for r in runs])
     res = {"device": f"cpu: {platform.processor() or 'cpu'}", "threads": args.threads,
-           "case": args.case, "dense": args.dense, "model": args.model, "lr": args.lr, "settings": settings, "steps": args.steps,
-           "looks": args.looks,
-           "runs": runs,
+           "case": args.case, "dense": args.dense, "model": args.model, "lr": args.lr,
+           "settings": settings, "steps": args.steps, "looks": args.looks, "runs": runs,
            "iou_at_0.5": {"mean": round(float(at_half.mean()), 4),
                           "sd": round(float(at_half.std(ddof=1)), 4) if len(runs) > 1 else None}}
     name = Path(args.model).stem
